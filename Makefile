@@ -1,0 +1,41 @@
+# One place pins the CPU build of PyTorch; pyproject.toml only gives a range.
+TORCH_PIN := torch==2.13.0
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+REPO ?= model-repo
+export ORT_DISABLE_TELEMETRY := 1
+
+.PHONY: install run test bench clean grpc-stubs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/leanserve demo --repo $(REPO) --serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null 2>&1 || sudo apt-get install -y -q wrk)
+	$(BIN)/python benchmarks/serve_bench.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
+
+# Regenerate the gRPC modules from the .proto. They use a private descriptor pool so they can live in
+# one process with other copies of the same 'inference' package (tritonclient ships one).
+PROTO := src/leanserve/serve/protocol/grpc_predict_v2.proto
+grpc-stubs: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src --pyi_out=src $(PROTO)
+	sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/_POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = _POOL.AddSerializedFile(/' src/leanserve/serve/protocol/grpc_predict_v2_pb2.py

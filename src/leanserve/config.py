@@ -1,0 +1,206 @@
+"""Typed configuration: every knob has a name, a unit in its name, a default that works, and one reader.
+
+``ModelConfig`` is what a model's ``config.json`` in the repository holds (what is not per version):
+version policy, runtime options, batching, cache and traffic. Each part is a frozen dataclass that
+validates itself; ``from_dict`` refuses unknown keys by name so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from leanserve.errors import InvalidInput
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str) -> T:
+    """Build dataclass ``cls`` from a mapping, refusing unknown keys and turning lists into tuples."""
+    if data is None:
+        return cls()
+    if not isinstance(data, Mapping):
+        raise InvalidInput(f"{where}: expected an object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InvalidInput(f"{where}: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(names))}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise InvalidInput(f"{where}: {exc}") from exc
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(obj)
+
+
+def _check(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise InvalidInput(f"{where}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of a model are served: the latest ``n``, ``all``, or a ``specific`` list."""
+
+    kind: str = "latest"
+    n: int = 1
+    versions: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("latest", "all", "specific"), "version_policy.kind", f"expected latest, all or specific, got {self.kind!r}")
+        _check(_is_int(self.n) and self.n >= 1, "version_policy.n", f"expected an integer >= 1, got {self.n!r}")
+        _check(all(_is_int(v) and v >= 1 for v in self.versions), "version_policy.versions", "expected integers >= 1")
+        _check(self.kind != "specific" or bool(self.versions), "version_policy.versions", "a specific policy needs at least one version")
+
+    def select(self, available: list[int]) -> list[int]:
+        """Return the versions (ascending) of ``available`` this policy serves."""
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-self.n:]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a version's engine is set up. ``0`` threads means the engine's own default."""
+
+    engine: str | None = None  # None: the version's recorded runtime
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    providers: tuple[str, ...] = ()  # empty: CUDA/TensorRT when present, else CPU
+    graph_optimization_level: str = "all"
+
+    def __post_init__(self) -> None:
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 0, f"runtime.{name}", f"expected an integer >= 0, got {value!r}")
+        _check(
+            self.graph_optimization_level in ("disable", "basic", "extended", "all"),
+            "runtime.graph_optimization_level",
+            f"expected disable, basic, extended or all, got {self.graph_optimization_level!r}",
+        )
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching of one model version's requests.
+
+    Requests queue and are merged into one batch of up to ``max_batch_size`` rows, waiting at most
+    ``max_queue_delay_us`` for more once the first arrives. A full queue (``max_queue_size`` requests)
+    rejects new ones at once (HTTP 503 with Retry-After). ``pad_values`` gives, per input, the value
+    that pads a variable dimension up to the longest in the batch.
+    """
+
+    enabled: bool = True
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 200
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 2048
+    instances: int = 1
+    timeout_ms: int = 30_000
+    pad_values: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enabled, bool), "batching.enabled", "expected true or false")
+        for name, low in (("max_batch_size", 1), ("max_queue_delay_us", 0), ("max_queue_size", 1), ("instances", 1), ("timeout_ms", 1)):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= low, f"batching.{name}", f"expected an integer >= {low}, got {value!r}")
+        _check(
+            all(_is_int(b) and 1 <= b <= self.max_batch_size for b in self.preferred_batch_sizes),
+            "batching.preferred_batch_sizes",
+            f"expected integers between 1 and max_batch_size ({self.max_batch_size})",
+        )
+        _check(isinstance(self.pad_values, Mapping), "batching.pad_values", "expected an object of input name -> number")
+        object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(self.preferred_batch_sizes)))
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Response cache: LRU keyed by a hash of the inputs, bounded in bytes. ``max_bytes=0`` is off."""
+
+    max_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.max_bytes) and self.max_bytes >= 0, "cache.max_bytes", f"expected an integer >= 0, got {self.max_bytes!r}")
+
+
+@dataclass(frozen=True)
+class TrafficConfig:
+    """How live traffic is split across loaded versions.
+
+    ``weights`` maps version -> relative weight; empty sends everything to the newest loaded version.
+    ``shadow`` receives a copy of live traffic off the critical path. Requests carrying an
+    ``x-routing-key`` header (or a ``routing_key`` request parameter) are assigned by its hash, so one
+    user always sees one version. ``history`` keeps earlier weights for ``rollback``.
+    """
+
+    weights: Mapping[str, int] = field(default_factory=dict)
+    shadow: int | None = None
+    history: tuple[Mapping[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.weights, Mapping), "traffic.weights", "expected an object of version -> weight")
+        clean: dict[str, int] = {}
+        for version, weight in self.weights.items():
+            _check(str(version).isdigit() and int(version) >= 1, "traffic.weights", f"version {version!r} is not an integer >= 1")
+            _check(_is_int(weight) and weight >= 0, "traffic.weights", f"weight of version {version} must be an integer >= 0, got {weight!r}")
+            clean[str(int(version))] = weight
+        _check(not clean or sum(clean.values()) > 0, "traffic.weights", "at least one version needs a weight above 0")
+        _check(self.shadow is None or (_is_int(self.shadow) and self.shadow >= 1), "traffic.shadow", "expected a version number or null")
+        object.__setattr__(self, "weights", clean)
+        object.__setattr__(self, "history", tuple(dict(h) for h in self.history)[-20:])
+
+    def version_weights(self) -> dict[int, int]:
+        return {int(v): w for v, w in self.weights.items() if w > 0}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything about a model that is not per version, stored as the model's ``config.json``."""
+
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    traffic: TrafficConfig = field(default_factory=TrafficConfig)
+    allow_nonfinite: bool = True
+    warmup: bool = True
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None, where: str = "config") -> ModelConfig:
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidInput(f"{where}: unknown setting {unknown[0]!r}; known settings: {', '.join(sorted(known))}")
+        parts = {
+            "version_policy": VersionPolicy,
+            "runtime": RuntimeOptions,
+            "batching": BatchingConfig,
+            "cache": CacheConfig,
+            "traffic": TrafficConfig,
+        }
+        kwargs: dict[str, Any] = {k: from_dict(c, data.get(k), f"{where}.{k}") for k, c in parts.items()}
+        for flag in ("allow_nonfinite", "warmup"):
+            if flag in data:
+                _check(isinstance(data[flag], bool), f"{where}.{flag}", "expected true or false")
+                kwargs[flag] = data[flag]
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)

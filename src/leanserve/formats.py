@@ -1,0 +1,231 @@
+"""Recognise a model file's format and read its signature from the model itself.
+
+Each format has one reader that returns a ``ModelSource``: the files that make up the model and the
+signature found in it. Engines are imported lazily, inside the reader that needs them.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from leanserve.artifact import Signature, TensorSpec
+from leanserve.dtypes import v2_datatype
+from leanserve.errors import InvalidInput, ModelLoadError, UnsupportedFormat
+
+SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript",
+            ".pt2": "torch_export", ".xml": "openvino"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model file found on disk: its format, every file it needs, and its signature."""
+
+    format: str
+    model_file: Path
+    extra_files: tuple[Path, ...]
+    signature: Signature
+
+
+def detect_format(path: Path) -> str:
+    """Return the format of a model file from its suffix; raise UnsupportedFormat if unknown."""
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise UnsupportedFormat(
+            f"{path.name}: unknown model format {path.suffix or '(no suffix)'!r}; "
+            f"expected one of {', '.join(sorted(SUFFIXES))}"
+        )
+    return fmt
+
+
+def read_model(
+    path: str | Path,
+    inputs: Sequence[TensorSpec] | None = None,
+    outputs: Sequence[TensorSpec] | None = None,
+) -> ModelSource:
+    """Identify ``path`` and read its signature; ``inputs``/``outputs`` override what the model says.
+
+    Raises InvalidInput (no such file), UnsupportedFormat or ModelLoadError (corrupt/truncated file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such model file")
+    fmt = detect_format(path)
+    reader = _READERS[fmt]
+    extra, found = reader(path)
+    signature = _merge_signature(path, found, inputs, outputs)
+    return ModelSource(fmt, path, tuple(extra), signature)
+
+
+def _merge_signature(
+    path: Path, found: Signature | None, inputs: Sequence[TensorSpec] | None, outputs: Sequence[TensorSpec] | None
+) -> Signature:
+    if found is None:
+        if not inputs or not outputs:
+            raise InvalidInput(
+                f"{path.name}: this format does not record tensor names and types; give the signature "
+                "with --input NAME:DATATYPE:SHAPE and --output NAME:DATATYPE:SHAPE (repeat per tensor)"
+            )
+        return Signature(tuple(inputs), tuple(outputs))
+    if inputs:
+        _check_override(path, "input", found.inputs, inputs)
+    if outputs:
+        _check_override(path, "output", found.outputs, outputs)
+    return Signature(tuple(inputs or found.inputs), tuple(outputs or found.outputs))
+
+
+def _check_override(path: Path, kind: str, found: Sequence[TensorSpec], given: Sequence[TensorSpec]) -> None:
+    if [s.name for s in found] != [s.name for s in given]:
+        raise InvalidInput(
+            f"{path.name}: the model's {kind}s are {[s.name for s in found]}, the given specs name "
+            f"{[s.name for s in given]}; give one spec per {kind}, in order, with the model's names"
+        )
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+
+def _read_onnx(path: Path) -> tuple[list[Path], Signature]:
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except (DecodeError, ValueError, OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"{path.name}: not a readable ONNX model ({exc}); the file may be corrupt or truncated") from exc
+    graph = model.graph
+    if not graph.node and not graph.output:
+        raise ModelLoadError(f"{path.name}: not a readable ONNX model (empty graph); the file may be corrupt or truncated")
+    extra = _onnx_external_files(path, model)
+    try:
+        onnx.checker.check_model(str(path) if extra else model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"{path.name}: invalid ONNX model: {str(exc).splitlines()[0]}") from exc
+    initializers = {init.name for init in graph.initializer}
+    inputs = tuple(_onnx_spec(v) for v in graph.input if v.name not in initializers)
+    outputs = tuple(_onnx_spec(v) for v in graph.output)
+    return extra, Signature(inputs, outputs)
+
+
+def _onnx_external_files(path: Path, model) -> list[Path]:
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    files: list[Path] = []
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            location = next(e.value for e in tensor.external_data if e.key == "location")
+            file = (path.parent / location).resolve()
+            if path.parent.resolve() not in file.parents:
+                raise ModelLoadError(f"{path.name}: external data {location!r} lies outside the model's folder")
+            if not file.is_file():
+                raise ModelLoadError(f"{path.name}: external data file {location!r} is missing")
+            if file not in files:
+                files.append(file)
+    return files
+
+
+def _onnx_spec(value) -> TensorSpec:
+    import onnx
+
+    ttype = value.type.tensor_type
+    if not value.type.HasField("tensor_type"):
+        raise UnsupportedFormat(f"tensor {value.name!r}: only tensor inputs/outputs are supported (not sequences or maps)")
+    if ttype.elem_type == onnx.TensorProto.STRING:
+        datatype = "BYTES"
+    elif ttype.elem_type == onnx.TensorProto.BFLOAT16:
+        datatype = "BF16"
+    else:
+        datatype = v2_datatype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
+    shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim)
+    return TensorSpec(value.name, datatype, shape)
+
+
+# --- PyTorch ----------------------------------------------------------------------------------------
+
+def _require_torch(path: Path):
+    try:
+        import torch
+    except ImportError:
+        raise UnsupportedFormat(
+            f"{path.name}: PyTorch models need the torch extra: pip install 'leanserve[torch]'"
+        ) from None
+    return torch
+
+
+def _read_torchscript(path: Path) -> tuple[list[Path], None]:
+    torch = _require_torch(path)
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path.name}: not a TorchScript archive (not a zip file); the file may be corrupt or truncated")
+    try:
+        # TorchScript archives hold code and tensors, not arbitrary pickled Python objects.
+        torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"{path.name}: not a loadable TorchScript model: {str(exc).splitlines()[0]}") from exc
+    return [], None
+
+
+def _read_torch_export(path: Path) -> tuple[list[Path], Signature]:
+    torch = _require_torch(path)
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path.name}: not a torch.export program (not a zip file); the file may be corrupt or truncated")
+    try:
+        program = torch.export.load(str(path))
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{path.name}: not a loadable torch.export program: {str(exc).splitlines()[0]}") from exc
+    return [], _export_signature(program)
+
+
+def _export_signature(program) -> Signature:
+    from torch.export.graph_signature import InputKind
+
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    inputs = []
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            inputs.append(_fake_spec(spec.arg.name, placeholders[spec.arg.name].meta.get("val")))
+    output_node = next(n for n in program.graph.nodes if n.op == "output")
+    values = output_node.args[0]
+    outputs = [_fake_spec(f"output_{i}", getattr(v, "meta", {}).get("val")) for i, v in enumerate(values)]
+    return Signature(tuple(inputs), tuple(outputs))
+
+
+def _fake_spec(name: str, val) -> TensorSpec:
+    if val is None or not hasattr(val, "shape"):
+        raise UnsupportedFormat(f"tensor {name!r}: torch.export program has a non-tensor input/output")
+    import torch
+
+    shape = tuple(int(d) if isinstance(d, int) or str(d).isdigit() else -1 for d in val.shape)
+    datatype = "BF16" if val.dtype == torch.bfloat16 else v2_datatype(torch.empty((), dtype=val.dtype).numpy().dtype)
+    return TensorSpec(name, datatype, shape)
+
+
+# --- OpenVINO ---------------------------------------------------------------------------------------
+
+def _read_openvino(path: Path) -> tuple[list[Path], Signature]:
+    weights = path.with_suffix(".bin")
+    if not weights.is_file():
+        raise ModelLoadError(f"{path.name}: OpenVINO IR needs its weights file {weights.name} beside it")
+    try:
+        import openvino as ov
+    except ImportError:
+        raise UnsupportedFormat(f"{path.name}: OpenVINO models need the openvino extra: pip install 'leanserve[openvino]'") from None
+    try:
+        model = ov.Core().read_model(str(path))
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{path.name}: not a readable OpenVINO IR: {str(exc).splitlines()[0]}") from exc
+
+    def spec(port) -> TensorSpec:
+        shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
+        datatype = v2_datatype(port.get_element_type().to_dtype())
+        return TensorSpec(port.get_any_name(), datatype, shape)
+
+    return [weights], Signature(tuple(spec(p) for p in model.inputs), tuple(spec(p) for p in model.outputs))
+
+
+_READERS = {
+    "onnx": _read_onnx,
+    "torchscript": _read_torchscript,
+    "torch_export": _read_torch_export,
+    "openvino": _read_openvino,
+}

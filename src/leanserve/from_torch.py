@@ -1,0 +1,174 @@
+"""Import from PyTorch: export an ``nn.Module`` to ONNX and prove the export matches PyTorch numerically."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from leanserve.errors import ExportError, InvalidInput
+
+log = logging.getLogger(__name__)
+
+# input name -> dynamic axes (a list of axis numbers, or {axis: dim name} as torch.onnx takes it)
+DynamicAxes = Mapping[str, Sequence[int] | Mapping[int, str]]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """An ONNX file written from a PyTorch module, which exporter wrote it, and how close it is."""
+
+    path: Path
+    exporter: str  # "dynamo" (torch.export-based) or "torchscript"
+    max_abs_diff: float
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+
+
+def export(
+    module,
+    example_inputs,
+    path: str | Path,
+    *,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: DynamicAxes | None = None,
+    opset: int = 18,
+    tolerance: float = 1e-4,
+    force: bool = False,
+) -> ExportResult:
+    """Export ``module`` to ONNX at ``path`` and check it against PyTorch on ``example_inputs``.
+
+    ``example_inputs`` is a tensor or a tuple of tensors. ``dynamic_axes`` defaults to a dynamic first
+    (batch) axis on every input; pass ``{}`` for a fully static model. The torch.export-based exporter
+    is tried first, then the TorchScript-based one. Raises ExportError if both fail, or if the largest
+    absolute difference from PyTorch exceeds ``tolerance`` (unless ``force``; the file is then kept).
+    """
+    import torch
+
+    path = Path(path)
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        raise InvalidInput("example_inputs must be a torch.Tensor or a tuple of them")
+    input_names = tuple(input_names or _forward_arg_names(module, len(args)))
+    if len(input_names) != len(args):
+        raise InvalidInput(f"{len(input_names)} input names given for {len(args)} example inputs")
+    module = module.eval()
+    with torch.no_grad():
+        expected = _as_tuple(module(*args))
+    output_names = tuple(output_names or (["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]))
+    if len(output_names) != len(expected):
+        raise InvalidInput(f"{len(output_names)} output names given but the module returns {len(expected)} outputs")
+    axes = {name: [0] for name in input_names} if dynamic_axes is None else dict(dynamic_axes)
+    unknown = [n for n in axes if n not in input_names]
+    if unknown:
+        raise InvalidInput(f"dynamic_axes names unknown input {unknown[0]!r}; inputs are {list(input_names)}")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    exporter = None
+    for name, attempt in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
+        try:
+            attempt(module, args, path, input_names, output_names, axes, opset)
+            exporter = name
+            break
+        except Exception as exc:  # exporters raise many unrelated types; each failure is reported below
+            log.info("the %s exporter failed: %s", name, exc)
+            errors.append(f"{name}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+    if exporter is None:
+        raise ExportError("both ONNX exporters failed; " + "; ".join(errors))
+    if errors:
+        log.warning("the torch.export-based exporter failed (%s); used the TorchScript-based one", errors[0])
+
+    diff = _max_abs_diff(path, input_names, output_names, args, expected)
+    if diff > tolerance and not force:
+        path.unlink(missing_ok=True)
+        raise ExportError(
+            f"the ONNX export differs from PyTorch by up to {diff:.3g} (tolerance {tolerance:g}); "
+            "pass force=True (--force) to keep it anyway, or a larger tolerance"
+        )
+    return ExportResult(path, exporter, diff, input_names, output_names)
+
+
+def _forward_arg_names(module, count: int) -> list[str]:
+    params = [
+        p.name for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _axes_list(spec: Sequence[int] | Mapping[int, str]) -> list[int]:
+    return sorted(int(a) for a in (spec.keys() if isinstance(spec, Mapping) else spec))
+
+
+def _export_dynamo(module, args, path, input_names, output_names, axes, opset) -> None:
+    import torch
+
+    dynamic_shapes = tuple(
+        {axis: torch.export.Dim.DYNAMIC for axis in _axes_list(axes[name])} if name in axes else None
+        for name in input_names
+    )
+    with _quiet():
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=list(input_names), output_names=list(output_names),
+            dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False,
+        )
+        program.save(str(path))
+
+
+def _export_torchscript(module, args, path, input_names, output_names, axes, opset) -> None:
+    import torch
+
+    legacy_axes: dict[str, dict[int, str]] = {
+        name: {axis: f"{name}_dim{axis}" for axis in _axes_list(spec)} for name, spec in axes.items()
+    }
+    for out in output_names:  # a dynamic batch in means a dynamic batch out
+        if any(0 in v for v in legacy_axes.values()):
+            legacy_axes[out] = {0: "batch"}
+    with _quiet():
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, input_names=list(input_names),
+            output_names=list(output_names), dynamic_axes=legacy_axes, opset_version=min(opset, 17),
+        )
+
+
+@contextlib.contextmanager
+def _quiet():
+    # The exporters print progress and deprecation chatter to stdout; keep the user's terminal clean.
+    torch_log = logging.getLogger("torch.onnx")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_log.setLevel(level)
+
+
+def _max_abs_diff(path, input_names, output_names, args, expected) -> float:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = {name: arg.detach().cpu().numpy() for name, arg in zip(input_names, args)}
+        got = session.run(list(output_names), feed)
+    except Exception as exc:  # ORT raises its own pybind types
+        raise ExportError(f"the exported ONNX model does not run in ONNX Runtime: {exc}") from exc
+    diffs = [
+        float(np.max(np.abs(g.astype(np.float64) - e.detach().cpu().numpy().astype(np.float64)))) if g.size else 0.0
+        for g, e in zip(got, expected)
+    ]
+    return max(diffs, default=0.0)

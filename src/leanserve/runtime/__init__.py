@@ -1,0 +1,84 @@
+"""Runtimes: load a model version into a session that maps named numpy arrays to named numpy arrays.
+
+One small protocol (``Session``), one module per engine, and a dict from engine name to loader. Engines
+are imported only when a version asks for them, so ``import leanserve`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from leanserve.artifact import ModelArtifact, Signature
+from leanserve.config import RuntimeOptions
+from leanserve.errors import ModelLoadError, UnsupportedFormat
+
+# engine name -> (module, extra that installs it)
+ENGINES: dict[str, tuple[str, str | None]] = {
+    "onnxruntime": ("leanserve.runtime.onnxruntime", None),
+    "torch": ("leanserve.runtime.torch", "torch"),
+    "openvino": ("leanserve.runtime.openvino", "openvino"),
+}
+
+
+class Session(Protocol):
+    """A loaded model, ready to run. Implementations must be safe to call from several threads."""
+
+    engine: str
+    signature: Signature
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run validated inputs; return the requested outputs (all when ``outputs`` is None)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+        ...
+
+
+def load_session(artifact: ModelArtifact, options: RuntimeOptions | None = None) -> Session:
+    """Load ``artifact`` with its engine (``options.engine`` or the manifest's runtime).
+
+    Raises UnsupportedFormat when the engine is unknown or its extra is not installed, and
+    ModelLoadError when the engine rejects the model.
+    """
+    options = options or RuntimeOptions()
+    engine = options.engine or artifact.manifest.default_runtime
+    if engine not in ENGINES:
+        raise UnsupportedFormat(f"unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
+    module_name, extra = ENGINES[engine]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnsupportedFormat(
+            f"engine {engine!r} is not installed ({exc.name or exc}); install it with: pip install 'leanserve[{extra}]'"
+        ) from exc
+    return module.load(artifact, options)
+
+
+def example_inputs(signature: Signature, batch_size: int = 1, dynamic_size: int = 1) -> dict[str, np.ndarray]:
+    """Zero-filled inputs matching ``signature`` (dynamic dims: ``batch_size`` first, then ``dynamic_size``).
+
+    Used to warm a session up and to check that a model loads and runs.
+    """
+    arrays = {}
+    for spec in signature.inputs:
+        shape = tuple(
+            (batch_size if axis == 0 else dynamic_size) if d == -1 else d for axis, d in enumerate(spec.shape)
+        )
+        if spec.datatype == "BYTES":
+            arrays[spec.name] = np.full(shape, b"", dtype=object)
+        else:
+            arrays[spec.name] = np.zeros(shape, dtype=spec.dtype)
+    return arrays
+
+
+def check_runs(session: Session) -> None:
+    """Run one zero-filled request; raise ModelLoadError naming the engine's complaint if it fails."""
+    try:
+        session.run(example_inputs(session.signature))
+    except Exception as exc:  # engines raise their own exception types; report any as a load failure
+        raise ModelLoadError(f"the model loaded but failed a test run with zero inputs: {exc}") from exc

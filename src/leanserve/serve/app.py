@@ -1,0 +1,103 @@
+"""Wiring: one repository, one registry, one data plane, served over REST and gRPC in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from leanserve.repository import Repository
+from leanserve.serve.accesslog import AccessLog
+from leanserve.serve.admin import AdminApi
+from leanserve.serve.dataplane import DataPlane
+from leanserve.serve.metrics import ServerMetrics
+from leanserve.serve.protocol.openapi import openapi_document
+from leanserve.serve.protocol.rest import RestApi, json_response
+from leanserve.serve.registry import ModelRegistry
+from leanserve.serve.settings import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Server:
+    """The parts of a running server, for tests and embedding."""
+
+    config: ServerConfig
+    registry: ModelRegistry
+    plane: DataPlane
+    metrics: ServerMetrics
+    app: Starlette
+
+
+def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> Server:
+    """Build (but do not start) the server for ``config``; models load when the app starts."""
+    metrics = ServerMetrics()
+    repo = Repository(config.repo, create=False)
+    registry = ModelRegistry(repo, metrics, config.drain_timeout_s)
+    plane = DataPlane(registry, metrics)
+    rest = RestApi(plane, config, access_log or AccessLog(config.access_log))
+    admin = AdminApi(registry, config)
+    openapi = openapi_document()
+
+    async def metrics_route(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_route(request: Request) -> Response:
+        return json_response(openapi)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        loader = asyncio.get_running_loop().create_task(_initial_load(registry, config))
+        grpc_server = None
+        if config.grpc_port is not None:
+            from leanserve.serve.protocol.grpc import build_grpc_server
+
+            grpc_server = build_grpc_server(plane, config)
+            await grpc_server.start()
+        try:
+            yield
+        finally:
+            await plane.drain(config.drain_timeout_s)
+            if grpc_server is not None:
+                await grpc_server.stop(config.drain_timeout_s)
+            loader.cancel()
+            await registry.close()
+            log.info("server stopped")
+
+    routes = [*rest.routes(), *admin.routes(),
+              Route("/metrics", metrics_route, methods=["GET"]),
+              Route("/openapi.json", openapi_route, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    return Server(config, registry, plane, metrics, app)
+
+
+async def _initial_load(registry: ModelRegistry, config: ServerConfig) -> None:
+    await registry.sync()
+    ready = {name: sorted(entry.versions) for name, entry in registry.models.items()}
+    log.info("ready: %s", ready or "no models")
+    registry.start_watching(config.poll_interval_s)
+
+
+def run_server(config: ServerConfig) -> None:
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests and exit."""
+    import uvicorn
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("leanserve").setLevel(logging.INFO)
+    server = build_server(config)
+    uv_config = uvicorn.Config(
+        server.app, host=config.host, port=config.port, log_level="warning", access_log=False,
+        http="httptools", loop="uvloop", timeout_graceful_shutdown=int(config.drain_timeout_s),
+        server_header=False,
+    )
+    log.info("serving %s on http://%s:%d%s", config.repo, config.host, config.port,
+             f" and grpc {config.host}:{config.grpc_port}" if config.grpc_port is not None else "")
+    uvicorn.Server(uv_config).run()

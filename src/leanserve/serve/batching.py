@@ -1,0 +1,282 @@
+"""Dynamic batching: merge queued requests for one model version into batches run off the event loop.
+
+Requests wait in a bounded queue. A dispatcher takes as many as fit in ``max_batch_size`` rows as soon
+as an engine instance is free, waiting up to ``max_queue_delay_us`` for more when the batch is short;
+it pads variable dimensions to the longest in the batch, runs the batch in a worker thread (engines
+release the GIL), and slices each request's own rows (and own lengths) back out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from leanserve.artifact import Signature
+from leanserve.config import BatchingConfig
+from leanserve.errors import InvalidInput, NotReady, Overloaded, RequestTimeout
+from leanserve.runtime import Session
+from leanserve.serve.metrics import VersionMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    future: asyncio.Future
+    enqueued: float
+    deadline: float
+    outputs: Sequence[str] | None
+
+
+@dataclass
+class Timing:
+    """Where a request's time went, in seconds."""
+
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_rows: int = 0
+
+
+@dataclass
+class _Batch:
+    items: list[_Pending] = field(default_factory=list)
+    rows: int = 0
+
+
+def batchable(signature: Signature) -> bool:
+    """True when every input and output has a dynamic first (batch) dimension."""
+    return all(s.shape and s.shape[0] == -1 for s in (*signature.inputs, *signature.outputs))
+
+
+class Batcher:
+    """Queues requests for one version and runs them in batches on ``len(sessions)`` instances."""
+
+    def __init__(self, sessions: Sequence[Session], config: BatchingConfig, metrics: VersionMetrics, name: str = "model") -> None:
+        self._sessions = list(sessions)
+        self._free = collections.deque(self._sessions)
+        self.config = config
+        self.signature = self._sessions[0].signature
+        self._can_batch = config.enabled and batchable(self.signature)
+        self._max_rows = config.max_batch_size if self._can_batch else 1
+        self._delay_s = config.max_queue_delay_us / 1e6 if self._can_batch else 0.0
+        self._metrics = metrics
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._instance_free = asyncio.Event()
+        self._instance_free.set()
+        self._executor = ThreadPoolExecutor(max_workers=len(self._sessions), thread_name_prefix=f"infer-{name}")
+        self._running: set[asyncio.Task] = set()
+        self._closed = False
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+        # Variable (non-batch) dims of each input, to pad; and the pad value of each input.
+        self._variable = {s.name: [a for a, d in enumerate(s.shape) if d == -1 and a > 0] for s in self.signature.inputs}
+        self._pad = {s.name: config.pad_values.get(s.name, 0) for s in self.signature.inputs}
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or bool(self._running)
+
+    async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None,
+                    timeout_s: float | None = None) -> tuple[dict[str, np.ndarray], Timing]:
+        """Queue validated ``inputs``; return their outputs and timing once their batch has run.
+
+        Raises Overloaded when the queue is full, RequestTimeout when the deadline passes first,
+        NotReady when the batcher is closing.
+        """
+        if self._closed:
+            raise NotReady("this model version is unloading; retry to reach the current version")
+        if len(self._queue) >= self.config.max_queue_size:
+            self._metrics.overloaded.inc()
+            raise Overloaded(f"the queue is full ({self.config.max_queue_size} requests waiting); retry shortly")
+        rows = self._rows(inputs)
+        now = time.perf_counter()
+        timeout_s = timeout_s if timeout_s is not None else self.config.timeout_ms / 1000
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(inputs, rows, future, now, now + timeout_s, outputs))
+        self._metrics.queue_depth.inc()
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            self._metrics.timed_out.inc()
+            raise RequestTimeout(f"the request did not finish within {timeout_s * 1000:.0f} ms (queue + compute)") from None
+
+    def _rows(self, inputs: Mapping[str, np.ndarray]) -> int:
+        if not self._can_batch:
+            return 1
+        sizes = {a.shape[0] for a in inputs.values()}
+        if len(sizes) != 1:
+            raise InvalidInput(f"all inputs must have the same batch size (first dimension); got {sorted(sizes)}")
+        rows = sizes.pop()
+        if rows > self._max_rows:
+            raise InvalidInput(f"batch of {rows} rows exceeds this model's max_batch_size of {self._max_rows}")
+        if rows == 0:
+            raise InvalidInput("inputs have an empty batch (first dimension 0)")
+        return rows
+
+    async def _dispatch(self) -> None:
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if not self._free:
+                self._instance_free.clear()
+                await self._instance_free.wait()
+                continue
+            batch = self._take()
+            if self._delay_s and batch.rows < self._max_rows and not self._preferred(batch.rows):
+                await self._wait_for_more(batch)
+            if not batch.items:
+                continue
+            session = self._free.popleft()
+            task = asyncio.get_running_loop().create_task(self._run(batch, session))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _take(self, batch: _Batch | None = None) -> _Batch:
+        batch = batch or _Batch()
+        now = time.perf_counter()
+        while self._queue and batch.rows + self._queue[0].rows <= self._max_rows:
+            item = self._queue.popleft()
+            self._metrics.queue_depth.dec()
+            if item.future.done():  # timed out or cancelled while queued
+                continue
+            if now > item.deadline:
+                item.future.set_exception(RequestTimeout("the request timed out in the queue"))
+                continue
+            batch.items.append(item)
+            batch.rows += item.rows
+        return batch
+
+    def _preferred(self, rows: int) -> bool:
+        return rows in self.config.preferred_batch_sizes
+
+    async def _wait_for_more(self, batch: _Batch) -> None:
+        loop = asyncio.get_running_loop()
+        until = (batch.items[0].enqueued if batch.items else time.perf_counter()) + self._delay_s
+        while batch.rows < self._max_rows and not self._preferred(batch.rows):
+            remaining = until - time.perf_counter()
+            if remaining <= 0:
+                return
+            if not self._queue:
+                self._wakeup.clear()
+                waiter = loop.create_task(self._wakeup.wait())
+                done, _ = await asyncio.wait({waiter}, timeout=remaining)
+                if not done:
+                    waiter.cancel()
+                    return
+            if self._queue and batch.rows + self._queue[0].rows > self._max_rows:
+                return
+            self._take(batch)
+
+    async def _run(self, batch: _Batch, session: Session) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            merged, padded = self._merge(batch.items)
+            wanted = self._union_outputs(batch.items)
+            results = await loop.run_in_executor(self._executor, session.run, merged, wanted)
+            compute_s = time.perf_counter() - started
+            self._metrics.compute_seconds.observe(compute_s)
+            self._metrics.batch_size.observe(batch.rows)
+            self._split(batch.items, results, padded, started, compute_s, batch.rows)
+        except Exception as exc:  # an engine failure fails this batch's requests, never the dispatcher
+            log.exception("batch of %d rows failed", batch.rows)
+            for item in batch.items:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        finally:
+            self._free.append(session)
+            self._instance_free.set()
+
+    def _union_outputs(self, items: list[_Pending]) -> list[str] | None:
+        if any(item.outputs is None for item in items):
+            return None
+        names: dict[str, None] = {}
+        for item in items:
+            names.update(dict.fromkeys(item.outputs))
+        return list(names)
+
+    def _merge(self, items: list[_Pending]) -> tuple[dict[str, np.ndarray], bool]:
+        """Concatenate the batch's inputs along the batch axis, padding variable dims; says if it padded."""
+        if len(items) == 1:
+            return dict(items[0].inputs), False
+        merged, padded = {}, False
+        for name, axes in self._variable.items():
+            arrays = [item.inputs[name] for item in items]
+            if axes:
+                target = list(arrays[0].shape)
+                for axis in axes:
+                    target[axis] = max(a.shape[axis] for a in arrays)
+                padded_arrays = [self._pad_to(a, target, self._pad[name]) for a in arrays]
+                padded = padded or any(p is not a for p, a in zip(padded_arrays, arrays))
+                arrays = padded_arrays
+            merged[name] = np.concatenate(arrays, axis=0)
+        return merged, padded
+
+    @staticmethod
+    def _pad_to(array: np.ndarray, target: list[int], value) -> np.ndarray:
+        widths = [(0, 0)] + [(0, t - s) for s, t in zip(array.shape[1:], target[1:])]
+        if all(w == (0, 0) for w in widths):
+            return array
+        return np.pad(array, widths, constant_values=value)
+
+    def _split(self, items, results, padded, started, compute_s, rows) -> None:
+        offset = 0
+        for item in items:
+            own: dict[str, np.ndarray] = {}
+            for name in item.outputs or results:
+                value = results[name]
+                part = value[offset:offset + item.rows] if len(items) > 1 else value
+                if padded:
+                    part = self._unpad(part, item)
+                own[name] = part
+            offset += item.rows
+            timing = Timing(queue_s=started - item.enqueued, compute_s=compute_s, batch_rows=rows)
+            self._metrics.queue_seconds.observe(timing.queue_s)
+            if not item.future.done():
+                item.future.set_result((own, timing))
+
+    def _unpad(self, part: np.ndarray, item: _Pending) -> np.ndarray:
+        # Cut each output axis that carries a padded length back to this request's own length.
+        own_lengths = {}
+        for name, axes in self._variable.items():
+            for axis in axes:
+                own_lengths.setdefault(axis, item.inputs[name].shape[axis])
+        index = [slice(None)] * part.ndim
+        changed = False
+        for axis in range(1, part.ndim):
+            for in_axis, length in own_lengths.items():
+                if axis == in_axis and part.shape[axis] > length:
+                    index[axis] = slice(0, length)
+                    changed = True
+        return part[tuple(index)] if changed else part
+
+    async def close(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking requests, let queued and running batches finish (up to the timeout), free threads."""
+        self._closed = True
+        deadline = time.perf_counter() + drain_timeout_s
+        while self.busy and time.perf_counter() < deadline:
+            await asyncio.sleep(0.01)
+        self._dispatcher.cancel()
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(NotReady("the model version was unloaded before this request ran"))
+        self._queue.clear()
+        self._executor.shutdown(wait=False)
+        for session in self._sessions:
+            session.close()

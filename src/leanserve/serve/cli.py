@@ -1,0 +1,86 @@
+"""CLI commands of the serving side: ``serve``, ``traffic`` and ``rollback``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from leanserve.errors import InvalidInput
+
+
+def cmd_serve(args) -> int:
+    from leanserve.serve.app import run_server
+    from leanserve.serve.settings import ServerConfig
+
+    repo = Path(args.repo_path or args.repo)
+    if not repo.is_dir():
+        raise InvalidInput(f"{repo}: no such repository folder (create one with 'leanserve import' or 'leanserve demo')")
+    config = ServerConfig.from_env(
+        repo, host=args.host, port=args.port, grpc_port=None if args.grpc_port == 0 else args.grpc_port,
+        max_body_bytes=args.max_body_bytes, poll_interval_s=args.poll_interval, drain_timeout_s=args.drain_timeout,
+        access_log=not args.no_access_log, admin_allow_remote=args.admin_allow_remote,
+    )
+    run_server(config)
+    return 0
+
+
+def cmd_traffic(args) -> int:
+    from leanserve.repository import Repository
+    from leanserve.serve.routing import set_traffic
+
+    repo = Repository(args.repo, create=False)
+    current = repo.config(args.model)
+    weights = None
+    if args.weights:
+        weights = {}
+        for part in args.weights.split(","):
+            version, sep, weight = part.partition("=")
+            if not sep or not weight.strip().isdigit():
+                raise InvalidInput(f"--weights {args.weights!r}: expected VERSION=WEIGHT,..., e.g. 1=90,2=10")
+            weights[str(repo.resolve(args.model, version).version)] = int(weight)
+    shadow = "keep" if args.shadow is None else (None if args.shadow in ("none", "off") else repo.resolve(args.model, args.shadow).version)
+    traffic = set_traffic(current.traffic, weights, shadow)
+    repo.update_config(args.model, traffic=traffic)
+    print(json.dumps({"weights": dict(traffic.weights), "shadow": traffic.shadow}))
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from leanserve.repository import Repository
+    from leanserve.serve.routing import rollback
+
+    repo = Repository(args.repo, create=False)
+    traffic, target = rollback(repo.config(args.model).traffic, repo.versions(args.model))
+    repo.update_config(args.model, traffic=traffic)
+    print(f"{args.model}: all traffic now goes to version {target} (a running server applies it within its poll interval)")
+    return 0
+
+
+def add_serve_commands(sub, command, add_repo) -> None:
+    """Add serve/traffic/rollback to the main parser."""
+    p = command(sub, "serve", cmd_serve,
+                "serve every model in a repository over the Open Inference Protocol (HTTP and gRPC)",
+                "leanserve serve model-repo --port 8000 --grpc-port 8001\n"
+                "  LEANSERVE_ADMIN_TOKEN=secret leanserve serve model-repo   # enables the admin API on loopback")
+    p.add_argument("repo_path", nargs="?", metavar="REPO", help="repository folder (default: --repo)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0 disables gRPC)")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body accepted")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between repository checks")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
+    p.add_argument("--no-access-log", action="store_true", help="do not write JSON access log lines to stderr")
+    p.add_argument("--admin-allow-remote", action="store_true", help="accept admin calls from non-loopback clients")
+    add_repo(p)
+
+    p = command(sub, "traffic", cmd_traffic, "split a model's traffic across versions (A/B, canary) and set a shadow",
+                "leanserve traffic cnn --weights 1=90,2=10 --shadow 3")
+    p.add_argument("model", help="model name")
+    p.add_argument("--weights", help="VERSION=WEIGHT,... (relative weights)")
+    p.add_argument("--shadow", help="version that gets a copy of live traffic ('none' to stop)")
+    add_repo(p)
+
+    p = command(sub, "rollback", cmd_rollback, "move all of a model's traffic back to the previous version in one step",
+                "leanserve rollback cnn --repo model-repo")
+    p.add_argument("model", help="model name")
+    add_repo(p)

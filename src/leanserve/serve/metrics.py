@@ -1,0 +1,64 @@
+"""Prometheus metrics of the server, labelled by model and version (prometheus-client)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class ServerMetrics:
+    """Every metric the server exports, in its own registry (so tests can run several servers)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        labels = ("model", "version")
+        self.requests = Counter("leanserve_requests", "Inference requests by outcome", (*labels, "protocol", "outcome"), registry=r)
+        self.request_seconds = Histogram("leanserve_request_seconds", "Request latency in the data plane (queue + compute)", labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("leanserve_queue_seconds", "Time a request waited in the batch queue", labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.compute_seconds = Histogram("leanserve_compute_seconds", "Engine time per batch", labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("leanserve_batch_size", "Rows per executed batch", labels, buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("leanserve_queue_depth", "Requests waiting in the batch queue", labels, registry=r)
+        self.in_flight = Gauge("leanserve_in_flight_requests", "Requests being served", labels, registry=r)
+        self.cache = Counter("leanserve_cache", "Response cache lookups", (*labels, "result"), registry=r)
+        self.shadow = Counter("leanserve_shadow_comparisons", "Shadow outputs compared with the primary", ("model", "primary", "shadow", "result"), registry=r)
+        self.shadow_agreement = Gauge("leanserve_shadow_agreement_ratio", "Share of shadow comparisons that agreed", ("model", "primary", "shadow"), registry=r)
+        self.loaded = Gauge("leanserve_model_loaded", "1 when a version is loaded and ready", labels, registry=r)
+        self.load_failures = Counter("leanserve_model_load_failures", "Versions that failed to load", labels, registry=r)
+        self.rejected = Counter("leanserve_rejected_requests", "Requests refused before the model (overload, timeout)", (*labels, "reason"), registry=r)
+
+    def for_version(self, model: str, version: int) -> VersionMetrics:
+        """The metric children of one version, looked up once instead of per request."""
+        labels = (model, str(version))
+        return VersionMetrics(
+            request_seconds=self.request_seconds.labels(*labels),
+            queue_seconds=self.queue_seconds.labels(*labels),
+            compute_seconds=self.compute_seconds.labels(*labels),
+            batch_size=self.batch_size.labels(*labels),
+            queue_depth=self.queue_depth.labels(*labels),
+            in_flight=self.in_flight.labels(*labels),
+            cache_hit=self.cache.labels(*labels, "hit"),
+            cache_miss=self.cache.labels(*labels, "miss"),
+            overloaded=self.rejected.labels(*labels, "overloaded"),
+            timed_out=self.rejected.labels(*labels, "timeout"),
+        )
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """Pre-bound metric children for one model version."""
+
+    request_seconds: Histogram
+    queue_seconds: Histogram
+    compute_seconds: Histogram
+    batch_size: Histogram
+    queue_depth: Gauge
+    in_flight: Gauge
+    cache_hit: Counter
+    cache_miss: Counter
+    overloaded: Counter
+    timed_out: Counter

@@ -1,0 +1,124 @@
+"""The OpenAPI 3 document of the REST API, served at ``/openapi.json``.
+
+Written out rather than generated because the routes take raw bodies (JSON or JSON plus binary
+tensor data) that a schema generator cannot see; a test checks it lists exactly the app's routes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from leanserve import __version__
+from leanserve.dtypes import DATATYPES
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "400": _json(_ref("Error"), "Bad input: malformed JSON, wrong datatype/shape, unknown output"),
+    "404": _json(_ref("Error"), "Unknown model or version"),
+    "503": _json(_ref("Error"), "Not ready or overloaded (see Retry-After)"),
+}
+_MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+_ADMIN_ERRORS = {
+    "401": _json(_ref("Error"), "Missing or wrong bearer token"),
+    "403": _json(_ref("Error"), "Admin API disabled, or caller not on loopback"),
+    "404": _json(_ref("Error"), "Unknown model"),
+}
+
+
+def _get(summary: str, schema: str, params: list | None = None, errors: dict | None = None) -> dict[str, Any]:
+    return {"get": {"summary": summary, "parameters": params or [], "responses": {"200": _json(_ref(schema), "OK"), **(errors or {})}}}
+
+
+def _infer(params: list) -> dict[str, Any]:
+    return {"post": {
+        "summary": "Run inference (JSON, or JSON followed by binary tensor data)",
+        "parameters": params + [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                                 "schema": {"type": "integer"}, "description": "Length of the JSON header when binary data follows"},
+                                {"name": "x-routing-key", "in": "header", "required": False, "schema": {"type": "string"},
+                                 "description": "Sticky routing: the same key always reaches the same version"}],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("InferenceRequest")},
+                                                      "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": {"description": "Outputs", "content": {
+            "application/json": {"schema": _ref("InferenceResponse")},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            **_ERRORS, "413": _json(_ref("Error"), "Body too large"), "504": _json(_ref("Error"), "Timed out")},
+    }}
+
+
+def _admin(summary: str, body: bool = False) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "security": [{"bearer": []}], "parameters": [_MODEL],
+                          "responses": {"200": _json({"type": "object"}, "Model status"), **_ADMIN_ERRORS}}
+    if body:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref("Traffic")}}}
+    return {"post": op}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document of every route the server answers."""
+    tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+        "name": {"type": "string"}, "datatype": {"type": "string", "enum": list(DATATYPES)},
+        "shape": {"type": "array", "items": {"type": "integer"}}, "parameters": {"type": "object"},
+        "data": {"description": "Flat or nested values, row-major"}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "leanserve", "version": __version__,
+                 "description": "Open Inference Protocol (KServe V2) REST API with leanserve's admin extension"},
+        "paths": {
+            "/v2/health/live": _get("Server liveness", "Live"),
+            "/v2/health/ready": _get("Server readiness (503 until models are warm)", "Ready", errors={"503": _json(_ref("Ready"), "Not ready")}),
+            "/v2": _get("Server metadata", "ServerMetadata"),
+            "/v2/models/{model}": _get("Model metadata", "ModelMetadata", [_MODEL], _ERRORS),
+            "/v2/models/{model}/versions/{version}": _get("Model version metadata", "ModelMetadata", [_MODEL, _VERSION], _ERRORS),
+            "/v2/models/{model}/ready": _get("Model readiness", "ModelReady", [_MODEL], _ERRORS),
+            "/v2/models/{model}/versions/{version}/ready": _get("Model version readiness", "ModelReady", [_MODEL, _VERSION], _ERRORS),
+            "/v2/models/{model}/infer": _infer([_MODEL]),
+            "/v2/models/{model}/versions/{version}/infer": _infer([_MODEL, _VERSION]),
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "OpenAPI document")}}},
+            "/v2/admin/models": {"get": {"summary": "Loaded, loading and failed versions and traffic of every model",
+                                         "security": [{"bearer": []}], "responses": {"200": _json({"type": "object"}, "Status"), **_ADMIN_ERRORS}}},
+            "/v2/admin/models/{model}/load": _admin("Serve a model (per its version policy)"),
+            "/v2/admin/models/{model}/unload": _admin("Stop serving a model (drains first)"),
+            "/v2/admin/models/{model}/reload": _admin("Reload a model's versions with fresh sessions and settings"),
+            "/v2/admin/models/{model}/traffic": _admin("Set traffic weights and shadow version (persisted)", body=True),
+            "/v2/admin/models/{model}/rollback": _admin("Move all traffic to the previous version"),
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+                "Live": {"type": "object", "properties": {"live": {"type": "boolean"}}},
+                "Ready": {"type": "object", "properties": {"ready": {"type": "boolean"}}},
+                "ModelReady": {"type": "object", "properties": {"name": {"type": "string"}, "ready": {"type": "boolean"}}},
+                "ServerMetadata": {"type": "object", "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                                                                    "extensions": {"type": "array", "items": {"type": "string"}}}},
+                "TensorMetadata": {"type": "object", "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                                                                    "shape": {"type": "array", "items": {"type": "integer"}}}},
+                "ModelMetadata": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+                    "platform": {"type": "string"}, "inputs": {"type": "array", "items": _ref("TensorMetadata")},
+                    "outputs": {"type": "array", "items": _ref("TensorMetadata")}}},
+                "RequestTensor": tensor,
+                "InferenceRequest": {"type": "object", "required": ["inputs"], "properties": {
+                    "id": {"type": "string"}, "parameters": {"type": "object"},
+                    "inputs": {"type": "array", "items": _ref("RequestTensor")},
+                    "outputs": {"type": "array", "items": {"type": "object", "properties": {
+                        "name": {"type": "string"}, "parameters": {"type": "object"}}}}}},
+                "InferenceResponse": {"type": "object", "properties": {
+                    "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+                    "parameters": {"type": "object"}, "outputs": {"type": "array", "items": _ref("RequestTensor")}}},
+                "Traffic": {"type": "object", "properties": {
+                    "weights": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "shadow": {"type": "integer", "nullable": True}}},
+            },
+        },
+    }

@@ -1,0 +1,81 @@
+"""Traffic across versions: weighted A/B and canary splits, sticky assignment, shadow, rollback.
+
+The choice itself is a pure function of the traffic settings, the loaded versions and the request's
+routing key, so the REST, gRPC and admin paths (and the ``rollback`` command) share it.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Mapping, Sequence
+
+from leanserve.config import TrafficConfig
+from leanserve.errors import InvalidInput
+
+
+def choose_version(traffic: TrafficConfig, loaded: Sequence[int], routing_key: str | None = None,
+                   rng: random.Random | None = None) -> int:
+    """Pick the version a request goes to.
+
+    Weighted among loaded versions named in ``traffic.weights``; everything to the newest loaded
+    version when no weighted version is loaded. A routing key always maps to the same version for
+    the same weights (a stable hash), so one user sees one version.
+    """
+    weights = [(v, w) for v, w in sorted(traffic.version_weights().items()) if v in loaded]
+    if not weights:
+        return max(loaded)
+    if len(weights) == 1:
+        return weights[0][0]
+    total = sum(w for _, w in weights)
+    if routing_key is not None:
+        point = zlib.crc32(routing_key.encode("utf-8")) % total
+    else:
+        point = (rng or random).random() * total
+    for version, weight in weights:
+        if point < weight:
+            return version
+        point -= weight
+    return weights[-1][0]
+
+
+def set_traffic(traffic: TrafficConfig, weights: Mapping[int | str, int] | None,
+                shadow: int | None | str = "keep") -> TrafficConfig:
+    """New traffic settings with ``weights`` (and ``shadow``, unless "keep"); the old weights go to history."""
+    new_weights = traffic.weights if weights is None else {str(k): v for k, v in weights.items()}
+    history = traffic.history + ((dict(traffic.weights),) if traffic.weights and weights is not None else ())
+    return TrafficConfig(
+        weights=new_weights,
+        shadow=traffic.shadow if shadow == "keep" else shadow,
+        history=history,
+    )
+
+
+def primary(weights: Mapping[str, int]) -> int | None:
+    """The version with the largest weight (the highest version on a tie), or None."""
+    if not weights:
+        return None
+    return max(((w, int(v)) for v, w in weights.items()))[1]
+
+
+def rollback(traffic: TrafficConfig, available: Sequence[int]) -> tuple[TrafficConfig, int]:
+    """Move all traffic to the previous version in one step; returns the new settings and that version.
+
+    The previous version is the primary of the newest earlier split that differs from the current
+    primary; without such history, the newest available version older than the current primary.
+    Raises InvalidInput when there is nothing to roll back to.
+    """
+    current = primary(traffic.weights) or (max(available) if available else None)
+    target = None
+    for earlier in reversed(traffic.history):
+        candidate = primary(earlier)
+        if candidate is not None and candidate != current and candidate in available:
+            target = candidate
+            break
+    if target is None:
+        older = [v for v in available if current is not None and v < current]
+        if not older:
+            raise InvalidInput(f"nothing to roll back to: no version older than {current} is available")
+        target = max(older)
+    history = traffic.history + ((dict(traffic.weights),) if traffic.weights else ({str(current): 100},))
+    return TrafficConfig(weights={str(target): 100}, shadow=None, history=history), target

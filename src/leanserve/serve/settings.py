@@ -1,0 +1,34 @@
+"""Server settings: one typed object, read from flags and the environment in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ADMIN_TOKEN_ENV = "LEANSERVE_ADMIN_TOKEN"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How ``leanserve serve`` runs. Sizes are bytes, durations carry their unit in the name."""
+
+    repo: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int | None = 8001  # None: no gRPC
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_elements: int = 16 * 1024 * 1024  # per tensor
+    body_timeout_s: float = 30.0  # a client must send its whole body within this
+    poll_interval_s: float = 1.0  # how often the repository is checked for new/removed versions
+    drain_timeout_s: float = 30.0  # graceful shutdown waits this long for in-flight requests
+    admin_token: str | None = None  # None: admin API disabled
+    admin_allow_remote: bool = False  # admin calls only from loopback unless True
+    access_log: bool = True
+    workers_per_model: int = 0  # reserved: 0 = instances from each model's batching config
+
+    @classmethod
+    def from_env(cls, repo: Path, **overrides) -> ServerConfig:
+        """Settings from flags (``overrides``) with the admin token from ``LEANSERVE_ADMIN_TOKEN``."""
+        token = overrides.pop("admin_token", None) or os.environ.get(ADMIN_TOKEN_ENV) or None
+        return cls(repo=Path(repo), admin_token=token, **{k: v for k, v in overrides.items() if v is not None})
