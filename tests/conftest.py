@@ -1,0 +1,207 @@
+"""Shared fixtures: real (small) ONNX models built with onnx.helper, real repositories, real servers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+
+def _save(graph, path: Path, opset: int = 17) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_affine_model(path: Path, features: int = 4) -> Path:
+    """y = 2x + 1 on x FP32 [-1, features]; also s = sum(x) FP32 [-1, 1]."""
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("Mul", ["x", "two"], ["t"]),
+        helper.make_node("Add", ["t", "one"], ["y"]),
+        helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "affine",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[two, one, axes],
+    )
+    return _save(graph, path)
+
+
+def make_sequence_model(path: Path) -> Path:
+    """Variable-length input tokens INT64 [-1,-1] -> doubled FP32 [-1,-1] and their sum FP32 [-1,1]."""
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    nodes = [
+        helper.make_node("Cast", ["tokens"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["f", "two"], ["doubled"]),
+        helper.make_node("ReduceSum", ["f", "axes"], ["total"], keepdims=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "sequence",
+        [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["batch", "seq"]),
+         helper.make_tensor_value_info("total", TensorProto.FLOAT, ["batch", 1])],
+        initializer=[axes, two],
+    )
+    return _save(graph, path)
+
+
+def make_string_model(path: Path) -> Path:
+    """Identity on a BYTES (ONNX string) tensor [-1]."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["echo"])], "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+        [helper.make_tensor_value_info("echo", TensorProto.STRING, ["batch"])],
+    )
+    return _save(graph, path)
+
+
+def make_static_model(path: Path) -> Path:
+    """A model with a fixed shape (no batch dim): x FP32 [2,3] -> y = x + 1."""
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"])], "static",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        initializer=[one],
+    )
+    return _save(graph, path)
+
+
+@pytest.fixture
+def affine_onnx(tmp_path: Path) -> Path:
+    return make_affine_model(tmp_path / "affine.onnx")
+
+
+@pytest.fixture
+def repo(tmp_path: Path):
+    from leanserve import Repository
+
+    return Repository(tmp_path / "repo")
+
+
+@pytest.fixture
+def affine_repo(repo, affine_onnx):
+    repo.add(affine_onnx, "affine")
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class LiveServer:
+    """A real leanserve server (uvicorn + gRPC) on loopback ports, in a background thread."""
+
+    def __init__(self, repo_path: Path, **overrides) -> None:
+        import uvicorn
+
+        from leanserve.serve.accesslog import AccessLog
+        from leanserve.serve.app import build_server
+        from leanserve.serve.settings import ServerConfig
+
+        self.port, self.grpc_port = free_port(), free_port()
+        self.config = ServerConfig(repo=repo_path, port=self.port, grpc_port=self.grpc_port,
+                                   poll_interval_s=0.1, drain_timeout_s=5.0, **overrides)
+        self.log_lines: list[str] = []
+        self.server = build_server(self.config, AccessLog(True, _ListStream(self.log_lines)))
+        self._uvicorn = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1", port=self.port,
+                                                      log_level="warning", access_log=False, lifespan="on"))
+        self._thread = threading.Thread(target=self._uvicorn.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self) -> LiveServer:
+        import httpx
+
+        self._thread.start()
+
+        def ready() -> bool:
+            try:
+                return httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, what="server ready")
+        return self
+
+    def stop(self) -> None:
+        self._uvicorn.should_exit = True
+        self._thread.join(timeout=15)
+
+
+class _ListStream:
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+
+
+@pytest.fixture
+def live_server_factory():
+    servers: list[LiveServer] = []
+
+    def start(repo_path: Path, **overrides) -> LiveServer:
+        server = LiveServer(Path(repo_path), **overrides).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_cnn_onnx(tmp_path_factory) -> Path:
+    """The demo CNN, trained briefly on real digits and exported (once per test session)."""
+    import torch
+
+    from leanserve.demo import digits_dataset, train_cnn
+    from leanserve.from_torch import export
+
+    x_train, x_test, y_train, _ = digits_dataset()
+    module = train_cnn(x_train, y_train, epochs=3, progress=False)
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    export(module, torch.from_numpy(x_test[:2]), path, input_names=["image"], output_names=["logits"])
+    return path
+
+
+def affine_inputs(rows: int = 2, features: int = 4) -> dict[str, np.ndarray]:
+    return {"x": np.arange(rows * features, dtype=np.float32).reshape(rows, features)}
