@@ -62,16 +62,20 @@ def rollback(traffic: TrafficConfig, available: Sequence[int]) -> tuple[TrafficC
     """Move all traffic to the previous version in one step; returns the new settings and that version.
 
     The previous version is the primary of the newest earlier split that differs from the current
-    primary; without such history, the newest available version older than the current primary.
-    Raises InvalidInput when there is nothing to roll back to.
+    one (so a canary at 10% rolls back to the version that had all traffic before it). Without such
+    history: the current primary when a canary is running, else the newest older version. Raises
+    InvalidInput when there is nothing to roll back to.
     """
     current = primary(traffic.weights) or (max(available) if available else None)
+    canary_running = len(traffic.version_weights()) > 1
     target = None
     for earlier in reversed(traffic.history):
         candidate = primary(earlier)
-        if candidate is not None and candidate != current and candidate in available:
+        if dict(earlier) != dict(traffic.weights) and candidate in available and (candidate != current or canary_running):
             target = candidate
             break
+    if target is None and canary_running:
+        target = current
     if target is None:
         older = [v for v in available if current is not None and v < current]
         if not older:

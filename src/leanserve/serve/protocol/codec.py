@@ -84,8 +84,6 @@ def array_from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any)
             array = np.asarray(data, dtype=np.float32).astype(dtype)
         else:
             array = np.asarray(data, dtype=dtype)
-            if datatype != "BOOL" and array.dtype.kind == "b":
-                raise ValueError
     except (ValueError, TypeError, OverflowError):
         raise InvalidInput(f"input {name!r}: data is not a list of {datatype} values") from None
     expected = math.prod(shape)

@@ -1,0 +1,170 @@
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from leanserve.artifact import Signature, TensorSpec
+from leanserve.config import BatchingConfig
+from leanserve.errors import InvalidInput, Overloaded, RequestTimeout
+from leanserve.serve.batching import Batcher
+from leanserve.serve.metrics import ServerMetrics
+
+
+class RecordingSession:
+    """A real Session implementation: y = x * 10, total = sum over the sequence; records batch sizes."""
+
+    engine = "test"
+
+    def __init__(self, variable: bool = False, delay_s: float = 0.0, fail: bool = False):
+        seq = -1 if variable else 3
+        self.signature = Signature((TensorSpec("x", "FP32", (-1, seq)),),
+                                   (TensorSpec("y", "FP32", (-1, seq)), TensorSpec("total", "FP32", (-1, 1))))
+        self.batches: list[tuple[int, ...]] = []
+        self.delay_s = delay_s
+        self.fail = fail
+        self.release = threading.Event()
+        self.release.set()
+
+    def run(self, inputs, outputs=None):
+        self.release.wait(5)
+        self.batches.append(inputs["x"].shape)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("engine exploded")
+        x = inputs["x"]
+        result = {"y": x * 10, "total": x.sum(axis=1, keepdims=True)}
+        return {k: result[k] for k in (outputs or result)}
+
+    def close(self):
+        pass
+
+
+def metrics():
+    return ServerMetrics().for_version("m", 1)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_rows():
+    async def scenario():
+        session = RecordingSession()
+        session.release.clear()
+        batcher = Batcher([session], BatchingConfig(max_batch_size=16, max_queue_delay_us=50_000), metrics())
+        requests = [np.full((1 + i % 2, 3), i, np.float32) for i in range(8)]
+        tasks = [asyncio.create_task(batcher.infer({"x": r})) for r in requests]
+        await asyncio.sleep(0.05)
+        session.release.set()
+        results = await asyncio.gather(*tasks)
+        await batcher.close()
+        return session, requests, results
+
+    session, requests, results = run(scenario())
+    assert sum(shape[0] for shape in session.batches) == sum(len(r) for r in requests)
+    assert len(session.batches) < len(requests)
+    for request, (outputs, timing) in zip(requests, results):
+        np.testing.assert_array_equal(outputs["y"], request * 10)
+        assert timing.batch_rows >= len(request)
+
+
+def test_variable_length_inputs_are_padded_and_outputs_cut_back():
+    async def scenario():
+        session = RecordingSession(variable=True)
+        session.release.clear()
+        batcher = Batcher([session], BatchingConfig(max_batch_size=8, max_queue_delay_us=50_000, pad_values={"x": 0}), metrics())
+        short, long = np.ones((1, 2), np.float32), np.arange(5, dtype=np.float32).reshape(1, 5)
+        tasks = [asyncio.create_task(batcher.infer({"x": a})) for a in (short, long)]
+        await asyncio.sleep(0.05)
+        session.release.set()
+        results = await asyncio.gather(*tasks)
+        await batcher.close()
+        return session, results
+
+    session, ((short_out, _), (long_out, _)) = run(scenario())
+    assert session.batches == [(2, 5)]
+    assert short_out["y"].tolist() == [[10.0, 10.0]]
+    assert long_out["y"].tolist() == [[0.0, 10.0, 20.0, 30.0, 40.0]]
+    assert short_out["total"].tolist() == [[2.0]] and long_out["total"].tolist() == [[10.0]]
+
+
+def test_batching_off_runs_requests_one_at_a_time():
+    async def scenario():
+        session = RecordingSession()
+        batcher = Batcher([session], BatchingConfig(enabled=False), metrics())
+        await asyncio.gather(*(batcher.infer({"x": np.ones((1, 3), np.float32)}) for _ in range(5)))
+        await batcher.close()
+        return session
+
+    assert run(scenario()).batches == [(1, 3)] * 5
+
+
+def test_full_queue_rejects_at_once_with_overloaded():
+    async def scenario():
+        session = RecordingSession()
+        session.release.clear()
+        batcher = Batcher([session], BatchingConfig(max_batch_size=1, max_queue_size=2), metrics())
+        first = [asyncio.create_task(batcher.infer({"x": np.ones((1, 3), np.float32)})) for _ in range(2)]
+        await asyncio.sleep(0.05)  # one running, one queued
+        first.append(asyncio.create_task(batcher.infer({"x": np.ones((1, 3), np.float32)})))
+        await asyncio.sleep(0.01)  # two queued: the queue is full
+        with pytest.raises(Overloaded, match="queue is full"):
+            await batcher.infer({"x": np.ones((1, 3), np.float32)})
+        session.release.set()
+        await asyncio.gather(*first)
+        await batcher.close()
+
+    run(scenario())
+
+
+def test_request_that_outlives_its_timeout_fails_clearly():
+    async def scenario():
+        batcher = Batcher([RecordingSession(delay_s=0.3)], BatchingConfig(timeout_ms=50), metrics())
+        with pytest.raises(RequestTimeout, match="within 50 ms"):
+            await batcher.infer({"x": np.ones((1, 3), np.float32)})
+        await batcher.close()
+
+    run(scenario())
+
+
+def test_engine_failure_fails_that_batch_and_the_batcher_keeps_serving():
+    async def scenario():
+        session = RecordingSession(fail=True)
+        batcher = Batcher([session], BatchingConfig(), metrics())
+        with pytest.raises(RuntimeError, match="engine exploded"):
+            await batcher.infer({"x": np.ones((1, 3), np.float32)})
+        session.fail = False
+        outputs, _ = await batcher.infer({"x": np.ones((1, 3), np.float32)})
+        await batcher.close()
+        return outputs
+
+    assert run(scenario())["y"].tolist() == [[10.0] * 3]
+
+
+def test_inconsistent_or_oversized_batches_are_invalid():
+    async def scenario():
+        session = RecordingSession()
+        session.signature = Signature((TensorSpec("x", "FP32", (-1, 3)), TensorSpec("z", "FP32", (-1, 3))), session.signature.outputs)
+        batcher = Batcher([session], BatchingConfig(max_batch_size=4), metrics())
+        with pytest.raises(InvalidInput, match="same batch size"):
+            await batcher.infer({"x": np.ones((1, 3), np.float32), "z": np.ones((2, 3), np.float32)})
+        with pytest.raises(InvalidInput, match="exceeds this model's max_batch_size of 4"):
+            await batcher.infer({"x": np.ones((5, 3), np.float32), "z": np.ones((5, 3), np.float32)})
+        await batcher.close()
+
+    run(scenario())
+
+
+def test_several_instances_run_batches_in_parallel():
+    async def scenario():
+        sessions = [RecordingSession(delay_s=0.2), RecordingSession(delay_s=0.2)]
+        batcher = Batcher(sessions, BatchingConfig(max_batch_size=1), metrics())
+        await asyncio.gather(*(batcher.infer({"x": np.ones((1, 3), np.float32)}) for _ in range(2)))
+        await batcher.close()
+        return sessions
+
+    sessions = run(scenario())
+    assert [len(s.batches) for s in sessions] == [1, 1]
