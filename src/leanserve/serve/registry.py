@@ -79,9 +79,9 @@ class ModelRegistry:
 
     def route(self, name: str, version: str | None, routing_key: str | None = None) -> tuple[LoadedVersion, LoadedVersion | None]:
         """The version that serves a request (and the shadow version that gets a copy, if any)."""
-        entry = self.models.get(name)
-        if entry is None or (not entry.versions and not entry.failed and not entry.loading):
-            raise ModelNotFound(f"unknown model {name!r}; served models: {', '.join(sorted(self.models)) or 'none'}")
+        entry = self.entry(name)
+        if entry.unloaded_by_admin:
+            raise NotReady(f"model {name!r} was unloaded by an admin; load it again with POST /v2/admin/models/{name}/load")
         if not entry.versions:
             reason = "; ".join(f"version {v}: {why}" for v, why in sorted(entry.failed.items()))
             raise NotReady(f"model {name!r} has no ready version" + (f" ({reason})" if reason else " yet"))
@@ -137,14 +137,18 @@ class ModelRegistry:
                 wanted: set[int] = set()
             else:
                 wanted = _wanted_versions(entry.config, available)
-            for version in sorted(set(entry.versions) - wanted):
-                await self._unload(entry, version)
             entry.failed = {v: why for v, why in entry.failed.items() if v in available}
             targets = sorted(wanted - set(entry.versions)) if not reload else sorted(wanted)
-            for version in targets:
+            for version in targets:  # load first, so there is never a moment with nothing to serve
                 if version in entry.failed and not reload:
                     continue
                 await self._load(entry, version)
+            serving_wanted = bool(wanted & set(entry.versions))
+            for version in sorted(set(entry.versions) - wanted):
+                # A version the policy no longer wants keeps serving until a wanted one is ready;
+                # one removed from disk goes regardless.
+                if serving_wanted or version not in available:
+                    await self._unload(entry, version)
 
     async def _load(self, entry: ModelEntry, version: int) -> None:
         ref = VersionRef(entry.name, version)
