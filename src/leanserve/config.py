@@ -81,8 +81,10 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     providers: tuple[str, ...] = ()  # empty: CUDA/TensorRT when present, else CPU
     graph_optimization_level: str = "all"
+    spin_wait: bool = False  # let idle engine threads spin (lower single-stream latency, more CPU)
 
     def __post_init__(self) -> None:
+        _check(isinstance(self.spin_wait, bool), "runtime.spin_wait", "expected true or false")
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, f"runtime.{name}", f"expected an integer >= 0, got {value!r}")

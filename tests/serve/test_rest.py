@@ -177,3 +177,36 @@ def test_openapi_document_lists_exactly_the_served_routes(server):
     served = {(r.path, m.lower()) for r in server.server.app.routes if isinstance(r, Route) for m in r.methods if m != "HEAD"}
     documented = {(path, method) for path, ops in doc["paths"].items() for method in ops}
     assert served == documented
+
+
+def raw_http(server, data: bytes, wait_s: float = 5.0) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=wait_s) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks) and b'"error"' in b"".join(chunks) or b'"outputs"' in b"".join(chunks):
+                    break
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def test_slow_client_that_never_finishes_its_body_gets_408(affine_repo, live_server_factory):
+    server = live_server_factory(affine_repo.root, body_timeout_s=0.5)
+    head = b"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 500\r\n\r\n"
+    reply = raw_http(server, head + b'{"inputs": [')
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in reply
+    assert post(server, infer_body()).status_code == 200
+
+
+def test_content_length_shorter_than_the_body_is_a_400_not_a_crash(server):
+    body = infer_body()
+    head = f"POST /v2/models/affine/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body) - 10}\r\n\r\n".encode()
+    reply = raw_http(server, head + body)
+    # Either our JSON decoder or the HTTP parser (for the left-over bytes) answers 400 first.
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert post(server, infer_body()).status_code == 200

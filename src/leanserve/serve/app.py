@@ -96,7 +96,7 @@ def run_server(config: ServerConfig) -> None:
     uv_config = uvicorn.Config(
         server.app, host=config.host, port=config.port, log_level="warning", access_log=False,
         http="httptools", loop="uvloop", timeout_graceful_shutdown=int(config.drain_timeout_s),
-        server_header=False,
+        server_header=False, proxy_headers=False,
     )
     log.info("serving %s on http://%s:%d%s", config.repo, config.host, config.port,
              f" and grpc {config.host}:{config.grpc_port}" if config.grpc_port is not None else "")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 import grpc
@@ -26,6 +25,7 @@ from leanserve.serve.protocol.codec import (
 )
 
 from leanserve.serve.protocol.errors import grpc_status
+from leanserve.serve.protocol.rest import new_request_id
 from leanserve.serve.settings import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
         try:
             infer_request = decode_request(request, self.config.max_elements)
             if infer_request.id is None:
-                infer_request.id = uuid.uuid4().hex
+                infer_request.id = new_request_id()
             metadata = dict(context.invocation_metadata() or ())
             key = metadata.get("x-routing-key")
             result = await self.plane.infer(request.model_name, request.model_version or None, infer_request, "grpc", key)

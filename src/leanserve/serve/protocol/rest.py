@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
-import uuid
 
 import orjson
 from starlette.requests import Request
@@ -21,6 +22,13 @@ from leanserve.serve.settings import ServerConfig
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
+# Request ids for requests that bring none: unique per process start, cheaper than uuid4 per request.
+_ID_PREFIX = f"{os.getpid():x}{int(time.time()):x}"
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER)}"
 
 
 def json_response(doc, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -112,7 +120,7 @@ class RestApi:
         try:
             body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
             infer_request = decode_rest(body, headers.get(BINARY_HEADER), max_elements=self.config.max_elements)
-            request_id = request_id or infer_request.id or uuid.uuid4().hex
+            request_id = request_id or infer_request.id or new_request_id()
             if infer_request.id is None:
                 infer_request.id = request_id
             result = await self.plane.infer(model, version, infer_request, "http", headers.get("x-routing-key"))
