@@ -283,12 +283,8 @@ def _serve_demo(args, result) -> int:
     from leanserve.serve.app import run_server
     from leanserve.serve.settings import ServerConfig
 
-    print("\nserving; try it from another terminal:\n")
-    print(
-        f"  curl -s http://{args.host}:{args.port}/v2/models/{result.ref.name}/infer -H 'content-type: application/json' "
-        f"-d \"$(python3 -c 'import json; print(json.dumps({{\"inputs\":[{{\"name\":\"image\",\"datatype\":\"FP32\","
-        f"\"shape\":[1,1,28,28],\"data\":[0.0]*784}}]}}))')\"\n"
-    )
+    print(f"\nserving; from another terminal, classify a held-out digit (a {result.request_label}):\n")
+    print(f"  curl -s http://{args.host}:{args.port}/v2/models/{result.ref.name}/infer -d @{result.request_file}\n")
     run_server(ServerConfig(repo=Path(args.repo), host=args.host, port=args.port, grpc_port=args.grpc_port))
     return 0
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from leanserve.artifact import Provenance
 from leanserve.repository import Repository, VersionRef
+from leanserve.serve.protocol.codec import encode_json_request
 
 IMAGE_SIZE = 28
 
@@ -84,6 +85,8 @@ class DemoResult:
     accuracy: float
     exporter: str
     max_abs_diff: float
+    request_file: Path
+    request_label: int
 
 
 def run_demo(repo: Repository, name: str = "digits-cnn", epochs: int = 15, progress: bool = True) -> DemoResult:
@@ -104,4 +107,6 @@ def run_demo(repo: Repository, name: str = "digits-cnn", epochs: int = 15, progr
         )
     model = load(ref.name, ref.version, repo=repo)
     acc = accuracy(model.predict({"image": x_test})["logits"], y_test)
-    return DemoResult(ref, acc, result.exporter, result.max_abs_diff)
+    request_file = repo.root.resolve().parent / "digits-request.json"
+    request_file.write_bytes(encode_json_request({"image": x_test[:1]}))
+    return DemoResult(ref, acc, result.exporter, result.max_abs_diff, request_file, int(y_test[0]))

