@@ -149,6 +149,10 @@ def cmd_inspect(args) -> int:
     print("provenance: " + ", ".join(f"{k}={v}" for k, v in manifest["provenance"].items() if v is not None))
     print("metrics:    " + ", ".join(f"{k}={v}" for k, v in manifest["metrics"].items()))
     print("files:      " + ", ".join(f"{k} (sha256 {v[:12]}…)" for k, v in manifest["files"].items()) + "  [verified]")
+    report = artifact.path / "report.md"
+    if report.is_file():
+        print(f"\noptimization report ({report}, plot: {artifact.path / 'pareto.png'}):\n")
+        print(report.read_text())
     return 0
 
 
@@ -405,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.serve.cli import add_serve_commands
 
     add_serve_commands(sub, _command, _add_repo)
+    from leanserve.optimize.cli import add_optimize_command
+
+    add_optimize_command(sub, _command, _add_repo)
     return parser
 
 

@@ -130,12 +130,14 @@ class Repository:
         metrics: Mapping[str, Any] | None = None,
         runtime: str | None = None,
         check_load: bool = True,
+        attachments: Sequence[Path] = (),
     ) -> VersionRef:
         """Import a model file as the next version of ``name`` and return its VersionRef.
 
         The signature is read from the model (ONNX, torch.export, OpenVINO) or taken from
         ``inputs``/``outputs``. With ``check_load`` the model is loaded by its runtime first, so a
-        file the engine rejects never becomes a version. Raises InvalidName, InvalidInput,
+        file the engine rejects never becomes a version. ``attachments`` (e.g. an optimization report)
+        are stored in the version folder and checksummed with it. Raises InvalidName, InvalidInput,
         UnsupportedFormat or ModelLoadError; on any failure the repository is unchanged.
         """
         validate_name(name)
@@ -152,6 +154,12 @@ class Repository:
                 shutil.copyfile(src, dest)
                 _fsync(dest)
                 files[rel.as_posix()] = sha256_file(dest)
+            for extra in attachments:
+                extra = Path(extra)
+                if extra.name in files or extra.name == MANIFEST_FILE:
+                    raise InvalidInput(f"attachment {extra.name!r} clashes with a model file")
+                shutil.copyfile(extra, stage / extra.name)
+                files[extra.name] = sha256_file(stage / extra.name)
             prov = provenance or Provenance()
             if prov.source is None:
                 prov = replace(prov, source=str(Path(model_file).resolve()))

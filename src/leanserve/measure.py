@@ -1,0 +1,163 @@
+"""Measure a model the same way everywhere: size, memory, latency, throughput and task quality.
+
+Shared by ``leanserve optimize`` (every candidate), the engine comparison and the benchmarks, so
+figures from different places are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from leanserve.errors import InvalidInput
+from leanserve.runtime import Session
+
+LABELS = "labels"  # the key of the labels array in evaluation data
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Latency at batch 1 (milliseconds) and throughput at ``batch_size`` (rows per second)."""
+
+    latency_p50_ms: float
+    latency_p99_ms: float
+    throughput_rows_s: float
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Everything measured for one model variant."""
+
+    size_bytes: int
+    speed: Speed
+    quality: float | None
+    metric: str
+    memory_bytes: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process (Linux), or None where /proc is unavailable."""
+    try:
+        with open("/proc/self/statm") as fh:
+            import os
+
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def file_size(path: Path) -> int:
+    """Size of a model: the file, or every file in a folder."""
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def slice_rows(data: Mapping[str, np.ndarray], start: int, stop: int, names: list[str]) -> dict[str, np.ndarray]:
+    """Rows ``start:stop`` of the named arrays (wrapping around when ``data`` has too few rows)."""
+    n = len(next(iter(data.values())))
+    index = np.arange(start, stop) % n
+    return {name: np.ascontiguousarray(data[name][index]) for name in names}
+
+
+def measure_speed(session: Session, data: Mapping[str, np.ndarray], *, batch_size: int = 32,
+                  min_repeats: int = 50, min_time_s: float = 1.0, warmup: int = 10) -> Speed:
+    """Latency p50/p99 at batch 1 and throughput at ``batch_size``, after ``warmup`` runs.
+
+    Runs at least ``min_repeats`` times and at least ``min_time_s`` seconds for each figure, cycling
+    through the rows of ``data`` so caches see real variety.
+    """
+    names = session.signature.input_names
+    singles = [slice_rows(data, i, i + 1, names) for i in range(min(64, len(next(iter(data.values())))))]
+    for i in range(warmup):
+        session.run(singles[i % len(singles)])
+    times = []
+    deadline = time.perf_counter() + min_time_s
+    while len(times) < min_repeats or time.perf_counter() < deadline:
+        sample = singles[len(times) % len(singles)]
+        start = time.perf_counter()
+        session.run(sample)
+        times.append(time.perf_counter() - start)
+    batch = slice_rows(data, 0, batch_size, names)
+    for _ in range(max(2, warmup // 4)):
+        session.run(batch)
+    runs, start = 0, time.perf_counter()
+    while runs < max(5, min_repeats // 10) or time.perf_counter() - start < min_time_s:
+        session.run(batch)
+        runs += 1
+    elapsed = time.perf_counter() - start
+    ms = np.array(times) * 1000
+    return Speed(float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), runs * batch_size / elapsed, batch_size)
+
+
+def run_all(session: Session, data: Mapping[str, np.ndarray], batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Run every row of ``data`` through ``session`` in batches; returns the concatenated outputs."""
+    names = session.signature.input_names
+    n = len(data[names[0]])
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, n, batch_size):
+        parts.append(session.run({k: data[k][start:start + batch_size] for k in names}))
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# --- quality ----------------------------------------------------------------------------------------
+
+Metric = Callable[[Mapping[str, np.ndarray], Mapping[str, np.ndarray], Mapping[str, np.ndarray] | None], float]
+HIGHER_IS_BETTER = {"top1": True, "cosine": True, "mse": False}
+
+
+def top1(outputs, data, reference) -> float:
+    """Share of rows whose highest-scoring class (first output) equals the label."""
+    if LABELS not in data:
+        raise InvalidInput(f"the top1 metric needs a '{LABELS}' array in the evaluation data")
+    scores = next(iter(outputs.values()))
+    return float((scores.argmax(axis=-1) == data[LABELS]).mean())
+
+
+def cosine(outputs, data, reference) -> float:
+    """Mean cosine similarity of each row of the first output to the reference model's."""
+    if reference is None:
+        raise InvalidInput("the cosine metric compares with a reference model's outputs; none were given")
+    a = next(iter(outputs.values())).reshape(len(next(iter(outputs.values()))), -1).astype(np.float64)
+    b = next(iter(reference.values())).reshape(len(a), -1).astype(np.float64)
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(denom, 1e-12)))
+
+
+def mse(outputs, data, reference) -> float:
+    """Mean squared error of the first output against the labels (regression)."""
+    if LABELS not in data:
+        raise InvalidInput(f"the mse metric needs a '{LABELS}' array in the evaluation data")
+    pred = next(iter(outputs.values())).astype(np.float64)
+    return float(np.mean((pred.reshape(data[LABELS].shape) - data[LABELS]) ** 2))
+
+
+METRICS: dict[str, Metric] = {"top1": top1, "cosine": cosine, "mse": mse}
+
+
+def choose_metric(data: Mapping[str, np.ndarray], requested: str | None = None) -> str:
+    """The metric to use: the requested one, else top1 with integer labels, mse with float labels, cosine without."""
+    if requested:
+        if requested not in METRICS:
+            raise InvalidInput(f"unknown metric {requested!r}; choose one of {', '.join(METRICS)}")
+        return requested
+    if LABELS not in data:
+        return "cosine"
+    return "top1" if np.issubdtype(data[LABELS].dtype, np.integer) else "mse"
+
+
+def quality_drop(metric: str, baseline: float, candidate: float) -> float:
+    """How much worse ``candidate`` is than ``baseline`` (positive = worse), in the metric's units."""
+    if math.isnan(candidate):
+        return math.inf
+    return baseline - candidate if HIGHER_IS_BETTER.get(metric, True) else candidate - baseline

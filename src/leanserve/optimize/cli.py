@@ -1,0 +1,62 @@
+"""The ``leanserve optimize`` command."""
+
+from __future__ import annotations
+
+
+def cmd_optimize(args) -> int:
+    from leanserve.optimize.recipe import parse_recipe
+    from leanserve.optimize.run import optimize
+    from leanserve.repository import Repository
+
+    import time
+
+    name, _, version = args.model.partition(":")
+    report_dir = args.report_dir or f"optimize-reports/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    outcome = optimize(
+        Repository(args.repo, create=False), name, version or None, eval_path=args.eval, calib_path=args.calib,
+        max_drop=args.max_accuracy_drop, metric=args.metric,
+        recipes=[parse_recipe(r) for r in args.recipe] or None, time_budget_s=args.time_budget,
+        objective=args.objective, batch_size=args.batch_size, report_dir=report_dir, register=not args.dry_run,
+    )
+    result = outcome.result
+    base = result.baseline.measurement
+    print(f"baseline: {result.metric}={base.quality:.4f}, p50 {base.speed.latency_p50_ms:.3f} ms, {base.size_bytes:,} bytes")
+    for c in result.candidates:
+        if c.error:
+            print(f"  {c.recipe.name:<40} failed: {c.error}")
+            continue
+        m = c.measurement
+        print(f"  {c.recipe.name:<40} {result.metric}={m.quality:.4f} (drop {c.drop:+.4f}) p50 {m.speed.latency_p50_ms:.3f} ms "
+              f"x{base.speed.latency_p50_ms / m.speed.latency_p50_ms:.2f}  {m.size_bytes:,} bytes  "
+              f"{'within budget' if c.within_budget else 'OVER budget'}")
+    if result.chosen is None or result.chosen is result.baseline:
+        print("no variant is faster within the budget; the original stays (nothing registered)")
+    elif outcome.ref:
+        print(f"registered {outcome.ref} ({result.chosen.recipe.name})")
+    else:
+        print(f"chosen (dry run, not registered): {result.chosen.recipe.name}")
+    for path in outcome.report_files:
+        print(f"report: {path}")
+    return 0
+
+
+def add_optimize_command(sub, command, add_repo) -> None:
+    """Add ``optimize`` to the main parser."""
+    p = command(sub, "optimize", cmd_optimize,
+                "search for faster variants (graph fusion, int8, int4...) within an accuracy budget and register the best",
+                "leanserve optimize cnn --eval eval.npz --calib calib.npz --max-accuracy-drop 0.5%\n"
+                "  (eval/calib: .npz with one array per model input, plus 'labels' for top1/mse;\n"
+                "   without labels quality is the cosine similarity of outputs to the original model)")
+    p.add_argument("model", help="MODEL or MODEL:VERSION (default: newest)")
+    p.add_argument("--eval", required=True, help=".npz evaluation data (inputs, optional 'labels')")
+    p.add_argument("--calib", help=".npz calibration data for static int8 (default: the evaluation inputs)")
+    p.add_argument("--max-accuracy-drop", default="0.5%", help="budget: 0.5%% = 0.5 points, 1%%rel = relative, 0.01 = metric units")
+    p.add_argument("--metric", choices=["top1", "cosine", "mse"], help="quality metric (default: from the data)")
+    p.add_argument("--recipe", action="append", default=[], metavar="STEPS",
+                   help="try this recipe instead of the defaults, e.g. transformer+dynamic_int8 or static_int8:method=entropy (repeat)")
+    p.add_argument("--time-budget", type=float, default=600, help="seconds the search may take")
+    p.add_argument("--objective", choices=["latency", "throughput"], default="latency", help="what 'fastest' means")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput measurement")
+    p.add_argument("--report-dir", help="where to write report.md/json and pareto.png (default optimize-reports/MODEL-TIME)")
+    p.add_argument("--dry-run", action="store_true", help="measure and report, register nothing")
+    add_repo(p)

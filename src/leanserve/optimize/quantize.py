@@ -1,0 +1,131 @@
+"""Quantization passes on ONNX models with ONNX Runtime's quantizer: dynamic int8, static int8 (QDQ,
+calibrated on user data), fp16/bf16 conversion, and weight-only int4 for large MatMuls.
+
+Robust to the known traps: symbolic shape inference that fails (retried without it), graphs already
+fused, and operators the quantizer does not handle (left in float and named in the notes).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quant_pre_process,
+    quantize_dynamic,
+    quantize_static,
+)
+
+from leanserve.errors import InvalidInput
+from leanserve.optimize.steps import PassContext, StepResult
+
+log = logging.getLogger(__name__)
+QUANTIZABLE = ("Conv", "MatMul", "Gemm", "ConvTranspose", "Attention")
+_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}
+
+
+class _Rows(CalibrationDataReader):
+    """Feeds calibration rows to the quantizer in small batches."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        if not ctx.calibration:
+            raise InvalidInput("static quantization needs calibration data (--calib FILE.npz)")
+        names = ctx.signature.input_names
+        missing = [n for n in names if n not in ctx.calibration]
+        if missing:
+            raise InvalidInput(f"calibration data has no array for input {missing[0]!r}")
+        rows = min(ctx.calibration_rows, len(ctx.calibration[names[0]]))
+        self._batches = iter([
+            {n: np.ascontiguousarray(ctx.calibration[n][i:i + ctx.calibration_batch]) for n in names}
+            for i in range(0, rows, ctx.calibration_batch)
+        ])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def quantizable_nodes(path: Path) -> list[str]:
+    """Names of the nodes the int8 quantizers can convert (Conv, MatMul, Gemm...), in graph order."""
+    return [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in QUANTIZABLE]
+
+
+def dynamic_int8(src: Path, dst: Path, ctx: PassContext, per_channel: bool = True) -> StepResult:
+    """Weights int8 (per channel by default), activations quantized at run time."""
+    quantize_dynamic(src, dst, per_channel=per_channel, weight_type=QuantType.QInt8,
+                     nodes_to_exclude=list(ctx.exclude_nodes), extra_options={"MatMulConstBOnly": True})
+    return StepResult([f"dynamic int8 ({'per-channel' if per_channel else 'per-tensor'} weights)", *_float_notes(src, dst, ctx)])
+
+
+def static_int8(src: Path, dst: Path, ctx: PassContext, method: str = "minmax", per_channel: bool = True,
+                preprocess: bool = True) -> StepResult:
+    """QDQ int8 (uint8 activations, int8 weights) calibrated on ``ctx.calibration`` with MinMax, Entropy or
+    Percentile. ``preprocess=False`` when ``src`` already went through ``pre_process``."""
+    if method not in _METHODS:
+        raise InvalidInput(f"calibration method must be one of {', '.join(_METHODS)}, got {method!r}")
+    reader = _Rows(ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, note = pre_process(src, Path(tmp) / "prepared.onnx") if preprocess else (src, "")
+        quantize_static(prepared, dst, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=_METHODS[method], nodes_to_exclude=list(ctx.exclude_nodes),
+                        extra_options={"CalibPercentile": 99.99, "WeightSymmetric": True})
+    return StepResult([f"static int8 QDQ, {method} calibration on {min(ctx.calibration_rows, _rows(ctx))} rows", note,
+                       *_float_notes(src, dst, ctx)])
+
+
+def _rows(ctx: PassContext) -> int:
+    return len(next(iter(ctx.calibration.values()))) if ctx.calibration else 0
+
+
+def pre_process(src: Path, dst: Path) -> tuple[Path, str]:
+    """ORT's recommended pre-processing; symbolic shape inference fails on some graphs, so retry without it."""
+    for skip_symbolic in (False, True):
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+            return dst, "pre-processed" + (" (symbolic shape inference failed; skipped)" if skip_symbolic else "")
+        except Exception as exc:  # the pre-processor raises assorted types from shape inference
+            log.info("quantization pre-processing failed (symbolic=%s): %s", not skip_symbolic, exc)
+    return src, "pre-processing failed; quantized the model as it was"
+
+
+def _float_notes(src: Path, dst: Path, ctx: PassContext) -> list[str]:
+    """Which quantizable nodes stayed in float (excluded on purpose or not handled)."""
+    before = Counter(n.op_type for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type in QUANTIZABLE)
+    after = onnx.load(str(dst), load_external_data=False).graph
+    int_ops = Counter(n.op_type for n in after.node)
+    notes = [f"quantizable ops in the source: {dict(before)}; int8 ops now: "
+             f"{ {k: v for k, v in int_ops.items() if 'Integer' in k or k in ('QuantizeLinear', 'DequantizeLinear', 'DynamicQuantizeLinear')} }"]
+    if ctx.exclude_nodes:
+        notes.append(f"kept in float (most sensitive): {', '.join(ctx.exclude_nodes)}")
+    return notes
+
+
+def to_fp16(src: Path, dst: Path, ctx: PassContext, bf16: bool = False) -> StepResult:
+    """Convert weights and compute to fp16 (inputs/outputs keep their types); for GPUs and NPUs."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=list(ctx.exclude_nodes))
+    onnx.save(converted, str(dst))
+    return StepResult(["fp16 weights and compute (inputs/outputs kept fp32)" + (" [bf16 requested: fp16 used]" if bf16 else "")])
+
+
+def weight_only_int4(src: Path, dst: Path, ctx: PassContext, block_size: int = 32) -> StepResult:
+    """4-bit weights (blockwise, symmetric) for MatMuls with constant weights; activations stay float."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block_size, is_symmetric=True,
+                                     nodes_to_exclude=list(ctx.exclude_nodes))
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst))
+    count = sum(1 for n in onnx.load(str(dst), load_external_data=False).graph.node if n.op_type == "MatMulNBits")
+    return StepResult([f"weight-only int4 (block {block_size}) on {count} MatMul(s)"])

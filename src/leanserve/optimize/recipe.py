@@ -1,0 +1,111 @@
+"""Recipes: named sequences of ONNX passes, applied one after another through temporary files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leanserve.errors import InvalidInput
+from leanserve.optimize import graph, quantize
+from leanserve.optimize.steps import PassContext, StepResult
+
+PassFn = Callable[..., StepResult]
+PASSES: dict[str, PassFn] = {
+    "graph": graph.optimize_graph,
+    "transformer": graph.fuse_transformer,
+    "dynamic_int8": quantize.dynamic_int8,
+    "static_int8": quantize.static_int8,
+    "fp16": quantize.to_fp16,
+    "int4_weights": quantize.weight_only_int4,
+}
+QUANTIZING = {"dynamic_int8", "static_int8", "int4_weights"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pass and its parameters."""
+
+    op: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.op not in PASSES:
+            raise InvalidInput(f"unknown optimization pass {self.op!r}; known passes: {', '.join(PASSES)}")
+
+    def describe(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.op}({args})" if args else self.op
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named sequence of passes. An empty recipe is the original model."""
+
+    name: str
+    steps: tuple[Step, ...] = ()
+
+    def describe(self) -> str:
+        return " -> ".join(s.describe() for s in self.steps) or "original"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "steps": [{"op": s.op, "params": dict(s.params)} for s in self.steps]}
+
+    @property
+    def quantizes(self) -> bool:
+        return any(s.op in QUANTIZING for s in self.steps)
+
+
+def parse_recipe(text: str) -> Recipe:
+    """Parse ``op[:key=value,...]+op...`` as the CLI takes it, e.g. ``graph+static_int8:method=entropy``."""
+    steps = []
+    for part in filter(None, (p.strip() for p in text.split("+"))):
+        op, _, args = part.partition(":")
+        params: dict[str, Any] = {}
+        for item in filter(None, args.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InvalidInput(f"recipe step {part!r}: parameters are key=value")
+            params[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+        steps.append(Step(op, params))
+    return Recipe(text, tuple(steps))
+
+
+def apply_recipe(recipe: Recipe, src: Path, dst: Path, ctx: PassContext) -> list[str]:
+    """Run every step of ``recipe`` on ``src`` and write the result to ``dst``; returns the notes."""
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        current = src
+        for i, step in enumerate(recipe.steps):
+            out = Path(tmp) / f"step{i}.onnx"
+            step_ctx = ctx if step.op in QUANTIZING or step.op == "fp16" else PassContext(ctx.signature, ctx.calibration)
+            with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print progress to stdout
+                result = PASSES[step.op](current, out, step_ctx, **step.params)
+            notes.extend(n for n in result.notes if n)
+            current = out
+        shutil.copyfile(current, dst)
+    return notes
+
+
+def default_recipes(transformer: bool, has_calibration: bool, gpu: bool = False) -> list[Recipe]:
+    """Candidate recipes in order of expected gain on this hardware."""
+    base = (Step("transformer"),) if transformer else (Step("graph", {"level": "basic"}),)
+    recipes = []
+    if transformer:
+        recipes.append(Recipe("dynamic int8, fused", base + (Step("dynamic_int8"),)))
+    if has_calibration:
+        recipes += [Recipe(f"static int8 ({m})", (Step("static_int8", {"method": m}),)) for m in ("minmax", "percentile", "entropy")]
+    if not transformer:
+        recipes.append(Recipe("dynamic int8", (Step("dynamic_int8"),)))
+    if gpu:
+        recipes.append(Recipe("fp16", base + (Step("fp16"),)))
+    recipes.append(Recipe("graph fusions" if transformer else "graph (extended)",
+                          base if transformer else (Step("graph", {"level": "extended"}),)))
+    if transformer:
+        recipes.append(Recipe("int4 weights, fused", base + (Step("int4_weights"),)))
+    return recipes

@@ -1,0 +1,130 @@
+"""The trade-off report of an optimization run: Markdown, JSON and a PNG of quality against latency."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+from leanserve.optimize.search import Candidate, SearchResult
+
+REPORT_FILES = ("report.md", "report.json", "pareto.png")
+
+
+def cpu_description() -> dict[str, Any]:
+    """CPU model and the instruction sets that decide int8 speed (VNNI) — printed with every figure."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import os
+
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+
+
+def _row(candidate: Candidate, result: SearchResult, chosen: bool) -> dict[str, Any]:
+    m = candidate.measurement
+    return {
+        "recipe": candidate.recipe.name,
+        "steps": candidate.recipe.describe(),
+        "size_bytes": m.size_bytes if m else None,
+        "latency_p50_ms": m.speed.latency_p50_ms if m else None,
+        "latency_p99_ms": m.speed.latency_p99_ms if m else None,
+        "throughput_rows_s": m.speed.throughput_rows_s if m else None,
+        "memory_bytes": m.memory_bytes if m else None,
+        result.metric: m.quality if m else None,
+        "drop": candidate.drop,
+        "within_budget": candidate.within_budget,
+        "chosen": chosen,
+        "kept_float": list(candidate.kept_float),
+        "notes": candidate.notes,
+        "error": candidate.error,
+    }
+
+
+def report_dict(result: SearchResult) -> dict[str, Any]:
+    rows = [_row(c, result, c is result.chosen) for c in [result.baseline, *result.candidates]]
+    return {"metric": result.metric, "budget": result.budget.describe(), "elapsed_s": round(result.elapsed_s, 1),
+            "cpu": cpu_description(), "batch_size": result.baseline.measurement.speed.batch_size, "candidates": rows}
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def report_markdown(data: dict[str, Any]) -> str:
+    cpu = data["cpu"]
+    lines = [
+        "# Optimization report", "",
+        f"CPU: {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX2/VNNI'}). "
+        f"Metric: {data['metric']}; budget: drop ≤ {data['budget']}; search took {data['elapsed_s']} s.", "",
+        f"| recipe | size (KB) | p50 ms (b=1) | p99 ms | rows/s (b={data['batch_size']}) | {data['metric']} | drop | within | chosen |",
+        "|---|---:|---:|---:|---:|---:|---:|:---:|:---:|",
+    ]
+    for r in data["candidates"]:
+        lines.append(
+            f"| {r['recipe']} | {_fmt(r['size_bytes'] and r['size_bytes'] / 1024, '.0f')} | {_fmt(r['latency_p50_ms'], '.3f')} "
+            f"| {_fmt(r['latency_p99_ms'], '.3f')} | {_fmt(r['throughput_rows_s'], ',.0f')} | {_fmt(r[data['metric']], '.4f')} "
+            f"| {_fmt(r['drop'], '+.4f')} | {'yes' if r['within_budget'] else 'no'} | {'**yes**' if r['chosen'] else ''} |"
+        )
+    lines += ["", "## Notes", ""]
+    for r in data["candidates"]:
+        details = r["notes"] + ([f"error: {r['error']}"] if r["error"] else [])
+        if details:
+            lines.append(f"- **{r['recipe']}** ({r['steps']}): " + "; ".join(details))
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (lower latency and higher quality are better), by latency."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """PNG of quality against latency, Pareto front drawn, chosen variant marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["candidates"] if r["latency_p50_ms"] is not None and r[data["metric"]] is not None]
+    points = [(r["latency_p50_ms"], r[data["metric"]] if data["metric"] != "mse" else -r[data["metric"]]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.scatter([p[0] for p in points], [p[1] for p in points], c=["tab:green" if r["within_budget"] else "tab:red" for r in rows])
+    front = pareto_front(points)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="gray", label="Pareto front")
+    for r, (x, y) in zip(rows, points):
+        ax.annotate(r["recipe"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if r["chosen"]:
+            ax.scatter([x], [y], s=250, facecolors="none", edgecolors="black", label="chosen")
+    ax.set_xlabel("latency p50 at batch 1 (ms)")
+    ax.set_ylabel(data["metric"] if data["metric"] != "mse" else "-mse")
+    ax.set_title("quality vs latency (green: within budget)")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(result: SearchResult, folder: Path) -> list[Path]:
+    """Write report.md, report.json and pareto.png into ``folder``; returns their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = report_dict(result)
+    (folder / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    (folder / "report.md").write_text(report_markdown(data))
+    plot(data, folder / "pareto.png")
+    return [folder / name for name in REPORT_FILES]

@@ -1,0 +1,116 @@
+"""``leanserve optimize``: from a repository version and data, search for faster variants and register
+the fastest one within the accuracy budget as a new version, with its report."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from leanserve.artifact import Provenance, Signature
+from leanserve.config import RuntimeOptions
+from leanserve.errors import InvalidInput, UnsupportedFormat
+from leanserve.measure import LABELS, choose_metric
+from leanserve.optimize.recipe import Recipe, default_recipes
+from leanserve.optimize.report import write_report
+from leanserve.optimize.search import SearchResult, Searcher, parse_budget
+from leanserve.repository import Repository, VersionRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeOutcome:
+    """The search result, the version registered (None when the original stays best) and the report files."""
+
+    result: SearchResult
+    ref: VersionRef | None
+    report_files: list[Path]
+
+
+def load_data(path: str | Path, signature: Signature, what: str) -> dict[str, np.ndarray]:
+    """Read a .npz of named input arrays (plus optional ``labels``) and check it against the signature."""
+    path = Path(path)
+    if path.suffix != ".npz" or not path.is_file():
+        raise InvalidInput(f"{what} data {path}: expected an existing .npz file with one array per model input")
+    with np.load(path, allow_pickle=False) as npz:
+        data = {k: npz[k] for k in npz.files}
+    missing = [n for n in signature.input_names if n not in data]
+    if missing:
+        raise InvalidInput(f"{what} data {path.name} has no array for input {missing[0]!r} (has: {', '.join(data)})")
+    rows = {len(data[n]) for n in [*signature.input_names, *([LABELS] if LABELS in data else [])]}
+    if len(rows) != 1 or 0 in rows:
+        raise InvalidInput(f"{what} data {path.name}: every array needs the same, non-zero number of rows; got {sorted(rows)}")
+    signature.validate_inputs({n: data[n][:1] for n in signature.input_names})
+    return data
+
+
+def looks_like_transformer(path: Path) -> bool:
+    """A graph with attention (Softmax between MatMuls) and layer norms is treated as BERT-like."""
+    ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+    return "Softmax" in ops and ops.count("MatMul") >= 4 and ("LayerNormalization" in ops or "ReduceMean" in ops)
+
+
+def optimize(
+    repo: Repository, name: str, version: int | str | None = None, *, eval_path: str | Path,
+    calib_path: str | Path | None = None, max_drop: str = "0.5%", metric: str | None = None,
+    recipes: Sequence[Recipe] | None = None, time_budget_s: float = 600, objective: str = "latency",
+    batch_size: int = 32, report_dir: str | Path | None = None, register: bool = True, progress: bool = True,
+    options: RuntimeOptions | None = None,
+) -> OptimizeOutcome:
+    """Search for the fastest variant of ``name:version`` within ``max_drop`` and register it.
+
+    Raises InvalidInput for unusable data or budget, UnsupportedFormat for non-ONNX versions.
+    """
+    artifact = repo.get(name, version)
+    if artifact.manifest.format != "onnx":
+        raise UnsupportedFormat(f"optimize works on ONNX versions; {name} is {artifact.manifest.format} "
+                                "(export it with leanserve export first)")
+    if objective not in ("latency", "throughput"):
+        raise InvalidInput(f"objective must be latency or throughput, got {objective!r}")
+    budget = parse_budget(max_drop)
+    eval_data = load_data(eval_path, artifact.signature, "evaluation")
+    calib = load_data(calib_path, artifact.signature, "calibration") if calib_path else None
+    if calib is None:
+        log.warning("no --calib data: static quantization calibrates on the evaluation inputs")
+        calib = {n: eval_data[n] for n in artifact.signature.input_names}
+    metric = choose_metric(eval_data, metric)
+    options = options or repo.config(name).runtime
+    transformer = looks_like_transformer(artifact.model_path)
+    chosen_recipes = list(recipes) if recipes else default_recipes(transformer, calib is not None)
+    with tempfile.TemporaryDirectory() as tmp:
+        searcher = Searcher(artifact.model_path, artifact.signature, eval_data, calib, metric, budget, Path(tmp),
+                            options=options, batch_size=batch_size, time_budget_s=time_budget_s,
+                            objective=objective, progress=progress)
+        result = searcher.run(chosen_recipes)
+        folder = Path(report_dir) if report_dir else Path(tmp) / "report"
+        files = write_report(result, folder)
+        ref = None
+        if register and result.chosen is not None and result.chosen is not result.baseline:
+            ref = _register(repo, name, artifact.path.name, result, files)
+        if not report_dir:  # the temp folder goes away: point at the copies in the new version
+            files = [repo.get(ref.name, ref.version, verify=False).path / f.name for f in files] if ref else []
+    return OptimizeOutcome(result, ref, files)
+
+
+def _register(repo: Repository, name: str, parent: str, result: SearchResult, files: list[Path]) -> VersionRef:
+    chosen = result.chosen
+    m = chosen.measurement
+    metrics = {
+        "latency_p50_ms": round(m.speed.latency_p50_ms, 4), "latency_p99_ms": round(m.speed.latency_p99_ms, 4),
+        "throughput_rows_s": round(m.speed.throughput_rows_s, 1), "batch_size": m.speed.batch_size,
+        result.metric: m.quality, f"{result.metric}_drop": chosen.drop,
+        "baseline_latency_p50_ms": round(result.baseline.measurement.speed.latency_p50_ms, 4),
+        f"baseline_{result.metric}": result.baseline.measurement.quality,
+    }
+    provenance = Provenance(source=f"leanserve optimize {name}:{parent}", parent=f"{name}:{parent}",
+                            recipe={**chosen.recipe.to_dict(), "kept_float": list(chosen.kept_float)})
+    model_file = chosen.path.with_name("model.onnx")
+    shutil.copyfile(chosen.path, model_file)
+    return repo.add(model_file, name, provenance=provenance, metrics=metrics, attachments=files)

@@ -1,0 +1,212 @@
+"""Accuracy-aware search: try recipes in order of expected gain, measure each on the same data, keep
+sensitive layers in float when a candidate breaks the budget, and pick the fastest one within it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from leanserve.artifact import Manifest, ModelArtifact, Signature
+from leanserve.config import RuntimeOptions
+from leanserve.errors import InvalidInput, LeanserveError
+from leanserve.measure import METRICS, Measurement, Speed, file_size, measure_speed, quality_drop, rss_bytes, run_all
+from leanserve.optimize import quantize
+from leanserve.optimize.recipe import QUANTIZING, Recipe, apply_recipe
+from leanserve.optimize.steps import PassContext
+from leanserve.runtime import load_session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The largest quality drop allowed: absolute in the metric's units, or relative to the baseline."""
+
+    value: float
+    relative: bool = False
+
+    def allowed(self, baseline: float) -> float:
+        return abs(baseline) * self.value if self.relative else self.value
+
+    def describe(self) -> str:
+        return f"{self.value:.2%} of baseline" if self.relative else f"{self.value:g}"
+
+
+def parse_budget(text: str) -> Budget:
+    """``0.5%`` = 0.005 in the metric's units (0.5 accuracy points); ``1%rel`` = 1% of the baseline; ``0.01`` as is."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%\s*rel|%)?\s*", text or "")
+    if not match:
+        raise InvalidInput(f"--max-accuracy-drop {text!r}: expected e.g. 0.5% (points), 1%rel (relative) or 0.01")
+    value, unit = float(match.group(1)), (match.group(2) or "").replace(" ", "")
+    return Budget(value / 100, relative=unit == "%rel") if unit else Budget(value)
+
+
+@dataclass
+class Candidate:
+    """One variant: its recipe, file, measurement, quality drop and whether it is within budget."""
+
+    recipe: Recipe
+    path: Path | None = None
+    measurement: Measurement | None = None
+    drop: float | None = None
+    within_budget: bool = False
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    kept_float: tuple[str, ...] = ()
+
+
+@dataclass
+class SearchResult:
+    baseline: Candidate
+    candidates: list[Candidate]
+    chosen: Candidate | None
+    metric: str
+    budget: Budget
+    elapsed_s: float
+
+
+@dataclass
+class Searcher:
+    """Runs the search for one ONNX model; all candidates are written under ``workdir``."""
+
+    model: Path
+    signature: Signature
+    eval_data: Mapping[str, np.ndarray]
+    calibration: Mapping[str, np.ndarray] | None
+    metric: str
+    budget: Budget
+    workdir: Path
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    batch_size: int = 32
+    time_budget_s: float = 600.0
+    speed_time_s: float = 1.0
+    objective: str = "latency"
+    progress: bool = True
+    skip_speed: bool = False  # sensitivity trials need quality only
+    reference: dict[str, np.ndarray] | None = None
+    _started: float = field(default_factory=time.perf_counter)
+
+    def run(self, recipes: Sequence[Recipe]) -> SearchResult:
+        """Measure the original, then each recipe (with sensitivity fallback), until the time budget ends."""
+        from tqdm import tqdm
+
+        baseline = self.evaluate(Recipe("original"), self.model)
+        if baseline.error:
+            raise LeanserveError(f"the original model cannot be measured: {baseline.error}")
+        baseline.within_budget = True
+        candidates: list[Candidate] = []
+        bar = tqdm(recipes, desc="optimizing", unit="recipe", disable=not self.progress)
+        for recipe in bar:
+            if self.time_left() <= 0:
+                log.warning("time budget spent; %d recipe(s) not tried", len(recipes) - len(candidates))
+                break
+            bar.set_postfix_str(recipe.name)
+            candidate = self.try_recipe(recipe, baseline)
+            candidates.append(candidate)
+            if candidate.error is None and not candidate.within_budget and recipe.quantizes and self.time_left() > 0:
+                rescued = self.keep_sensitive_in_float(recipe, baseline)
+                candidates.extend(rescued)
+        within = [c for c in [baseline, *candidates] if c.within_budget and c.measurement]
+        chosen = min(within, key=self._cost) if within else None
+        return SearchResult(baseline, candidates, chosen, self.metric, self.budget, time.perf_counter() - self._started)
+
+    def time_left(self) -> float:
+        return self.time_budget_s - (time.perf_counter() - self._started)
+
+    def _cost(self, candidate: Candidate) -> float:
+        speed = candidate.measurement.speed
+        return speed.latency_p50_ms if self.objective == "latency" else -speed.throughput_rows_s
+
+    def try_recipe(self, recipe: Recipe, baseline: Candidate, exclude: Sequence[str] = ()) -> Candidate:
+        """Apply ``recipe`` (keeping ``exclude`` nodes in float) and measure the result."""
+        slug = re.sub(r"[^a-z0-9]+", "-", recipe.name.lower()).strip("-") + (f"-keep{len(exclude)}" if exclude else "")
+        path = self.workdir / f"{slug}.onnx"
+        ctx = PassContext(self.signature, self.calibration, tuple(exclude))
+        try:
+            notes = apply_recipe(recipe, self.model, path, ctx)
+        except (LeanserveError, ValueError, RuntimeError, OSError) as exc:
+            log.warning("recipe %s failed: %s", recipe.name, exc)
+            return Candidate(recipe, error=f"{type(exc).__name__}: {exc}")
+        candidate = self.evaluate(recipe, path, baseline)
+        candidate.notes = notes + candidate.notes
+        candidate.kept_float = tuple(exclude)
+        return candidate
+
+    def evaluate(self, recipe: Recipe, path: Path, baseline: Candidate | None = None) -> Candidate:
+        """Load ``path`` with the serving engine and measure size, memory, speed and quality."""
+        before = rss_bytes()
+        try:
+            artifact = ModelArtifact(path.parent, Manifest("onnx", path.name, self.signature, {}))
+            session = load_session(artifact, self.options)
+            outputs = run_all(session, self.eval_data, self.batch_size)
+        except (LeanserveError, RuntimeError, ValueError) as exc:
+            return Candidate(recipe, path, error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+        if baseline is None:
+            self.reference = outputs
+        quality = METRICS[self.metric](outputs, self.eval_data, self.reference)
+        speed = (Speed(math.nan, math.nan, math.nan, self.batch_size) if self.skip_speed else
+                 measure_speed(session, self.eval_data, batch_size=self.batch_size, min_time_s=self.speed_time_s))
+        after = rss_bytes()
+        measurement = Measurement(file_size(path), speed, quality, self.metric,
+                                  None if before is None or after is None else max(0, after - before))
+        session.close()
+        candidate = Candidate(recipe, path, measurement)
+        if baseline is not None:
+            candidate.drop = quality_drop(self.metric, baseline.measurement.quality, quality)
+            candidate.within_budget = candidate.drop <= self.budget.allowed(baseline.measurement.quality) + 1e-12
+        else:
+            candidate.drop = 0.0
+        return candidate
+
+    def keep_sensitive_in_float(self, recipe: Recipe, baseline: Candidate) -> list[Candidate]:
+        """Rank quantized layers by the drop each causes alone; keep the worst 1, 2, 4... in float."""
+        ranking = self.sensitivity(recipe, baseline)
+        tried = []
+        keep = 1
+        while ranking and keep <= len(ranking) and self.time_left() > 0:
+            exclude = [name for name, _ in ranking[:keep]]
+            rescued = self.try_recipe(replace(recipe, name=f"{recipe.name}, {keep} layer(s) in float"), baseline, exclude)
+            rescued.notes.append("sensitivity: " + ", ".join(f"{n} ({d:+.4f})" for n, d in ranking[:keep]))
+            tried.append(rescued)
+            if rescued.within_budget or rescued.error:
+                break
+            keep *= 2
+        return tried
+
+    def sensitivity(self, recipe: Recipe, baseline: Candidate) -> list[tuple[str, float]]:
+        """(node, quality drop when only that node is quantized), worst first."""
+        index = next(i for i, s in enumerate(recipe.steps) if s.op in QUANTIZING)
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = Path(tmp) / "prefix.onnx"
+            apply_recipe(Recipe("prefix", recipe.steps[:index]), self.model, prefix, PassContext(self.signature, self.calibration))
+            step = recipe.steps[index]
+            if step.op == "static_int8":
+                prefix, _ = quantize.pre_process(prefix, Path(tmp) / "prepared.onnx")
+                step = replace(step, params={**step.params, "preprocess": False})
+            nodes = quantize.quantizable_nodes(prefix)
+            single = Recipe("one layer", (step,))
+            ranking = []
+            for node in nodes:
+                if self.time_left() <= 0:
+                    break
+                searcher = replace(self, model=prefix, workdir=Path(tmp), skip_speed=True, progress=False)
+                result = searcher.try_recipe(single, baseline, exclude=[n for n in nodes if n != node])
+                ranking.append((node, result.drop if result.drop is not None else math.inf))
+        return sorted(ranking, key=lambda item: -item[1])
+
+
+def keep_chosen(result: SearchResult, dst: Path) -> Path:
+    """Copy the chosen candidate's file to ``dst``."""
+    if result.chosen is None or result.chosen.path is None:
+        raise LeanserveError("no candidate is within the accuracy budget")
+    shutil.copyfile(result.chosen.path, dst)
+    return dst
