@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 from onnx import TensorProto, helper
 
@@ -205,3 +206,18 @@ def digits_cnn_onnx(tmp_path_factory) -> Path:
 
 def affine_inputs(rows: int = 2, features: int = 4) -> dict[str, np.ndarray]:
     return {"x": np.arange(rows * features, dtype=np.float32).reshape(rows, features)}
+
+
+def make_heavy_model(path: Path, width: int = 512, depth: int = 20) -> Path:
+    """x FP32 [-1, width] through ``depth`` chained MatMuls: slow enough to build a queue behind it."""
+    rng = np.random.default_rng(0)
+    weights, nodes, current = [], [], "x"
+    for i in range(depth):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        weights.append(onnx.numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == depth - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [out]))
+        current = out
+    graph = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], initializer=weights)
+    return _save(graph, path)

@@ -210,3 +210,35 @@ def test_content_length_shorter_than_the_body_is_a_400_not_a_crash(server):
     # Either our JSON decoder or the HTTP parser (for the left-over bytes) answers 400 first.
     assert reply.startswith(b"HTTP/1.1 400")
     assert post(server, infer_body()).status_code == 200
+
+
+def test_overload_is_refused_at_once_with_503_and_retry_after(repo, tmp_path, live_server_factory):
+    import asyncio
+
+    from conftest import make_heavy_model
+    from leanserve import BatchingConfig
+
+    repo.add(make_heavy_model(tmp_path / "heavy.onnx"), "heavy")
+    repo.update_config("heavy", batching=BatchingConfig(max_batch_size=1, max_queue_size=1))
+    server = live_server_factory(repo.root)
+    body = infer_body(name="x", shape=(1, 512), data=[0.1] * 512)
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(*(client.post(server.url + "/v2/models/heavy/infer", content=body) for _ in range(40)))
+
+    responses = asyncio.run(burst())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses
+    rejected = next(r for r in responses if r.status_code == 503)
+    assert rejected.headers["retry-after"] == "1" and "queue is full" in rejected.json()["error"]
+    assert post(server, body, "/v2/models/heavy/infer").status_code == 200
+
+
+def test_serving_an_onnx_model_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, leanserve, leanserve.serve.app, leanserve.serve.protocol.grpc, leanserve.runtime.onnxruntime; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
