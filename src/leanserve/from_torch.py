@@ -81,7 +81,8 @@ def export(
             break
         except Exception as exc:  # exporters raise many unrelated types; each failure is reported below
             log.info("the %s exporter failed: %s", name, exc)
-            errors.append(f"{name}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}")
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            errors.append(f"{name}: {first_line[:300]}")
     if exporter is None:
         raise ExportError("both ONNX exporters failed; " + "; ".join(errors))
     if errors:
@@ -151,7 +152,7 @@ def _quiet():
     level = torch_log.level
     torch_log.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
