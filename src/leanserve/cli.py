@@ -82,6 +82,7 @@ def cmd_export(args) -> int:
         input_names=args.input_names.split(",") if args.input_names else None,
         output_names=args.output_names.split(",") if args.output_names else None,
         dynamic_axes=axes or None, opset=args.opset, tolerance=args.tolerance, force=args.force,
+        exporter=args.exporter,
     )
     print(f"exported {args.factory} to {out} with the {result.exporter} exporter "
           f"(max abs diff vs PyTorch {result.max_abs_diff:.3g})")
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest abs difference from PyTorch accepted")
     p.add_argument("--force", action="store_true", help="keep an export that exceeds the tolerance")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="ONNX exporter (auto: torch.export-based, falling back to TorchScript-based; "
+                        "torchscript gives transformer graphs ONNX Runtime can fuse)")
     _add_repo(p)
 
     p = _command(sub, "list", cmd_list, "list models and their versions", "leanserve list --repo model-repo")

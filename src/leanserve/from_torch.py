@@ -43,13 +43,16 @@ def export(
     opset: int = 18,
     tolerance: float = 1e-4,
     force: bool = False,
+    exporter: str = "auto",
 ) -> ExportResult:
     """Export ``module`` to ONNX at ``path`` and check it against PyTorch on ``example_inputs``.
 
     ``example_inputs`` is a tensor or a tuple of tensors. ``dynamic_axes`` defaults to a dynamic first
     (batch) axis on every input; pass ``{}`` for a fully static model. The torch.export-based exporter
-    is tried first, then the TorchScript-based one. Raises ExportError if both fail, or if the largest
-    absolute difference from PyTorch exceeds ``tolerance`` (unless ``force``; the file is then kept).
+    is tried first, then the TorchScript-based one (``exporter="dynamo"`` or ``"torchscript"`` picks one;
+    the TorchScript exporter's attention pattern is the one ONNX Runtime's transformer fusions recognise).
+    Raises ExportError if the exporters fail, or if the largest absolute difference from PyTorch exceeds
+    ``tolerance`` (unless ``force``; the file is then kept).
     """
     import torch
 
@@ -70,21 +73,25 @@ def export(
     unknown = [n for n in axes if n not in input_names]
     if unknown:
         raise InvalidInput(f"dynamic_axes names unknown input {unknown[0]!r}; inputs are {list(input_names)}")
+    exporters = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+    if exporter not in ("auto", *exporters):
+        raise InvalidInput(f"exporter must be auto, dynamo or torchscript, got {exporter!r}")
+    attempts = list(exporters.items()) if exporter == "auto" else [(exporter, exporters[exporter])]
 
     path.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    exporter = None
-    for name, attempt in (("dynamo", _export_dynamo), ("torchscript", _export_torchscript)):
+    chosen = None
+    for name, attempt in attempts:
         try:
             attempt(module, args, path, input_names, output_names, axes, opset)
-            exporter = name
+            chosen = name
             break
         except Exception as exc:  # exporters raise many unrelated types; each failure is reported below
             log.info("the %s exporter failed: %s", name, exc)
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             errors.append(f"{name}: {first_line[:300]}")
-    if exporter is None:
-        raise ExportError("both ONNX exporters failed; " + "; ".join(errors))
+    if chosen is None:
+        raise ExportError("the ONNX export failed; " + "; ".join(errors))
     if errors:
         log.warning("the torch.export-based exporter failed (%s); used the TorchScript-based one", errors[0])
 
@@ -95,7 +102,7 @@ def export(
             f"the ONNX export differs from PyTorch by up to {diff:.3g} (tolerance {tolerance:g}); "
             "pass force=True (--force) to keep it anyway, or a larger tolerance"
         )
-    return ExportResult(path, exporter, diff, input_names, output_names)
+    return ExportResult(path, chosen, diff, input_names, output_names)
 
 
 def _forward_arg_names(module, count: int) -> list[str]:
@@ -115,6 +122,7 @@ def _axes_list(spec: Sequence[int] | Mapping[int, str]) -> list[int]:
 
 
 def _export_dynamo(module, args, path, input_names, output_names, axes, opset) -> None:
+    import onnx
     import torch
 
     dynamic_shapes = tuple(
@@ -122,11 +130,35 @@ def _export_dynamo(module, args, path, input_names, output_names, axes, opset) -
         for name in input_names
     )
     with _quiet():
+        # Output names are set afterwards: the exporter's own renaming can collide with internal values
+        # (MiniLM's word-embedding Gather is also called "embedding"), giving an invalid model.
         program = torch.onnx.export(
-            module, args, dynamo=True, input_names=list(input_names), output_names=list(output_names),
+            module, args, dynamo=True, input_names=list(input_names),
             dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False,
         )
-        program.save(str(path))
+    proto = program.model_proto
+    _rename_outputs(proto.graph, list(output_names))
+    onnx.save(proto, str(path))
+
+
+def _rename_outputs(graph, names: list[str]) -> None:
+    """Give the graph outputs ``names``, first renaming any internal value that already uses one."""
+    outputs = [o.name for o in graph.output]
+    mapping = {}
+    taken = {v for node in graph.node for v in (*node.input, *node.output)} | {i.name for i in graph.input}
+    for old, new in zip(outputs, names):
+        if old == new:
+            continue
+        if new in taken:
+            mapping[new] = f"{new}__internal"
+        mapping[old] = new
+    if not mapping:
+        return
+    for node in graph.node:
+        node.input[:] = [mapping.get(v, v) for v in node.input]
+        node.output[:] = [mapping.get(v, v) for v in node.output]
+    for value in (*graph.output, *graph.value_info):
+        value.name = mapping.get(value.name, value.name)
 
 
 def _export_torchscript(module, args, path, input_names, output_names, axes, opset) -> None:

@@ -61,7 +61,9 @@ def quantizable_nodes(path: Path) -> list[str]:
 def dynamic_int8(src: Path, dst: Path, ctx: PassContext, per_channel: bool = True) -> StepResult:
     """Weights int8 (per channel by default), activations quantized at run time."""
     quantize_dynamic(src, dst, per_channel=per_channel, weight_type=QuantType.QInt8,
-                     nodes_to_exclude=list(ctx.exclude_nodes), extra_options={"MatMulConstBOnly": True})
+                     nodes_to_exclude=list(ctx.exclude_nodes),
+                     # DefaultTensorType: fused contrib ops (Attention...) defeat ONNX shape inference.
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
     return StepResult([f"dynamic int8 ({'per-channel' if per_channel else 'per-tensor'} weights)", *_float_notes(src, dst, ctx)])
 
 
@@ -77,6 +79,8 @@ def static_int8(src: Path, dst: Path, ctx: PassContext, method: str = "minmax", 
         quantize_static(prepared, dst, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=_METHODS[method], nodes_to_exclude=list(ctx.exclude_nodes),
+                        # Only the compute-heavy ops: quantizing Add/Gather/Softmax costs accuracy, gains little.
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm", "ConvTranspose"],
                         extra_options={"CalibPercentile": 99.99, "WeightSymmetric": True})
     return StepResult([f"static int8 QDQ, {method} calibration on {min(ctx.calibration_rows, _rows(ctx))} rows", note,
                        *_float_notes(src, dst, ctx)])

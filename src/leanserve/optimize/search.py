@@ -170,15 +170,20 @@ class Searcher:
     def keep_sensitive_in_float(self, recipe: Recipe, baseline: Candidate) -> list[Candidate]:
         """Rank quantized layers by the drop each causes alone; keep the worst 1, 2, 4... in float."""
         ranking = self.sensitivity(recipe, baseline)
-        tried = []
+        tried: list[Candidate] = []
         keep = 1
         while ranking and keep <= len(ranking) and self.time_left() > 0:
             exclude = [name for name, _ in ranking[:keep]]
             rescued = self.try_recipe(replace(recipe, name=f"{recipe.name}, {keep} layer(s) in float"), baseline, exclude)
             rescued.notes.append("sensitivity: " + ", ".join(f"{n} ({d:+.4f})" for n, d in ranking[:keep]))
-            tried.append(rescued)
             if rescued.within_budget or rescued.error:
+                tried.append(rescued)
                 break
+            if tried and rescued.drop > 0.9 * tried[-1].drop:
+                rescued.notes.append("keeping more layers in float did not help: the loss comes from elsewhere")
+                tried.append(rescued)
+                break
+            tried.append(rescued)
             keep *= 2
         return tried
 
