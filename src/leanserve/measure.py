@@ -7,6 +7,8 @@ figures from different places are comparable.
 from __future__ import annotations
 
 import math
+import os
+import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -50,8 +52,6 @@ def rss_bytes() -> int | None:
     """Resident memory of this process (Linux), or None where /proc is unavailable."""
     try:
         with open("/proc/self/statm") as fh:
-            import os
-
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
@@ -161,3 +161,18 @@ def quality_drop(metric: str, baseline: float, candidate: float) -> float:
     if math.isnan(candidate):
         return math.inf
     return baseline - candidate if HIGHER_IS_BETTER.get(metric, True) else candidate - baseline
+
+
+def cpu_description() -> dict[str, Any]:
+    """CPU model and the instruction sets that decide int8 speed (VNNI) — printed with every figure."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}

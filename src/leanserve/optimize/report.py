@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
+from leanserve.measure import cpu_description
 from leanserve.optimize.search import Candidate, SearchResult
 
 REPORT_FILES = ("report.md", "report.json", "pareto.png")
-
-
-def cpu_description() -> dict[str, Any]:
-    """CPU model and the instruction sets that decide int8 speed (VNNI) — printed with every figure."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    import os
-
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
 
 
 def _row(candidate: Candidate, result: SearchResult, chosen: bool) -> dict[str, Any]:

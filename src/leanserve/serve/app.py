@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -81,6 +82,10 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> S
 
 async def _initial_load(registry: ModelRegistry, config: ServerConfig) -> None:
     await registry.sync()
+    # Everything alive now (modules, sessions, routes) lives as long as the server: move it out of the
+    # collector's sight, so full collections stay short (they showed as 10 ms p99 spikes under load).
+    gc.collect()
+    gc.freeze()
     ready = {name: sorted(entry.versions) for name, entry in registry.models.items()}
     log.info("ready: %s", ready or "no models")
     registry.start_watching(config.poll_interval_s)
@@ -92,6 +97,9 @@ def run_server(config: ServerConfig) -> None:
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("leanserve").setLevel(logging.INFO)
+    # Each JSON request allocates hundreds of short-lived floats; a larger first generation means far
+    # fewer collections on the request path.
+    gc.set_threshold(50_000, 20, 100)
     server = build_server(config)
     uv_config = uvicorn.Config(
         server.app, host=config.host, port=config.port, log_level="warning", access_log=False,
