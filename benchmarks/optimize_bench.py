@@ -1,0 +1,226 @@
+"""Optimization targets of issue 4, measured side by side in one run.
+
+MiniLM-L6 (batch 1, sequence 64, 2 threads): PyTorch eager fp32, torch.ao dynamic int8, ONNX Runtime
+fp32, ONNX Runtime's plain ``quantize_dynamic`` defaults, and the variant ``leanserve optimize`` chose,
+timed in interleaved rounds so machine noise hits all alike. Digits CNN: static int8, structured
+pruning and distillation accuracy against fp32.
+
+    python benchmarks/optimize_bench.py [--rounds 5] [--time-budget 300] [--only minilm|cnn] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def timed(run, inputs: list, repeats: int) -> float:
+    """Median milliseconds of ``run(x)`` over ``repeats`` calls cycling through ``inputs``."""
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        run(inputs[i % len(inputs)])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def ort_runner(path: Path, threads: int = 2, spin: bool = True):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda feed: session.run(None, feed)[0]
+
+
+def minilm_section(work: Path, rounds: int, time_budget: float) -> dict:
+    import torch
+    from onnxruntime.quantization import quantize_dynamic
+
+    import leanserve
+    from leanserve.optimize.run import optimize
+    from minilm import INPUTS, SENTENCES, export_minilm_onnx, load_minilm, sentence_module, tokenize
+
+    torch.set_num_threads(2)
+    transformer, tokenizer = load_minilm()
+    module = sentence_module(transformer)
+    export_minilm_onnx(work / "minilm.onnx")
+    data = tokenize(tokenizer, SENTENCES, 64)
+    np.savez(work / "eval.npz", **data)
+    repo = leanserve.Repository(work / "repo")
+    repo.add(work / "minilm.onnx", "minilm")
+    print(f"leanserve optimize (time budget {time_budget:.0f} s)...")
+    outcome = optimize(repo, "minilm", eval_path=work / "eval.npz", max_drop="0.01", metric="cosine",
+                       time_budget_s=time_budget, progress=False, report_dir=work / "report")
+    chosen = outcome.result.chosen
+    print(f"  chosen: {chosen.recipe.name} ({chosen.recipe.describe()})")
+    quantize_dynamic(work / "minilm.onnx", work / "plain_dynamic.onnx")  # ONNX Runtime's defaults
+    torch_int8 = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+
+    def torch_runner(model):
+        def run(feed):
+            with torch.inference_mode():
+                return model(*(torch.from_numpy(feed[n]) for n in INPUTS)).numpy()
+        return run
+
+    variants = {
+        "PyTorch eager fp32": (torch_runner(module), None),
+        "torch.ao dynamic int8": (torch_runner(torch_int8), None),
+        "ONNX Runtime fp32": (ort_runner(work / "minilm.onnx"), work / "minilm.onnx"),
+        "ORT quantize_dynamic defaults": (ort_runner(work / "plain_dynamic.onnx"), work / "plain_dynamic.onnx"),
+        f"leanserve: {chosen.recipe.name}": (ort_runner(chosen.path if chosen.path.exists() else work / "minilm.onnx"),
+                                             chosen.path),
+        f"leanserve: {chosen.recipe.name} (serving: no spin)": (ort_runner(chosen.path, spin=False), chosen.path),
+        "ONNX Runtime fp32 (serving: no spin)": (ort_runner(work / "minilm.onnx", spin=False), work / "minilm.onnx"),
+    }
+    singles = [{n: data[n][i:i + 1] for n in INPUTS} for i in range(len(SENTENCES))]
+    reference = torch_runner(module)(data)
+    results = {name: {"ms": [], "cosine": cosine(run(data), reference),
+                      "size_mb": path.stat().st_size / 1e6 if path else None} for name, (run, path) in variants.items()}
+    for name, (run, _) in variants.items():
+        timed(run, singles, 20)  # warm-up
+    for _ in range(rounds):
+        for name, (run, _) in variants.items():
+            results[name]["ms"].append(timed(run, singles, 100))
+    for r in results.values():
+        r["median_ms"] = float(np.median(r["ms"]))
+    return {"variants": results, "chosen": chosen.recipe.name, "report": str(work / "report" / "report.md")}
+
+
+def minilm_verdicts(section: dict) -> list[tuple[str, str, bool]]:
+    v = section["variants"]
+    ours = next(r for n, r in v.items() if n.startswith("leanserve") and "serving" not in n)
+    ort_fp32, torch_fp32 = v["ONNX Runtime fp32"], v["PyTorch eager fp32"]
+    size = ours["size_mb"] / ort_fp32["size_mb"]
+    return [
+        (f"MiniLM int8 vs ORT fp32: {ort_fp32['median_ms'] / ours['median_ms']:.2f}x", ">= 2x (VNNI)", ort_fp32["median_ms"] / ours["median_ms"] >= 2),
+        (f"MiniLM int8 vs PyTorch eager fp32: {torch_fp32['median_ms'] / ours['median_ms']:.2f}x", ">= 2.5x", torch_fp32["median_ms"] / ours["median_ms"] >= 2.5),
+        (f"MiniLM int8 size: {size:.0%} of fp32", "<= 30%", size <= 0.30),
+        (f"MiniLM int8 cosine to fp32: {ours['cosine']:.4f}", ">= 0.99", ours["cosine"] >= 0.99),
+    ]
+
+
+def cnn_section(work: Path) -> dict:
+    import torch
+
+    import leanserve
+    from leanserve.demo import accuracy, digits_dataset, train_cnn
+    from leanserve.from_torch import export
+    from leanserve.optimize.recipe import parse_recipe
+    from leanserve.optimize.run import optimize
+
+    x_train, x_test, y_train, y_test = digits_dataset()
+    teacher = train_cnn(x_train, y_train, epochs=15, progress=False)
+    fp32 = accuracy(teacher(torch.from_numpy(x_test)).detach().numpy(), y_test)
+    export(teacher, torch.from_numpy(x_test[:2]), work / "cnn.onnx", input_names=["image"], output_names=["logits"])
+    np.savez(work / "cnn_eval.npz", image=x_test, labels=y_test)
+    np.savez(work / "cnn_calib.npz", image=x_train[:256])
+    repo = leanserve.Repository(work / "cnn-repo")
+    repo.add(work / "cnn.onnx", "cnn")
+    outcome = optimize(repo, "cnn", eval_path=work / "cnn_eval.npz", calib_path=work / "cnn_calib.npz",
+                       recipes=[parse_recipe("static_int8:method=minmax"), parse_recipe("static_int8:method=entropy")],
+                       register=False, progress=False, time_budget_s=120)
+    static = {c.recipe.name: c.measurement.quality for c in outcome.result.candidates if c.measurement}
+    result = {"fp32_top1": fp32, "static_int8_top1": static}
+    result.update(_prune_and_distill(teacher, x_train, y_train, x_test, y_test))
+    return result
+
+
+def _prune_and_distill(teacher, x_train, y_train, x_test, y_test) -> dict:
+    """Structured pruning + fine-tune and distillation into a quarter-size student (optimize/prune, distill)."""
+    try:
+        from leanserve.optimize import distill, prune
+    except ImportError as exc:
+        return {"prune_distill": f"not available: {exc}"}
+    return {"prune_distill": _run_prune_distill(prune, distill, teacher, x_train, y_train, x_test, y_test)}
+
+
+def _run_prune_distill(prune, distill, teacher, x_train, y_train, x_test, y_test) -> dict:
+    import copy
+
+    import torch
+
+    from leanserve.demo import accuracy
+
+    def top1(model):
+        with torch.no_grad():
+            return accuracy(model(torch.from_numpy(x_test)).numpy(), y_test)
+
+    example = torch.from_numpy(x_test[:2])
+    pruned = prune.iterative_prune_and_finetune(copy.deepcopy(teacher), example, x_train, y_train, target_ratio=0.5)
+    pruned_model = getattr(pruned, "module", pruned)
+    student = distill.width_student(teacher, example, 0.5)
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    report = distill.distill(teacher, student, x_train, y_train, epochs=15, progress=False)
+    student_model = getattr(report, "student", student)
+    return {"pruned_top1": top1(pruned_model), "pruned_params": params(pruned_model),
+            "student_top1": top1(student_model), "student_params": params(student_model), "teacher_params": params(teacher)}
+
+
+def cnn_verdicts(section: dict) -> list[tuple[str, str, bool]]:
+    fp32 = section["fp32_top1"]
+    rows = [(f"digits static int8 ({name}): {acc:.2%} vs fp32 {fp32:.2%}", "within 0.5 points", fp32 - acc <= 0.005)
+            for name, acc in section["static_int8_top1"].items()]
+    pd = section.get("prune_distill")
+    if isinstance(pd, dict):
+        rows.append((f"digits structured pruning: {pd['pruned_top1']:.2%}", "within 0.5 points", fp32 - pd["pruned_top1"] <= 0.005))
+        share = pd["student_params"] / pd["teacher_params"]
+        rows.append((f"digits distilled student ({share:.0%} of params): {pd['student_top1']:.2%}",
+                     "<= 25% params, within 2 points", share <= 0.25 and fp32 - pd["student_top1"] <= 0.02))
+    else:
+        rows.append((f"pruning/distillation: {pd}", "measured", False))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--time-budget", type=float, default=300, help="seconds for leanserve optimize on MiniLM")
+    parser.add_argument("--only", choices=["minilm", "cnn"])
+    parser.add_argument("--out", default="bench-out/optimize_bench.json")
+    args = parser.parse_args()
+    import onnxruntime
+    import torch
+
+    from leanserve.measure import cpu_description
+
+    print(f"CPU: {cpu_description()}; onnxruntime {onnxruntime.__version__}; torch {torch.__version__}")
+    results, verdicts = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if args.only in (None, "minilm"):
+            results["minilm"] = minilm_section(work, args.rounds, args.time_budget)
+            print("\nMiniLM-L6, batch 1, sequence 64 (median of interleaved rounds):")
+            for name, r in results["minilm"]["variants"].items():
+                size = f"{r['size_mb']:.1f} MB" if r["size_mb"] else "-"
+                print(f"  {name:<52} {r['median_ms']:7.3f} ms  cosine {r['cosine']:.4f}  {size}")
+            verdicts += minilm_verdicts(results["minilm"])
+        if args.only in (None, "cnn"):
+            results["cnn"] = cnn_section(work)
+            verdicts += cnn_verdicts(results["cnn"])
+    print("\nfigure                                                        target                          verdict")
+    for figure, target, ok in verdicts:
+        print(f"{figure:<61} {target:<31} {'PASS' if ok else 'FAIL'}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpu": cpu_description(), "results": results}, indent=2, default=str))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
