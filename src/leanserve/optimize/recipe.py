@@ -79,7 +79,11 @@ def parse_recipe(text: str) -> Recipe:
 def apply_recipe(recipe: Recipe, src: Path, dst: Path, ctx: PassContext) -> list[str]:
     """Run every step of ``recipe`` on ``src`` and write the result to ``dst``; returns the notes."""
     notes: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    src = Path(src).resolve()
+    dst = Path(dst).resolve()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        # ONNX Runtime's quantization tools drop temporary files (shape inference, external data) into
+        # the working directory; keep them in this step's temporary folder.
         current = src
         for i, step in enumerate(recipe.steps):
             out = Path(tmp) / f"step{i}.onnx"
