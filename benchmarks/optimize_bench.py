@@ -68,7 +68,12 @@ def minilm_section(work: Path, rounds: int, time_budget: float) -> dict:
     outcome = optimize(repo, "minilm", eval_path=work / "eval.npz", max_drop="0.01", metric="cosine",
                        time_budget_s=time_budget, progress=False, report_dir=work / "report")
     chosen = outcome.result.chosen
+    for c in [outcome.result.baseline, *outcome.result.candidates]:
+        m = c.measurement
+        print(f"  {c.recipe.name:<45} " + (f"cosine {m.quality:.4f}  p50 {m.speed.latency_p50_ms:.3f} ms  {m.size_bytes / 1e6:.1f} MB"
+                                          if m else f"failed: {c.error}"))
     print(f"  chosen: {chosen.recipe.name} ({chosen.recipe.describe()})")
+    chosen_path = repo.get("minilm", outcome.ref.version).model_path if outcome.ref else work / "minilm.onnx"
     quantize_dynamic(work / "minilm.onnx", work / "plain_dynamic.onnx")  # ONNX Runtime's defaults
     torch_int8 = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
 
@@ -83,9 +88,8 @@ def minilm_section(work: Path, rounds: int, time_budget: float) -> dict:
         "torch.ao dynamic int8": (torch_runner(torch_int8), None),
         "ONNX Runtime fp32": (ort_runner(work / "minilm.onnx"), work / "minilm.onnx"),
         "ORT quantize_dynamic defaults": (ort_runner(work / "plain_dynamic.onnx"), work / "plain_dynamic.onnx"),
-        f"leanserve: {chosen.recipe.name}": (ort_runner(chosen.path if chosen.path.exists() else work / "minilm.onnx"),
-                                             chosen.path),
-        f"leanserve: {chosen.recipe.name} (serving: no spin)": (ort_runner(chosen.path, spin=False), chosen.path),
+        f"leanserve: {chosen.recipe.name}": (ort_runner(chosen_path), chosen_path),
+        f"leanserve: {chosen.recipe.name} (serving: no spin)": (ort_runner(chosen_path, spin=False), chosen_path),
         "ONNX Runtime fp32 (serving: no spin)": (ort_runner(work / "minilm.onnx", spin=False), work / "minilm.onnx"),
     }
     singles = [{n: data[n][i:i + 1] for n in INPUTS} for i in range(len(SENTENCES))]
