@@ -1,0 +1,1 @@
+"""Monitoring: the prediction log, reference profiles, drift detectors, feedback and alerts."""

@@ -1,0 +1,86 @@
+import sqlite3
+
+import numpy as np
+import pytest
+
+from conftest import wait_until
+from leanserve.errors import InvalidInput
+from leanserve.monitor.store import LogConfig, PredictionLog, stack
+
+
+@pytest.fixture
+def plog(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "log.db", flush_interval_s=0.02))
+    yield log
+    log.close()
+
+
+def sample(i):
+    return {"x": np.full((1, 3), i, np.float32)}, {"y": np.array([[i % 3, 1, 0]], np.float32)}
+
+
+def test_samples_are_written_off_the_calling_thread_and_read_back(plog):
+    for i in range(50):
+        inputs, outputs = sample(i)
+        assert plog.record("m", 1 + i % 2, f"r{i}", inputs, outputs, latency_ms=0.5, group="a" if i % 2 else "b")
+    plog.flush()
+    assert plog.stats.written == 50 and plog.count("m") == 50
+    rows = plog.rows("m", version=2)
+    assert [r["request_id"] for r in rows][:2] == ["r1", "r3"] and rows[0]["group"] == "a"
+    assert stack(rows, "inputs")["x"].shape == (25, 3)
+
+
+def test_feedback_joins_labels_by_request_id_and_refuses_unknown_and_duplicates(plog):
+    for i in range(5):
+        plog.record("m", 1, f"r{i}", *sample(i), latency_ms=1.0)
+    plog.flush()
+    result = plog.feedback("m", [("r0", 0), ("r1", 1), ("nope", 2)])
+    assert result.accepted == 2 and result.unknown == ["nope"]
+    assert plog.feedback("m", [("r0", 1)]).duplicate == ["r0"]
+    labelled = plog.rows("m", labelled=True)
+    assert [(r["request_id"], int(r["label"])) for r in labelled] == [("r0", 0), ("r1", 1)]
+
+
+def test_sampling_rate_keeps_about_that_share(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "s.db", sample_rate=0.2))
+    kept = sum(log.record("m", 1, str(i), *sample(i), latency_ms=1.0) for i in range(2000))
+    log.close()
+    assert 300 < kept < 500
+
+
+def test_retention_bounds_the_table(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "r.db", max_rows=100, batch_rows=10, flush_interval_s=0.02))
+    for i in range(400):
+        log.record("m", 1, str(i), *sample(i), latency_ms=1.0)
+    log.flush()
+    log.close()
+    assert log.count() <= 150
+
+
+def test_full_queue_drops_samples_instead_of_blocking(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "q.db", queue_size=5))
+    log._stop.set()  # stop the writer from draining so the queue fills
+    log._writer.join()
+    results = [log.record("m", 1, str(i), *sample(i), latency_ms=1.0) for i in range(20)]
+    assert results.count(True) == 5 and log.stats.dropped == 15
+
+
+def test_a_locked_database_loses_samples_but_never_raises(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "l.db", flush_interval_s=0.02))
+    blocker = sqlite3.connect(tmp_path / "l.db")
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(10):
+            assert log.record("m", 1, str(i), *sample(i), latency_ms=1.0)
+        wait_until(lambda: log.stats.failed > 0, timeout_s=10, what="the writer to give up on the locked database")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    log.flush()
+    log.close()
+    assert log.stats.failed + log.stats.written == 10 and log.stats.failed > 0
+
+
+def test_bad_settings_are_refused(tmp_path):
+    with pytest.raises(InvalidInput, match="sample_rate"):
+        LogConfig(tmp_path / "x.db", sample_rate=1.5)
