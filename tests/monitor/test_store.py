@@ -84,3 +84,15 @@ def test_a_locked_database_loses_samples_but_never_raises(tmp_path):
 def test_bad_settings_are_refused(tmp_path):
     with pytest.raises(InvalidInput, match="sample_rate"):
         LogConfig(tmp_path / "x.db", sample_rate=1.5)
+
+
+def test_pack_round_trips_every_kind_of_array():
+    from leanserve.monitor.store import pack, unpack
+
+    arrays = {"f": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.array([1, -2], np.int64),
+              "b": np.array([b"ab", b"c"], dtype=object), "empty": np.zeros((0, 4), np.float16), "s": np.float64(2.5)}
+    back = unpack(pack({k: np.asarray(v) for k, v in arrays.items()}))
+    for name, array in arrays.items():
+        expected = np.asarray(array).astype(bytes) if np.asarray(array).dtype == object else np.asarray(array)
+        np.testing.assert_array_equal(back[name], expected)
+        assert back[name].dtype == expected.dtype and back[name].shape == expected.shape

@@ -8,7 +8,6 @@ database costs samples, never requests. Delayed labels (feedback) are joined to 
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import random
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
 from leanserve.errors import InvalidInput
 
@@ -83,15 +83,30 @@ class FeedbackResult:
 
 
 def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """Named arrays as .npz bytes (no pickling: object arrays are stored as lists of bytes)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, **{k: (v.astype(bytes) if v.dtype == object else v) for k, v in arrays.items()})
-    return buffer.getvalue()
+    """Named arrays as bytes: a JSON header (name, dtype, shape, length) then the raw data.
+
+    Not np.savez: its zip container costs ten times more, and this runs for every logged request.
+    BYTES (object) arrays are stored as fixed-width byte strings; nothing is pickled.
+    """
+    header, blobs = [], []
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array.astype(bytes) if array.dtype == object else array)
+        blob = array.tobytes()
+        header.append([name, array.dtype.str, list(array.shape), len(blob)])
+        blobs.append(blob)
+    head = orjson.dumps(header)
+    return len(head).to_bytes(4, "little") + head + b"".join(blobs)
 
 
 def unpack(blob: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """The arrays ``pack`` stored."""
+    size = int.from_bytes(blob[:4], "little")
+    offset, arrays = 4 + size, {}
+    for name, dtype, shape, length in orjson.loads(blob[4:4 + size]):
+        arrays[name] = np.frombuffer(blob, dtype=np.dtype(dtype), count=length // max(np.dtype(dtype).itemsize, 1),
+                                     offset=offset).reshape(tuple(shape))
+        offset += length
+    return arrays
 
 
 class PredictionLog:
