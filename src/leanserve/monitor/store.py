@@ -90,7 +90,7 @@ def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
     """
     header, blobs = [], []
     for name, array in arrays.items():
-        array = np.ascontiguousarray(array.astype(bytes) if array.dtype == object else array)
+        array = np.asarray(array.astype(bytes) if array.dtype == object else array, order="C")  # keeps 0-d
         blob = array.tobytes()
         header.append([name, array.dtype.str, list(array.shape), len(blob)])
         blobs.append(blob)
