@@ -43,12 +43,21 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> S
     metrics = ServerMetrics()
     repo = Repository(config.repo, create=False)
     registry = ModelRegistry(repo, metrics, config.drain_timeout_s)
-    plane = DataPlane(registry, metrics)
+    prediction_log = None
+    if config.monitor:
+        from leanserve.monitor.store import LogConfig, PredictionLog
+
+        prediction_log = PredictionLog(LogConfig(config.monitor_db or config.repo / ".monitor" / "predictions.db",
+                                                 sample_rate=config.monitor_sample_rate))
+    plane = DataPlane(registry, metrics, prediction_log)
     rest = RestApi(plane, config, access_log or AccessLog(config.access_log))
     admin = AdminApi(registry, config)
     openapi = openapi_document()
 
     async def metrics_route(request: Request) -> Response:
+        if prediction_log is not None:
+            for fate in ("written", "dropped", "failed"):
+                metrics.log_samples.labels(fate).set(getattr(prediction_log.stats, fate))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_route(request: Request) -> Response:
@@ -71,6 +80,8 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> S
                 await grpc_server.stop(config.drain_timeout_s)
             loader.cancel()
             await registry.close()
+            if prediction_log is not None:
+                prediction_log.close()
             log.info("server stopped")
 
     routes = [*rest.routes(), *admin.routes(),

@@ -19,6 +19,7 @@ def cmd_serve(args) -> int:
         repo, host=args.host, port=args.port, grpc_port=None if args.grpc_port == 0 else args.grpc_port,
         max_body_bytes=args.max_body_bytes, poll_interval_s=args.poll_interval, drain_timeout_s=args.drain_timeout,
         access_log=not args.no_access_log, admin_allow_remote=args.admin_allow_remote,
+        monitor=not args.no_monitor, monitor_sample_rate=args.monitor_sample_rate,
     )
     run_server(config)
     return 0
@@ -70,6 +71,8 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between repository checks")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
     p.add_argument("--no-access-log", action="store_true", help="do not write JSON access log lines to stderr")
+    p.add_argument("--no-monitor", action="store_true", help="do not log predictions (no drift, feedback or live quality)")
+    p.add_argument("--monitor-sample-rate", type=float, default=1.0, help="share of requests logged for monitoring")
     p.add_argument("--admin-allow-remote", action="store_true", help="accept admin calls from non-loopback clients")
     add_repo(p)
 

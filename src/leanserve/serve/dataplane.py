@@ -15,6 +15,8 @@ import numpy as np
 
 from leanserve import __version__
 from leanserve.errors import InvalidInput, LeanserveError, NotReady
+from leanserve.monitor.quality import rolling_quality
+from leanserve.monitor.store import PredictionLog
 from leanserve.serve.cache import request_key
 from leanserve.serve.metrics import ServerMetrics
 from leanserve.serve.protocol.codec import InferRequest, InferResponse
@@ -27,9 +29,10 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "leanserve
 class DataPlane:
     """What the server does, independent of how requests arrive."""
 
-    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics, prediction_log: PredictionLog | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.prediction_log = prediction_log
         self.draining = False
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_counts: dict[tuple[str, int, int], list[int]] = {}
@@ -93,7 +96,30 @@ class DataPlane:
             self.metrics.requests.labels(name, str(handle.ref.version), protocol, outcome).inc()
         if shadow is not None:
             self._start_shadow(handle, shadow, request, outputs)
+        if self.prediction_log is not None:
+            self.prediction_log.record(name, handle.ref.version, request.id or "", request.inputs, outputs,
+                                       (time.perf_counter() - started) * 1000, _param_str(request.parameters.get("group")))
         return InferResponse(name, str(handle.ref.version), outputs, request.id)
+
+    # --- delayed labels ---------------------------------------------------------------------------
+
+    async def feedback(self, name: str, items: list[tuple[str, Any]]) -> dict[str, Any]:
+        """Join true labels to logged requests by id; updates the live quality gauges of the model."""
+        if self.prediction_log is None:
+            raise NotReady("monitoring is off on this server (started with --no-monitor): feedback cannot be joined")
+        self.registry.entry(name)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, self.prediction_log.feedback, name, items)
+        for outcome, count in (("accepted", result.accepted), ("unknown", len(result.unknown)), ("duplicate", len(result.duplicate))):
+            self.metrics.feedback.labels(name, outcome).inc(count)
+        if result.accepted:
+            rows = await loop.run_in_executor(None, lambda: self.prediction_log.rows(name, limit=5000, labelled=True))
+            for quality in rolling_quality(rows):
+                self.metrics.quality.labels(name, str(quality.version), quality.metric).set(quality.value)
+                self.metrics.labelled.labels(name, str(quality.version)).set(quality.samples)
+        if items and not result.accepted:
+            raise InvalidInput(f"no label accepted: unknown request ids {result.unknown[:5]}, already labelled {result.duplicate[:5]}")
+        return {"accepted": result.accepted, "unknown": result.unknown, "duplicate": result.duplicate}
 
     async def _run(self, handle: LoadedVersion, request: InferRequest) -> dict[str, np.ndarray]:
         handle.signature.validate_inputs(request.inputs, allow_nonfinite=handle.config.allow_nonfinite)

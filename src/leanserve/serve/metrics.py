@@ -29,6 +29,10 @@ class ServerMetrics:
         self.shadow_agreement = Gauge("leanserve_shadow_agreement_ratio", "Share of shadow comparisons that agreed", ("model", "primary", "shadow"), registry=r)
         self.loaded = Gauge("leanserve_model_loaded", "1 when a version is loaded and ready", labels, registry=r)
         self.load_failures = Counter("leanserve_model_load_failures", "Versions that failed to load", labels, registry=r)
+        self.quality = Gauge("leanserve_live_quality", "Rolling quality from delayed labels (accuracy or mae)", (*labels, "metric"), registry=r)
+        self.labelled = Gauge("leanserve_labelled_samples", "Labelled samples behind leanserve_live_quality", labels, registry=r)
+        self.feedback = Counter("leanserve_feedback", "Feedback labels by outcome", ("model", "outcome"), registry=r)
+        self.log_samples = Gauge("leanserve_prediction_log_samples", "Prediction log samples by fate", ("fate",), registry=r)
         self.rejected = Counter("leanserve_rejected_requests", "Requests refused before the model (overload, timeout)", (*labels, "reason"), registry=r)
 
     def for_version(self, model: str, version: int) -> VersionMetrics:

@@ -25,7 +25,9 @@ class ServerConfig:
     admin_token: str | None = None  # None: admin API disabled
     admin_allow_remote: bool = False  # admin calls only from loopback unless True
     access_log: bool = True
-    workers_per_model: int = 0  # reserved: 0 = instances from each model's batching config
+    monitor: bool = True  # log a sample of requests for drift, feedback and quality
+    monitor_sample_rate: float = 1.0
+    monitor_db: Path | None = None  # default: REPO/.monitor/predictions.db
 
     @classmethod
     def from_env(cls, repo: Path, **overrides) -> ServerConfig:

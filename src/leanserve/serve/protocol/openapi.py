@@ -82,6 +82,11 @@ def openapi_document() -> dict[str, Any]:
             "/v2/models/{model}/versions/{version}/ready": _get("Model version readiness", "ModelReady", [_MODEL, _VERSION], _ERRORS),
             "/v2/models/{model}/infer": _infer([_MODEL]),
             "/v2/models/{model}/versions/{version}/infer": _infer([_MODEL, _VERSION]),
+            "/v2/models/{model}/feedback": {"post": {
+                "summary": "Delayed ground truth: labels for earlier requests, joined by request id",
+                "parameters": [_MODEL],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Feedback")}}},
+                "responses": {"200": _json({"type": "object"}, "accepted count, unknown and duplicate ids"), **_ERRORS}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "OpenAPI document")}}},
             "/v2/admin/models": {"get": {"summary": "Loaded, loading and failed versions and traffic of every model",
@@ -116,6 +121,9 @@ def openapi_document() -> dict[str, Any]:
                 "InferenceResponse": {"type": "object", "properties": {
                     "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
                     "parameters": {"type": "object"}, "outputs": {"type": "array", "items": _ref("RequestTensor")}}},
+                "Feedback": {"type": "object", "required": ["feedback"], "properties": {"feedback": {
+                    "type": "array", "items": {"type": "object", "required": ["id", "label"], "properties": {
+                        "id": {"type": "string"}, "label": {"type": "number"}}}}}},
                 "Traffic": {"type": "object", "properties": {
                     "weights": {"type": "object", "additionalProperties": {"type": "integer"}},
                     "shadow": {"type": "integer", "nullable": True}}},

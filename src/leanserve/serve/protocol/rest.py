@@ -65,6 +65,31 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
+MAX_FEEDBACK_ITEMS = 10_000
+
+
+def decode_feedback(body: bytes) -> list[tuple[str, object]]:
+    """(request id, label) pairs from a feedback body; labels are numbers (class index or value)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"feedback body is not valid JSON: {exc}") from None
+    items = doc.get("feedback") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not items:
+        raise InvalidInput('feedback body must be {"feedback": [{"id": REQUEST_ID, "label": VALUE}, ...]}')
+    if len(items) > MAX_FEEDBACK_ITEMS:
+        raise InvalidInput(f"at most {MAX_FEEDBACK_ITEMS} feedback items per call, got {len(items)}")
+    pairs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise InvalidInput(f"feedback[{i}] needs an 'id' string (the request id of the prediction)")
+        label = item.get("label")
+        if isinstance(label, bool) or not isinstance(label, (int, float)):
+            raise InvalidInput(f"feedback[{i}] label must be a number (class index or true value), got {label!r}")
+        pairs.append((item["id"], label))
+    return pairs
+
+
 class RestApi:
     """The V2 REST routes over one data plane."""
 
@@ -84,6 +109,7 @@ class RestApi:
             Route("/v2/models/{model}/versions/{version}/ready", self.model_ready, methods=["GET"]),
             Route("/v2/models/{model}/infer", self.infer, methods=["POST"]),
             Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{model}/feedback", self.feedback, methods=["POST"]),
         ]
 
     async def live(self, request: Request) -> Response:
@@ -109,6 +135,15 @@ class RestApi:
         except LeanserveError as exc:
             return error_response(exc)
         return json_response({"name": request.path_params["model"], "ready": ready}, 200 if ready else 503)
+
+    async def feedback(self, request: Request) -> Response:
+        """Delayed ground truth: {"feedback": [{"id": REQUEST_ID, "label": VALUE}, ...]}."""
+        try:
+            body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
+            items = decode_feedback(body)
+            return json_response(await self.plane.feedback(request.path_params["model"], items))
+        except LeanserveError as exc:
+            return error_response(exc)
 
     async def infer(self, request: Request) -> Response:
         started = time.perf_counter()
