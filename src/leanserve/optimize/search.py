@@ -105,9 +105,9 @@ class Searcher:
         baseline.within_budget = True
         candidates: list[Candidate] = []
         bar = tqdm(recipes, desc="optimizing", unit="recipe", disable=not self.progress)
-        for recipe in bar:
+        for tried, recipe in enumerate(bar):
             if self.time_left() <= 0:
-                log.warning("time budget spent; %d recipe(s) not tried", len(recipes) - len(candidates))
+                log.warning("time budget spent; %d recipe(s) not tried", len(recipes) - tried)
                 break
             bar.set_postfix_str(recipe.name)
             candidate = self.try_recipe(recipe, baseline)
