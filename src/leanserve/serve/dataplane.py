@@ -15,6 +15,7 @@ import numpy as np
 
 from leanserve import __version__
 from leanserve.errors import InvalidInput, LeanserveError, NotReady
+from leanserve.monitor.live import LiveStats
 from leanserve.monitor.quality import rolling_quality
 from leanserve.monitor.store import PredictionLog
 from leanserve.serve.cache import request_key
@@ -33,6 +34,7 @@ class DataPlane:
         self.registry = registry
         self.metrics = metrics
         self.prediction_log = prediction_log
+        self.live_stats = LiveStats()
         self.draining = False
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_counts: dict[tuple[str, int, int], list[int]] = {}
@@ -91,8 +93,11 @@ class DataPlane:
             outcome = "invalid"
             raise
         finally:
+            elapsed = time.perf_counter() - started
             metrics.in_flight.dec()
-            metrics.request_seconds.observe(time.perf_counter() - started)
+            metrics.request_seconds.observe(elapsed)
+            if outcome != "invalid":  # a client's bad input is not the version's error
+                self.live_stats.record(name, handle.ref.version, elapsed * 1000, outcome == "success")
             self.metrics.requests.labels(name, str(handle.ref.version), protocol, outcome).inc()
         if shadow is not None:
             self._start_shadow(handle, shadow, request, outputs)
