@@ -169,6 +169,37 @@ class TrafficConfig:
 
 
 @dataclass(frozen=True)
+class RolloutConfig:
+    """A guarded canary: ``canary`` gets ``steps`` percent of traffic in turn, each for at least
+    ``step_interval_s`` and ``min_requests``, while its error rate, p99 latency and (from feedback)
+    quality stay within bounds of the primary's; otherwise all traffic returns to ``primary``."""
+
+    canary: int | None = None
+    primary: int | None = None
+    steps: tuple[int, ...] = (5, 25, 50, 100)
+    stage: int = 0
+    step_interval_s: float = 60.0
+    min_requests: int = 50
+    max_error_rate_increase: float = 0.01
+    max_p99_ratio: float = 1.5
+    p99_slack_ms: float = 2.0  # small windows are noisy: also allow this much absolute excess
+    max_quality_drop: float = 0.02
+    min_quality_samples: int = 30
+
+    def __post_init__(self) -> None:
+        _check(bool(self.steps) and all(_is_int(p) and 0 < p <= 100 for p in self.steps) and list(self.steps) == sorted(self.steps),
+               "rollout.steps", "expected increasing percentages between 1 and 100")
+        _check(_is_int(self.stage) and 0 <= self.stage < len(self.steps), "rollout.stage", "out of range")
+        _check(self.step_interval_s > 0 and self.min_requests >= 1, "rollout", "step_interval_s and min_requests must be positive")
+        _check(self.max_p99_ratio >= 1 and self.max_error_rate_increase >= 0 and self.max_quality_drop >= 0,
+               "rollout", "bounds must be non-negative (and max_p99_ratio >= 1)")
+
+    @property
+    def active(self) -> bool:
+        return self.canary is not None and self.primary is not None
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything about a model that is not per version, stored as the model's ``config.json``."""
 
@@ -177,6 +208,7 @@ class ModelConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     allow_nonfinite: bool = True
     warmup: bool = True
 
@@ -193,6 +225,7 @@ class ModelConfig:
             "batching": BatchingConfig,
             "cache": CacheConfig,
             "traffic": TrafficConfig,
+            "rollout": RolloutConfig,
         }
         kwargs: dict[str, Any] = {k: from_dict(c, data.get(k), f"{where}.{k}") for k, c in parts.items()}
         for flag in ("allow_nonfinite", "warmup"):

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from leanserve.errors import Forbidden, InvalidInput, LeanserveError, Unauthorized
+from leanserve.monitor.rollout import read_events, start_rollout
 from leanserve.repository import parse_version
 from leanserve.serve.protocol.rest import error_response, json_response, read_body
 from leanserve.serve.registry import ModelRegistry
@@ -40,6 +41,7 @@ class AdminApi:
             Route("/v2/admin/models/{model}/reload", self._guard(self.reload), methods=["POST"]),
             Route("/v2/admin/models/{model}/traffic", self._guard(self.traffic), methods=["POST"]),
             Route("/v2/admin/models/{model}/rollback", self._guard(self.rollback), methods=["POST"]),
+            Route("/v2/admin/models/{model}/canary", self._guard(self.canary), methods=["POST"]),
         ]
 
     def _guard(self, handler):
@@ -70,6 +72,9 @@ class AdminApi:
                 "failed": {str(v): why for v, why in entry.failed.items()},
                 "unloaded_by_admin": entry.unloaded_by_admin,
                 "traffic": {"weights": dict(entry.config.traffic.weights), "shadow": entry.config.traffic.shadow},
+                "rollout": {"canary": entry.config.rollout.canary, "primary": entry.config.rollout.primary,
+                            "stage": entry.config.rollout.stage, "steps": list(entry.config.rollout.steps)},
+                "rollout_events": read_events(self.registry.repo, name, 10),
             }
         return {"models": models}
 
@@ -123,6 +128,26 @@ class AdminApi:
         await self.registry.sync_model(name)
         log.warning("model %s rolled back: all traffic to version %d", name, target)
         return {"rolled_back_to": target, **await self._model_status(name)}
+
+    async def canary(self, request: Request) -> dict[str, Any]:
+        """Start a guarded rollout: {"version": N, "steps": [...], "step_interval_s": S, ...}."""
+        name = request.path_params["model"]
+        body = await read_body(request, 64 * 1024, self.config.body_timeout_s)
+        try:
+            doc = orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"canary body is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("version"), int):
+            raise InvalidInput('canary body must be {"version": N, ...rollout settings}')
+        settings = {k: v for k, v in doc.items() if k != "version"}
+        unknown = set(settings) - {"steps", "step_interval_s", "min_requests", "max_error_rate_increase",
+                                   "max_p99_ratio", "p99_slack_ms", "max_quality_drop", "min_quality_samples"}
+        if unknown:
+            raise InvalidInput(f"unknown rollout setting {sorted(unknown)[0]!r}")
+        rollout = start_rollout(self.registry.repo, name, doc["version"], **settings)
+        await self.registry.sync_model(name)
+        return {"canary": rollout.canary, "primary": rollout.primary, "steps": list(rollout.steps),
+                **await self._model_status(name)}
 
     async def _model_status(self, name: str) -> dict[str, Any]:
         return (await self.status(None))["models"].get(name, {})  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from leanserve.monitor.rollout import RolloutGuard
 from leanserve.repository import Repository
 from leanserve.serve.accesslog import AccessLog
 from leanserve.serve.admin import AdminApi
@@ -50,6 +51,7 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> S
         prediction_log = PredictionLog(LogConfig(config.monitor_db or config.repo / ".monitor" / "predictions.db",
                                                  sample_rate=config.monitor_sample_rate))
     plane = DataPlane(registry, metrics, prediction_log)
+    guard = RolloutGuard(registry, plane, metrics, config.guard_interval_s)
     rest = RestApi(plane, config, access_log or AccessLog(config.access_log))
     admin = AdminApi(registry, config)
     openapi = openapi_document()
@@ -72,9 +74,11 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> S
 
             grpc_server = build_grpc_server(plane, config)
             await grpc_server.start()
+        guard.start()
         try:
             yield
         finally:
+            guard.stop()
             await plane.drain(config.drain_timeout_s)
             if grpc_server is not None:
                 await grpc_server.stop(config.drain_timeout_s)

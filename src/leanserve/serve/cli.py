@@ -57,6 +57,20 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_canary(args) -> int:
+    from leanserve.monitor.rollout import start_rollout
+    from leanserve.repository import Repository, parse_version
+
+    repo = Repository(args.repo, create=False)
+    steps = tuple(int(p) for p in args.steps.split(",")) if args.steps else None
+    settings = {k: v for k, v in {"steps": steps, "step_interval_s": args.interval, "min_requests": args.min_requests,
+                                  "max_p99_ratio": args.max_p99_ratio}.items() if v is not None}
+    rollout = start_rollout(repo, args.model, parse_version(args.version), **settings)
+    print(f"{args.model}: guarded canary of version {rollout.canary} against {rollout.primary}, steps "
+          f"{'/'.join(map(str, rollout.steps))}% every {rollout.step_interval_s:g} s; a running server takes it from here")
+    return 0
+
+
 def add_serve_commands(sub, command, add_repo) -> None:
     """Add serve/traffic/rollback to the main parser."""
     p = command(sub, "serve", cmd_serve,
@@ -81,6 +95,17 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("model", help="model name")
     p.add_argument("--weights", help="VERSION=WEIGHT,... (relative weights)")
     p.add_argument("--shadow", help="version that gets a copy of live traffic ('none' to stop)")
+    add_repo(p)
+
+    p = command(sub, "canary", cmd_canary,
+                "roll a version out as a guarded canary: traffic raised step by step, rolled back automatically if worse",
+                "leanserve canary cnn 3 --steps 5,25,50,100 --interval 120")
+    p.add_argument("model", help="model name")
+    p.add_argument("version", help="the version to roll out")
+    p.add_argument("--steps", help="traffic percentages, increasing (default 5,25,50,100)")
+    p.add_argument("--interval", type=float, help="seconds per step at least (default 60)")
+    p.add_argument("--min-requests", type=int, help="canary requests per step before judging (default 50)")
+    p.add_argument("--max-p99-ratio", type=float, help="largest canary/primary p99 latency ratio (default 1.5)")
     add_repo(p)
 
     p = command(sub, "rollback", cmd_rollback, "move all of a model's traffic back to the previous version in one step",

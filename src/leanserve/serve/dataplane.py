@@ -35,6 +35,7 @@ class DataPlane:
         self.metrics = metrics
         self.prediction_log = prediction_log
         self.live_stats = LiveStats()
+        self.live_quality: dict[str, dict[int, float]] = {}  # model -> version -> accuracy (higher is better)
         self.draining = False
         self._shadow_tasks: set[asyncio.Task] = set()
         self._shadow_counts: dict[tuple[str, int, int], list[int]] = {}
@@ -121,6 +122,8 @@ class DataPlane:
             rows = await loop.run_in_executor(None, lambda: self.prediction_log.rows(name, limit=5000, labelled=True))
             for quality in rolling_quality(rows):
                 self.metrics.quality.labels(name, str(quality.version), quality.metric).set(quality.value)
+                score = quality.value if quality.metric == "accuracy" else -quality.value
+                self.live_quality.setdefault(name, {})[quality.version] = score
                 self.metrics.labelled.labels(name, str(quality.version)).set(quality.samples)
         if items and not result.accepted:
             raise InvalidInput(f"no label accepted: unknown request ids {result.unknown[:5]}, already labelled {result.duplicate[:5]}")

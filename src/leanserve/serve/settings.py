@@ -28,6 +28,7 @@ class ServerConfig:
     monitor: bool = True  # log a sample of requests for drift, feedback and quality
     monitor_sample_rate: float = 1.0
     monitor_db: Path | None = None  # default: REPO/.monitor/predictions.db
+    guard_interval_s: float = 1.0  # how often the rollout guard judges canaries
 
     @classmethod
     def from_env(cls, repo: Path, **overrides) -> ServerConfig:

@@ -96,6 +96,7 @@ def openapi_document() -> dict[str, Any]:
             "/v2/admin/models/{model}/reload": _admin("Reload a model's versions with fresh sessions and settings"),
             "/v2/admin/models/{model}/traffic": _admin("Set traffic weights and shadow version (persisted)", body=True),
             "/v2/admin/models/{model}/rollback": _admin("Move all traffic to the previous version"),
+            "/v2/admin/models/{model}/canary": _admin("Start a guarded canary rollout of a version", body=True),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

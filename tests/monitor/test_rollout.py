@@ -1,0 +1,116 @@
+"""Guarded rollout: the judgement alone, and a real server that promotes a good canary and rolls back a slow one."""
+
+import threading
+
+import httpx
+import numpy as np
+import onnx
+import orjson
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import wait_until
+from leanserve.config import RolloutConfig, TrafficConfig
+from leanserve.errors import InvalidInput
+from leanserve.monitor.live import WindowStats
+from leanserve.monitor.rollout import judge, read_events, start_rollout
+
+FAST = WindowStats(200, 0, 0.0, 0.2, 0.5, 100.0)
+CONFIG = RolloutConfig(canary=2, primary=1, step_interval_s=10, min_requests=50)
+
+
+@pytest.mark.parametrize("canary, age, quality, action, reason", [
+    (WindowStats(10, 0, 0.0, 0.2, 0.5, 5.0), 30, None, "hold", ""),
+    (FAST, 5, None, "hold", ""),
+    (FAST, 30, None, "advance", ""),
+    (WindowStats(200, 10, 0.05, 0.2, 0.5, 100.0), 30, None, "rollback", "error rate 5.00%"),
+    (WindowStats(200, 0, 0.0, 0.2, 2.0, 100.0), 30, None, "advance", ""),  # x4, but within the 2 ms slack
+    (WindowStats(200, 0, 0.0, 0.2, 5.0, 100.0), 30, None, "rollback", "p99 latency 5.00 ms"),
+    (FAST, 30, (0.90, 0.97), "rollback", "live quality 0.9000"),
+])
+def test_judge(canary, age, quality, action, reason):
+    canary_q, primary_q = quality or (None, None)
+    verdict = judge(CONFIG, canary, FAST, age, canary_q, primary_q)
+    assert verdict.action == action and reason in verdict.reason
+
+
+def slow_model(path, depth=30, width=512):
+    rng = np.random.default_rng(1)
+    shapes = [(4, width)] + [(width, width)] * depth + [(width, 4)]
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), f"w{i}") for i, s in enumerate(shapes)]
+    nodes, current = [], "x"
+    for i in range(len(shapes)):
+        out = "y" if i == len(shapes) - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [out]))
+        current = out
+    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def drive_traffic(server, stop):
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
+                         "outputs": [{"name": "y"}]})
+    with httpx.Client(timeout=10) as client:
+        while not stop.is_set():
+            client.post(server.url + "/v2/models/affine/infer", content=body)
+
+
+def run_canary(server, repo, version):
+    stop = threading.Event()
+    workers = [threading.Thread(target=drive_traffic, args=(server, stop)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        response = httpx.post(server.url + "/v2/admin/models/affine/canary", headers={"Authorization": "Bearer t"},
+                              json={"version": version, "steps": [20, 50, 100], "step_interval_s": 0.5, "min_requests": 20})
+        assert response.status_code == 200, response.text
+        wait_until(lambda: not repo.config("affine").rollout.active, timeout_s=60, what="rollout to finish")
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    return read_events(repo, "affine")
+
+
+def new_version_without_traffic(repo, path):
+    repo.update_config("affine", traffic=TrafficConfig(weights={"1": 100}))  # v1 keeps serving meanwhile
+    repo.add(path, "affine")
+
+
+def test_good_canary_is_promoted_step_by_step(affine_repo, affine_onnx, live_server_factory):
+    new_version_without_traffic(affine_repo, affine_onnx)
+    server = live_server_factory(affine_repo.root, admin_token="t", guard_interval_s=0.2)
+    events = run_canary(server, affine_repo, 2)
+    assert [e["action"] for e in events] == ["start", "advance", "advance", "promoted"]
+    assert affine_repo.config("affine").traffic.weights == {"2": 100}
+
+
+def test_slow_canary_is_rolled_back_with_the_reason(affine_repo, tmp_path, live_server_factory):
+    new_version_without_traffic(affine_repo, slow_model(tmp_path / "slow.onnx"))
+    server = live_server_factory(affine_repo.root, admin_token="t", guard_interval_s=0.2)
+    events = run_canary(server, affine_repo, 2)
+    assert events[-1]["action"] == "rollback" and "p99 latency" in events[-1]["reason"]
+    assert affine_repo.config("affine").traffic.weights == {"1": 100}
+    assert 'leanserve_rollout_rollbacks_total{model="affine"} 1.0' in httpx.get(server.url + "/metrics").text
+
+
+def test_canary_needs_a_primary_and_an_existing_version(affine_repo):
+    with pytest.raises(InvalidInput, match="needs another version"):
+        start_rollout(affine_repo, "affine", 1)
+    with pytest.raises(InvalidInput, match="has no version 7"):
+        start_rollout(affine_repo, "affine", 7)
+
+
+def test_canary_command_starts_a_persisted_rollout(affine_repo, affine_onnx, capsys):
+    from leanserve.cli import main
+
+    affine_repo.add(affine_onnx, "affine")
+    assert main(["canary", "affine", "2", "--steps", "10,100", "--interval", "30", "--repo", str(affine_repo.root)]) == 0
+    rollout = affine_repo.config("affine").rollout
+    assert (rollout.canary, rollout.primary, rollout.steps) == (2, 1, (10, 100))
+    assert affine_repo.config("affine").traffic.weights == {"1": 90, "2": 10}
+    assert "guarded canary of version 2" in capsys.readouterr().out
