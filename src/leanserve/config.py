@@ -200,6 +200,26 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class AlertConfig:
+    """Alert rules of a model; ``None`` switches a rule off. Fired alerts go to the log, to the
+    ``leanserve_alerts`` metrics and, when ``webhook_url`` is set, to that URL as JSON."""
+
+    max_p99_ms: float | None = None
+    max_error_rate: float | None = 0.05
+    min_accuracy: float | None = None
+    max_bias_gap: float | None = 0.1
+    min_shadow_agreement: float | None = 0.9
+    on_drift: bool = True
+    webhook_url: str | None = None
+    window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(self.webhook_url is None or str(self.webhook_url).startswith(("http://", "https://")),
+               "alerts.webhook_url", "expected an http(s) URL")
+        _check(self.window_s > 0, "alerts.window_s", "expected a positive number of seconds")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything about a model that is not per version, stored as the model's ``config.json``."""
 
@@ -209,6 +229,7 @@ class ModelConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
     allow_nonfinite: bool = True
     warmup: bool = True
 
@@ -226,6 +247,7 @@ class ModelConfig:
             "cache": CacheConfig,
             "traffic": TrafficConfig,
             "rollout": RolloutConfig,
+            "alerts": AlertConfig,
         }
         kwargs: dict[str, Any] = {k: from_dict(c, data.get(k), f"{where}.{k}") for k, c in parts.items()}
         for flag in ("allow_nonfinite", "warmup"):

@@ -15,11 +15,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from leanserve.monitor.rollout import RolloutGuard
+from leanserve.monitor.status import Monitor
 from leanserve.repository import Repository
 from leanserve.serve.accesslog import AccessLog
 from leanserve.serve.admin import AdminApi
 from leanserve.serve.dataplane import DataPlane
 from leanserve.serve.metrics import ServerMetrics
+from leanserve.serve.monitoring import MonitoringApi
 from leanserve.serve.protocol.openapi import openapi_document
 from leanserve.serve.protocol.rest import RestApi, json_response
 from leanserve.serve.registry import ModelRegistry
@@ -37,6 +39,7 @@ class Server:
     plane: DataPlane
     metrics: ServerMetrics
     app: Starlette
+    monitor: Monitor
 
 
 def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> Server:
@@ -52,6 +55,7 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> S
                                                  sample_rate=config.monitor_sample_rate))
     plane = DataPlane(registry, metrics, prediction_log)
     guard = RolloutGuard(registry, plane, metrics, config.guard_interval_s)
+    monitor = Monitor(registry, plane, metrics, config.guard_interval_s, slow_interval_s=10 * config.guard_interval_s)
     rest = RestApi(plane, config, access_log or AccessLog(config.access_log))
     admin = AdminApi(registry, config)
     openapi = openapi_document()
@@ -75,10 +79,12 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> S
             grpc_server = build_grpc_server(plane, config)
             await grpc_server.start()
         guard.start()
+        monitor.start()
         try:
             yield
         finally:
             guard.stop()
+            monitor.stop()
             await plane.drain(config.drain_timeout_s)
             if grpc_server is not None:
                 await grpc_server.stop(config.drain_timeout_s)
@@ -88,11 +94,11 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> S
                 prediction_log.close()
             log.info("server stopped")
 
-    routes = [*rest.routes(), *admin.routes(),
+    routes = [*rest.routes(), *admin.routes(), *MonitoringApi(monitor).routes(),
               Route("/metrics", metrics_route, methods=["GET"]),
               Route("/openapi.json", openapi_route, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan)
-    return Server(config, registry, plane, metrics, app)
+    return Server(config, registry, plane, metrics, app, monitor)
 
 
 async def _initial_load(registry: ModelRegistry, config: ServerConfig) -> None:

@@ -71,6 +71,43 @@ def cmd_canary(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    import httpx
+
+    try:
+        response = httpx.get(f"{args.url.rstrip('/')}/v2/monitor/models/{args.model}", timeout=10)
+    except httpx.HTTPError as exc:
+        raise InvalidInput(f"cannot reach the server at {args.url}: {exc}") from None
+    if response.status_code != 200:
+        raise InvalidInput(response.json().get("error", response.text))
+    print_status(response.json())
+    return 0
+
+
+def print_status(status: dict) -> None:
+    """The dashboard's picture of one model, as text."""
+    def f(value, spec=".2f"):
+        return "-" if value is None else format(value, spec)
+
+    print(f"model {status['model']}   traffic {status['traffic']['weights'] or 'newest version'}"
+          f"   shadow {status['traffic']['shadow'] or '-'}")
+    print(f"{'version':<8}{'requests':>9}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}{'errors':>8}{'accuracy':>10}"
+          f"{'labelled':>9}{'bias gap':>9}{'shadow':>8}  drift")
+    for version, v in status["versions"].items():
+        print(f"{version:<8}{v['requests']:>9}{v['throughput_rps']:>8.1f}{v['p50_ms']:>8.2f}{v['p99_ms']:>8.2f}"
+              f"{v['error_rate']:>8.1%}{f(v['accuracy'], '.2%'):>10}{v['labelled']:>9}{f(v['bias_gap'], '.3f'):>9}"
+              f"{f(v['shadow_agreement'], '.0%'):>8}  {', '.join(v['drift_features']) if v['drifted'] else 'none'}")
+        for group in v["bias_groups"]:
+            print(f"{'':8}group {group['group']}: accuracy {group['accuracy']:.2%}, positive rate {group['positive_rate']:.2%} "
+                  f"({group['samples']} labelled)")
+    rollout = status["rollout"]
+    print("rollout: " + (f"canary v{rollout['canary']} at {rollout['steps'][rollout['stage']]}% against v{rollout['primary']}"
+                         if rollout["canary"] else "none running"))
+    for event in status["rollout_events"][-3:]:
+        print(f"  {event['action']}: {event['reason']}")
+    print("alerts: " + ("; ".join(f"v{a['version']} {a['rule']}: {a['message']}" for a in status["alerts"]) or "none"))
+
+
 def add_serve_commands(sub, command, add_repo) -> None:
     """Add serve/traffic/rollback to the main parser."""
     p = command(sub, "serve", cmd_serve,
@@ -107,6 +144,11 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--min-requests", type=int, help="canary requests per step before judging (default 50)")
     p.add_argument("--max-p99-ratio", type=float, help="largest canary/primary p99 latency ratio (default 1.5)")
     add_repo(p)
+
+    p = command(sub, "monitor", cmd_monitor, "print a running server's monitoring picture of a model (as the dashboard shows it)",
+                "leanserve monitor digits-cnn --url http://127.0.0.1:8000")
+    p.add_argument("model", help="model name")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
 
     p = command(sub, "rollback", cmd_rollback, "move all of a model's traffic back to the previous version in one step",
                 "leanserve rollback cnn --repo model-repo")

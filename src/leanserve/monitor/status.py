@@ -1,0 +1,118 @@
+"""The monitoring picture of a server: per model and version, live traffic, latency, errors, quality,
+bias, drift and alerts, with a short history for charts. Shared by the dashboard, the JSON API and
+``leanserve monitor``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from typing import Any
+
+from leanserve.errors import LeanserveError
+from leanserve.monitor.alerts import AlertSink, evaluate
+from leanserve.monitor.bias import bias_by_group
+from leanserve.monitor.quality import rolling_quality
+
+log = logging.getLogger(__name__)
+HISTORY_POINTS = 300
+
+
+class Monitor:
+    """Samples live figures every ``interval_s``, recomputes quality and bias from labels every
+    ``slow_interval_s``, and evaluates each model's alert rules."""
+
+    def __init__(self, registry, plane, metrics, interval_s: float = 1.0, slow_interval_s: float = 10.0) -> None:
+        self.registry, self.plane, self.metrics = registry, plane, metrics
+        self.interval_s, self.slow_interval_s = interval_s, slow_interval_s
+        self.history: dict[tuple[str, int], collections.deque] = {}
+        self.labels: dict[tuple[str, int], dict[str, Any]] = {}
+        self.drift: dict[tuple[str, int], dict[str, Any]] = {}
+        self.alerts = AlertSink(metrics)
+        self._task: asyncio.Task | None = None
+        self._last_slow = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.tick()
+            except (LeanserveError, OSError, ValueError) as exc:
+                log.error("monitoring round failed: %s", exc)
+
+    async def tick(self) -> None:
+        """One round: history points, (periodically) labels and bias, then alert rules."""
+        slow = time.monotonic() - self._last_slow >= self.slow_interval_s
+        if slow:
+            self._last_slow = time.monotonic()
+        for name, entry in list(self.registry.models.items()):
+            if slow and self.plane.prediction_log is not None:
+                await self._refresh_labels(name)
+            for version in list(entry.versions):
+                window = self.plane.live_stats.window(name, version, entry.config.alerts.window_s)
+                point = {"t": round(time.time(), 1), "rps": round(window.throughput_rps, 2), "p50_ms": round(window.p50_ms, 3),
+                         "p99_ms": round(window.p99_ms, 3), "error_rate": round(window.error_rate, 4)}
+                self.history.setdefault((name, version), collections.deque(maxlen=HISTORY_POINTS)).append(point)
+                figures = self.figures(name, version)
+                await self.alerts.update(name, version, evaluate(name, version, figures, entry.config.alerts), entry.config.alerts)
+
+    async def _refresh_labels(self, name: str) -> None:
+        log_ = self.plane.prediction_log
+        rows = await asyncio.get_running_loop().run_in_executor(None, lambda: log_.rows(name, limit=5000, labelled=True))
+        quality = {q.version: q for q in rolling_quality(rows)}
+        for report in bias_by_group(rows):
+            self.labels.setdefault((name, report.version), {})["bias"] = report
+        for version, q in quality.items():
+            self.labels.setdefault((name, version), {})["quality"] = q
+
+    def figures(self, name: str, version: int) -> dict[str, Any]:
+        """The latest figures of one version, as the alert rules and the dashboard read them."""
+        entry = self.registry.models[name]
+        window = self.plane.live_stats.window(name, version, entry.config.alerts.window_s)
+        labels = self.labels.get((name, version), {})
+        quality, bias = labels.get("quality"), labels.get("bias")
+        drift = self.drift.get((name, version), {})
+        return {
+            "requests": window.requests, "errors": window.errors, "error_rate": window.error_rate,
+            "p50_ms": window.p50_ms, "p99_ms": window.p99_ms, "throughput_rps": window.throughput_rps,
+            "accuracy": quality.value if quality and quality.metric == "accuracy" else None,
+            "mae": quality.value if quality and quality.metric == "mae" else None,
+            "labelled": quality.samples if quality else 0,
+            "bias_gap": bias.accuracy_gap if bias and len(bias.groups) > 1 else None,
+            "bias_groups": [g.__dict__ for g in bias.groups] if bias else [],
+            "positive_rate_gap": bias.positive_rate_gap if bias and len(bias.groups) > 1 else None,
+            "shadow_agreement": self.plane.shadow_agreement(name, version),
+            "drifted": drift.get("drifted", False), "drift_features": drift.get("features", []),
+        }
+
+    def model_status(self, name: str) -> dict[str, Any]:
+        """Everything the dashboard shows for one model."""
+        from leanserve.monitor.rollout import read_events
+
+        entry = self.registry.entry(name)
+        versions = {}
+        for version in sorted(entry.versions):
+            versions[str(version)] = {**self.figures(name, version),
+                                      "history": list(self.history.get((name, version), ()))[-120:]}
+        return {
+            "model": name, "versions": versions,
+            "traffic": {"weights": dict(entry.config.traffic.weights), "shadow": entry.config.traffic.shadow},
+            "rollout": {"canary": entry.config.rollout.canary, "primary": entry.config.rollout.primary,
+                        "stage": entry.config.rollout.stage, "steps": list(entry.config.rollout.steps)},
+            "rollout_events": read_events(self.registry.repo, name, 20),
+            "alerts": [a.__dict__ for a in self.alerts.active.values() if a.model == name],
+            "alert_history": [h for h in self.alerts.history if h["model"] == name][-20:],
+            "failed_versions": {str(v): why for v, why in entry.failed.items()},
+        }
+
+    def overview(self) -> dict[str, Any]:
+        return {"models": {name: self.model_status(name) for name in sorted(self.registry.models)}}
