@@ -68,6 +68,8 @@ class FakeQuantLayer(nn.Module):
 def prepare_qat(module: nn.Module) -> nn.Module:
     """A copy of ``module`` with every Conv2d/Conv1d/Linear wrapped in a FakeQuantLayer."""
     model = copy.deepcopy(module)
+    if isinstance(model, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        return FakeQuantLayer(model)
     wrapped = 0
     for name, child in list(model.named_modules()):
         for attr, layer in list(child.named_children()):
@@ -100,25 +102,11 @@ class QatResult:
 def qat_finetune(module: nn.Module, x_train: np.ndarray, y_train: np.ndarray, *, epochs: int = 2, lr: float = 1e-4,
                  batch_size: int = 64, seed: int = 0, progress: bool = True) -> QatResult:
     """Fine-tune a classifier with fake int8 quantization (cross-entropy on ``y_train``)."""
-    from tqdm import tqdm
+    from leanserve.optimize.train import finetune
 
-    if epochs < 1:
-        raise InvalidInput(f"epochs must be >= 1, got {epochs}")
-    torch.manual_seed(seed)
-    model = prepare_qat(module).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    x, y = torch.from_numpy(np.asarray(x_train)), torch.from_numpy(np.asarray(y_train))
-    losses = []
-    for _ in tqdm(range(epochs), desc="quantization-aware training", unit="epoch", disable=not progress):
-        order, total = torch.randperm(len(x)), 0.0
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-        losses.append(total / len(x))
+    model = prepare_qat(module)
+    losses = finetune(model, x_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                      progress=progress, desc="quantization-aware training")
     return QatResult(model.eval(), losses)
 
 
