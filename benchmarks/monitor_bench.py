@@ -1,0 +1,93 @@
+"""Cost of monitoring (issue 5): server throughput on the digits CNN with the prediction log off and on
+at a 100% sampling rate, measured side by side in alternating rounds.
+
+    python benchmarks/monitor_bench.py [--duration 10] [--rounds 2] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def start(repo: Path, port: int, monitor: bool) -> subprocess.Popen:
+    args = [sys.executable, "-m", "leanserve.cli", "serve", str(repo), "--port", str(port), "--grpc-port", "0",
+            "--no-access-log", *([] if monitor else ["--no-monitor"])]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def wrk(url: str, body: Path, connections: int, duration: int) -> tuple[float, float]:
+    env = {**os.environ, "BODY_FILE": str(body), "HEADER_LENGTH": ""}
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(HERE / "wrk" / "post_file.lua"), url],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    value, unit = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)", out, re.M).groups()
+    return rps, float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    import torch
+
+    import leanserve
+    from leanserve.demo import digits_dataset, train_cnn
+    from leanserve.from_torch import export
+    from leanserve.measure import cpu_description
+    from leanserve.serve.protocol.codec import encode_json_request
+
+    print(f"CPU: {cpu_description()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        x_train, x_test, y_train, _ = digits_dataset()
+        export(train_cnn(x_train, y_train, epochs=2, progress=False), torch.from_numpy(x_test[:2]), work / "cnn.onnx",
+               input_names=["image"], output_names=["logits"])
+        repo = leanserve.Repository(work / "repo")
+        repo.add(work / "cnn.onnx", "cnn")
+        (work / "body.json").write_bytes(encode_json_request({"image": x_test[:1]}))
+        figures: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        port = 18500 + os.getpid() % 400
+        for _ in range(args.rounds):
+            for monitor in (False, True):
+                process = start(repo.root, port, monitor)
+                try:
+                    wrk(f"http://127.0.0.1:{port}/v2/models/cnn/infer", work / "body.json", args.connections, 2)
+                    figures[monitor].append(wrk(f"http://127.0.0.1:{port}/v2/models/cnn/infer", work / "body.json",
+                                                args.connections, args.duration))
+                finally:
+                    process.send_signal(signal.SIGTERM)
+                    process.wait(timeout=60)
+                print(f"  monitoring {'on (100%)' if monitor else 'off'}: {figures[monitor][-1][0]:,.0f} req/s, "
+                      f"p99 {figures[monitor][-1][1]:.2f} ms")
+    off = float(np.median([f[0] for f in figures[False]]))
+    on = float(np.median([f[0] for f in figures[True]]))
+    cost = 1 - on / off
+    print(f"\nmonitoring at 100% costs {cost:.1%} of throughput ({on:,.0f} vs {off:,.0f} req/s, "
+          f"{args.connections} clients)   target < 10%   {'PASS' if cost < 0.10 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
