@@ -57,6 +57,8 @@ class Monitor:
         for name, entry in list(self.registry.models.items()):
             if slow and self.plane.prediction_log is not None:
                 await self._refresh_labels(name)
+                for version in list(entry.versions):
+                    await self._refresh_drift(name, version)
             for version in list(entry.versions):
                 window = self.plane.live_stats.window(name, version, entry.config.alerts.window_s)
                 point = {"t": round(time.time(), 1), "rps": round(window.throughput_rps, 2), "p50_ms": round(window.p50_ms, 3),
@@ -64,6 +66,26 @@ class Monitor:
                 self.history.setdefault((name, version), collections.deque(maxlen=HISTORY_POINTS)).append(point)
                 figures = self.figures(name, version)
                 await self.alerts.update(name, version, evaluate(name, version, figures, entry.config.alerts), entry.config.alerts)
+
+    async def _refresh_drift(self, name: str, version: int) -> None:
+        """Compare the newest logged traffic of a version with its stored reference profile."""
+        from leanserve.monitor.reference import load_reference, profile_path
+
+        if not profile_path(self.registry.repo, name, version).is_file():
+            return
+        from leanserve.monitor.drift import DriftConfig, detect
+        from leanserve.monitor.store import stack
+
+        loop = asyncio.get_running_loop()
+        profile = await loop.run_in_executor(None, load_reference, self.registry.repo, name, version)
+        if profile is None:
+            return
+        rows = await loop.run_in_executor(None, lambda: self.plane.prediction_log.rows(name, version, limit=500))
+        live = {**stack(rows, "inputs"), **stack(rows, "outputs")}
+        report = await loop.run_in_executor(None, detect, profile, live, DriftConfig())
+        drifted = [f"{d.tensor}[{d.feature}] {d.method}" for d in report.features if d.drifted]
+        self.drift[(name, version)] = {"drifted": bool(report.drifted), "features": drifted, "rows": len(rows)}
+        self.metrics.drift.labels(name, str(version)).set(1 if report.drifted else 0)
 
     async def _refresh_labels(self, name: str) -> None:
         log_ = self.plane.prediction_log

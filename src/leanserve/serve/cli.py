@@ -108,6 +108,20 @@ def print_status(status: dict) -> None:
     print("alerts: " + ("; ".join(f"v{a['version']} {a['rule']}: {a['message']}" for a in status["alerts"]) or "none"))
 
 
+def cmd_profile(args) -> int:
+    from leanserve.monitor.reference import build_reference, profile_path
+    from leanserve.optimize.run import load_data
+    from leanserve.repository import Repository
+
+    repo = Repository(args.repo, create=False)
+    name, _, version = args.model.partition(":")
+    ref = repo.resolve(name, version or None)
+    data = load_data(args.data, repo.get(ref.name, ref.version, verify=False).signature, "reference")
+    build_reference(repo, ref.name, ref.version, data)
+    print(f"reference profile of {ref} from {len(next(iter(data.values())))} rows: {profile_path(repo, ref.name, ref.version)}")
+    return 0
+
+
 def add_serve_commands(sub, command, add_repo) -> None:
     """Add serve/traffic/rollback to the main parser."""
     p = command(sub, "serve", cmd_serve,
@@ -143,6 +157,13 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--interval", type=float, help="seconds per step at least (default 60)")
     p.add_argument("--min-requests", type=int, help="canary requests per step before judging (default 50)")
     p.add_argument("--max-p99-ratio", type=float, help="largest canary/primary p99 latency ratio (default 1.5)")
+    add_repo(p)
+
+    p = command(sub, "profile", cmd_profile,
+                "store a reference profile of a version's inputs and outputs, against which live traffic is checked for drift",
+                "leanserve profile digits-cnn:1 --data train.npz")
+    p.add_argument("model", help="MODEL or MODEL:VERSION")
+    p.add_argument("--data", required=True, help=".npz with one array per model input (typical traffic)")
     add_repo(p)
 
     p = command(sub, "monitor", cmd_monitor, "print a running server's monitoring picture of a model (as the dashboard shows it)",

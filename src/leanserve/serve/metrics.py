@@ -33,6 +33,7 @@ class ServerMetrics:
         self.labelled = Gauge("leanserve_labelled_samples", "Labelled samples behind leanserve_live_quality", labels, registry=r)
         self.feedback = Counter("leanserve_feedback", "Feedback labels by outcome", ("model", "outcome"), registry=r)
         self.log_samples = Gauge("leanserve_prediction_log_samples", "Prediction log samples by fate", ("fate",), registry=r)
+        self.drift = Gauge("leanserve_drift_detected", "1 when live traffic drifted from the version's reference profile", labels, registry=r)
         self.alerts = Counter("leanserve_alerts", "Alerts fired", ("model", "rule"), registry=r)
         self.alerts_active = Gauge("leanserve_alert_active", "1 while an alert holds", (*labels, "rule"), registry=r)
         self.rollbacks = Counter("leanserve_rollout_rollbacks", "Canaries rolled back by the rollout guard", ("model",), registry=r)

@@ -1,0 +1,49 @@
+"""Reference profiles stored beside a model's versions: ``REPO/<model>/.profiles/<version>.json``.
+
+A version folder is immutable once written, so the profile of its inputs and outputs (built from
+evaluation or calibration data, possibly later) lives next to it, not inside it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from leanserve.repository import Repository, VersionRef
+
+PROFILES_DIR = ".profiles"
+
+
+def profile_path(repo: Repository, name: str, version: int) -> Path:
+    return repo.root / name / PROFILES_DIR / f"{version}.json"
+
+
+def build_reference(repo: Repository, name: str, version: int | str | None, data: Mapping[str, np.ndarray]):
+    """Run ``data`` through the version, profile its inputs and outputs, store the profile; returns it."""
+    from leanserve.measure import run_all
+    from leanserve.model import load
+    from leanserve.monitor.profile import build_profile
+
+    model = load(name, version, repo=repo)
+    inputs = {n: np.asarray(data[n]) for n in model.signature.input_names}
+    model.signature.validate_inputs({n: a[:1] for n, a in inputs.items()})
+    outputs = run_all(model.session, inputs)
+    profile = build_profile({**inputs, **outputs})
+    ref = model.ref or VersionRef(name, int(version))
+    path = profile_path(repo, ref.name, ref.version)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(profile.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+    return profile
+
+
+def load_reference(repo: Repository, name: str, version: int):
+    """The stored profile of a version, or None when it has none."""
+    from leanserve.monitor.profile import Profile
+
+    path = profile_path(repo, name, version)
+    return Profile.from_json(path.read_text(encoding="utf-8")) if path.is_file() else None
