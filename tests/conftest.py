@@ -221,3 +221,14 @@ def make_heavy_model(path: Path, width: int = 512, depth: int = 20) -> Path:
     graph = helper.make_graph(nodes, "heavy", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])], initializer=weights)
     return _save(graph, path)
+
+
+def make_failing_model(path: Path) -> Path:
+    """Same signature as the affine model; loads and warms up on zeros, but every real request (x = 1..4)
+    makes Gather index past its 3-element table, so the engine fails: a canary with a 100% error rate."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT64), helper.make_node("Gather", ["table", "i"], ["y"])],
+        "failing", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])],
+        initializer=[onnx.numpy_helper.from_array(np.zeros(3, np.float32), "table")])
+    return _save(graph, path)

@@ -43,6 +43,10 @@ class ExportError(LeanserveError):
     """A PyTorch module could not be exported to ONNX, or its export does not match PyTorch."""
 
 
+class InferenceError(LeanserveError):
+    """The engine failed while running a batch (a server-side fault: HTTP 500)."""
+
+
 class Overloaded(LeanserveError):
     """The server is at capacity; the client should retry after ``retry_after_s`` seconds."""
 

@@ -3,13 +3,10 @@
 import threading
 
 import httpx
-import numpy as np
-import onnx
 import orjson
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from conftest import wait_until
+from conftest import make_failing_model, wait_until
 from leanserve.config import RolloutConfig, TrafficConfig
 from leanserve.errors import InvalidInput
 from leanserve.monitor.live import WindowStats
@@ -34,23 +31,6 @@ def test_judge(canary, age, quality, action, reason):
     assert verdict.action == action and reason in verdict.reason
 
 
-def slow_model(path, depth=30, width=512):
-    rng = np.random.default_rng(1)
-    shapes = [(4, width)] + [(width, width)] * depth + [(width, 4)]
-    inits = [numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), f"w{i}") for i, s in enumerate(shapes)]
-    nodes, current = [], "x"
-    for i in range(len(shapes)):
-        out = "y" if i == len(shapes) - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [out]))
-        current = out
-    graph = helper.make_graph(nodes, "slow", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
-    return path
-
-
 def drive_traffic(server, stop):
     body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}],
                          "outputs": [{"name": "y"}]})
@@ -59,14 +39,15 @@ def drive_traffic(server, stop):
             client.post(server.url + "/v2/models/affine/infer", content=body)
 
 
-def run_canary(server, repo, version):
+def run_canary(server, repo, version, **settings):
     stop = threading.Event()
     workers = [threading.Thread(target=drive_traffic, args=(server, stop)) for _ in range(2)]
     for worker in workers:
         worker.start()
     try:
         response = httpx.post(server.url + "/v2/admin/models/affine/canary", headers={"Authorization": "Bearer t"},
-                              json={"version": version, "steps": [20, 50, 100], "step_interval_s": 0.5, "min_requests": 20})
+                              json={"version": version, "steps": [20, 50, 100], "step_interval_s": 0.5, "min_requests": 20,
+                                    **settings})
         assert response.status_code == 200, response.text
         wait_until(lambda: not repo.config("affine").rollout.active, timeout_s=60, what="rollout to finish")
     finally:
@@ -84,16 +65,17 @@ def new_version_without_traffic(repo, path):
 def test_good_canary_is_promoted_step_by_step(affine_repo, affine_onnx, live_server_factory):
     new_version_without_traffic(affine_repo, affine_onnx)
     server = live_server_factory(affine_repo.root, admin_token="t", guard_interval_s=0.2)
-    events = run_canary(server, affine_repo, 2)
+    # Latency bounds wide open: this test is about the steps, not about timing on a busy machine.
+    events = run_canary(server, affine_repo, 2, max_p99_ratio=100, p99_slack_ms=1000)
     assert [e["action"] for e in events] == ["start", "advance", "advance", "promoted"]
     assert affine_repo.config("affine").traffic.weights == {"2": 100}
 
 
-def test_slow_canary_is_rolled_back_with_the_reason(affine_repo, tmp_path, live_server_factory):
-    new_version_without_traffic(affine_repo, slow_model(tmp_path / "slow.onnx"))
+def test_failing_canary_is_rolled_back_with_the_reason(affine_repo, tmp_path, live_server_factory):
+    new_version_without_traffic(affine_repo, make_failing_model(tmp_path / "failing.onnx"))
     server = live_server_factory(affine_repo.root, admin_token="t", guard_interval_s=0.2)
     events = run_canary(server, affine_repo, 2)
-    assert events[-1]["action"] == "rollback" and "p99 latency" in events[-1]["reason"]
+    assert events[-1]["action"] == "rollback" and "error rate 100.00%" in events[-1]["reason"]
     assert affine_repo.config("affine").traffic.weights == {"1": 100}
     assert 'leanserve_rollout_rollbacks_total{model="affine"} 1.0' in httpx.get(server.url + "/metrics").text
 

@@ -7,7 +7,7 @@ import pytest
 
 from leanserve.artifact import Signature, TensorSpec
 from leanserve.config import BatchingConfig
-from leanserve.errors import InvalidInput, Overloaded, RequestTimeout
+from leanserve.errors import InferenceError, InvalidInput, Overloaded, RequestTimeout
 from leanserve.serve.batching import Batcher
 from leanserve.serve.metrics import ServerMetrics
 
@@ -137,7 +137,7 @@ def test_engine_failure_fails_that_batch_and_the_batcher_keeps_serving():
     async def scenario():
         session = RecordingSession(fail=True)
         batcher = Batcher([session], BatchingConfig(), metrics())
-        with pytest.raises(RuntimeError, match="engine exploded"):
+        with pytest.raises(InferenceError, match="engine exploded"):
             await batcher.infer({"x": np.ones((1, 3), np.float32)})
         session.fail = False
         outputs, _ = await batcher.infer({"x": np.ones((1, 3), np.float32)})

@@ -242,3 +242,13 @@ def test_serving_an_onnx_model_does_not_import_torch():
     code = ("import sys, leanserve, leanserve.serve.app, leanserve.serve.protocol.grpc, leanserve.runtime.onnxruntime; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_engine_failure_is_a_json_500_and_the_server_keeps_serving(repo, tmp_path, live_server_factory):
+    from conftest import make_failing_model
+
+    repo.add(make_failing_model(tmp_path / "failing.onnx"), "failing")
+    server = live_server_factory(repo.root)
+    response = post(server, infer_body(), "/v2/models/failing/infer")
+    assert response.status_code == 500 and "the engine failed" in response.json()["error"]
+    assert post(server, infer_body(data=[0, 0, 0, 0]), "/v2/models/failing/infer").status_code == 200

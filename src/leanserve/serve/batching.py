@@ -20,7 +20,7 @@ import numpy as np
 
 from leanserve.artifact import Signature
 from leanserve.config import BatchingConfig
-from leanserve.errors import InvalidInput, NotReady, Overloaded, RequestTimeout
+from leanserve.errors import InferenceError, InvalidInput, NotReady, Overloaded, RequestTimeout
 from leanserve.runtime import Session
 from leanserve.serve.metrics import VersionMetrics
 
@@ -195,10 +195,11 @@ class Batcher:
             self._metrics.batch_size.observe(batch.rows)
             self._split(batch.items, results, padded, started, compute_s, batch.rows)
         except Exception as exc:  # an engine failure fails this batch's requests, never the dispatcher
-            log.exception("batch of %d rows failed", batch.rows)
+            log.error("batch of %d rows failed: %s", batch.rows, exc)
+            error = InferenceError(f"the engine failed on this request's batch: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
             for item in batch.items:
                 if not item.future.done():
-                    item.future.set_exception(exc)
+                    item.future.set_exception(error)
         finally:
             self._free.append(session)
             self._instance_free.set()
