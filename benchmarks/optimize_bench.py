@@ -168,7 +168,7 @@ def _run_prune_distill(prune, distill, teacher, x_train, y_train, x_test, y_test
     example = torch.from_numpy(x_test[:2])
     pruned = prune.iterative_prune_and_finetune(copy.deepcopy(teacher), example, x_train, y_train, target_ratio=0.5)
     pruned_model = getattr(pruned, "module", pruned)
-    student = distill.width_student(teacher, example, 0.5)
+    student = distill.width_student(teacher, example, 0.45)  # at most a quarter of the parameters
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     report = distill.distill(teacher, student, x_train, y_train, epochs=15, progress=False)
     student_model = getattr(report, "student", student)

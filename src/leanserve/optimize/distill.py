@@ -19,7 +19,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from leanserve.errors import InvalidInput
-from leanserve.optimize.train import as_tensor, check_training_args, count_params, fit
+from leanserve.optimize.prune import ExampleInputs, IgnoredLayers, example_args, prune_structured
+from leanserve.optimize.train import Rows, as_tensor, check_training_args, count_params, fit
 
 FeaturePair = tuple[str, str]  # (teacher module name, student module name)
 
@@ -42,8 +43,8 @@ class DistillReport:
 
 
 def distill(
-    teacher: nn.Module, student: nn.Module, x_train, y_train=None, *, epochs: int, temperature: float = 4.0,
-    alpha: float = 0.5, lr: float = 1e-3, feature_pairs: Sequence[FeaturePair] | None = None,
+    teacher: nn.Module, student: nn.Module, x_train: Rows, y_train: Rows | None = None, *, epochs: int,
+    temperature: float = 4.0, alpha: float = 0.5, lr: float = 1e-3, feature_pairs: Sequence[FeaturePair] | None = None,
     feature_weight: float = 1.0, batch_size: int = 64, seed: int = 0, progress: bool = True,
 ) -> DistillReport:
     """Train a copy of ``student`` to imitate ``teacher`` on ``x_train`` for ``epochs`` epochs of Adam at ``lr``.
@@ -51,8 +52,9 @@ def distill(
     The loss is ``temperature``² × KL(teacher ‖ student) of the outputs softened by ``temperature``; with
     labels ``y_train`` it becomes ``alpha`` × that + (1 − ``alpha``) × cross-entropy, without labels only
     the soft targets are used. Each ``feature_pairs`` entry (teacher module name, student module name)
-    adds ``feature_weight`` × MSE between the teacher's activation and the student's, projected by a 1x1
-    conv (4-D features) or a Linear on the last axis (other ranks), trained jointly with the student.
+    adds ``feature_weight`` × ``feature_loss`` (relative MSE) between the teacher's activation and the
+    student's projected by a 1x1 conv (4-D features) or a Linear on the last axis (other ranks); the
+    projections are trained jointly with the student.
     The teacher is only evaluated. Returns a DistillReport; raises InvalidInput naming a bad argument
     (unknown module names in ``feature_pairs``, features whose shapes cannot be matched, ...).
     """
@@ -79,7 +81,7 @@ def distill(
                 if y is not None:
                     loss = alpha * loss + (1 - alpha) * F.cross_entropy(s_out, y[idx])
                 for projection, (t_name, s_name) in zip(projections, pairs):
-                    loss = loss + feature_weight * F.mse_loss(projection(s_feats[s_name]), t_feats[t_name])
+                    loss = loss + feature_weight * feature_loss(projection(s_feats[s_name]), t_feats[t_name])
                 return loss
 
             model.train(), projections.train()
@@ -99,7 +101,17 @@ def soft_target_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     reduction="batchmean") * temperature ** 2
 
 
-def width_student(teacher: nn.Module, example_inputs, multiplier: float, ignored_layers=None) -> nn.Module:
+def feature_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE between a projected student feature and the teacher's, divided by the teacher feature's mean square.
+
+    The division makes the term scale-free: raw activations can be large enough for their MSE to drown
+    the output loss, and layers of different scale then weigh alike under one ``feature_weight``.
+    """
+    return F.mse_loss(projected, target) / target.pow(2).mean().clamp(min=1e-8)
+
+
+def width_student(teacher: nn.Module, example_inputs: ExampleInputs, multiplier: float,
+                  ignored_layers: IgnoredLayers = None) -> nn.Module:
     """A student that is ``teacher`` with every prunable layer's width scaled by ``multiplier`` (0 < m <= 1).
 
     Built by structured pruning of a deep copy (``prune_structured`` with ratio 1 − ``multiplier``), so it
@@ -107,8 +119,6 @@ def width_student(teacher: nn.Module, example_inputs, multiplier: float, ignored
     outputs. The student KEEPS the teacher's weights of the channels with the largest L2 norm (a warm
     start, not re-initialised). Raises InvalidInput if ``multiplier`` is not in (0, 1].
     """
-    from leanserve.optimize.prune import example_args, prune_structured
-
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 < multiplier <= 1:
         raise InvalidInput(f"multiplier must be in (0, 1] (0.5 keeps half the channels), got {multiplier!r}")
     if multiplier == 1:

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import gzip
 import io
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,9 +21,14 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import prune
 
 from leanserve.errors import InvalidInput
-from leanserve.optimize.train import check_training_args, count_params, finetune
+from leanserve.optimize.train import Rows, check_training_args, count_params, finetune
 
 PRUNABLE = (_ConvNd, nn.Linear)
+
+# What a forward pass takes: one tensor or a tuple of them.
+ExampleInputs = torch.Tensor | tuple[torch.Tensor, ...]
+# Layers to leave whole: submodules of the model being pruned, or their names in ``named_modules()``.
+IgnoredLayers = Sequence[nn.Module | str] | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +83,8 @@ def prune_unstructured(module: nn.Module, amount: float) -> PruneReport:
                        before_bytes, after_bytes, notes=(note,))
 
 
-def prune_structured(module: nn.Module, example_inputs, ratio: float, ignored_layers=None,
-                     round_to: int | None = None) -> PruneReport:
+def prune_structured(module: nn.Module, example_inputs: ExampleInputs, ratio: float,
+                     ignored_layers: IgnoredLayers = None, round_to: int | None = None) -> PruneReport:
     """Physically remove the ``ratio`` fraction (0 < ratio < 1) of channels of every prunable layer.
 
     Channels are ranked by group L2 magnitude (Torch-Pruning's ``MagnitudeImportance``) and removed by its
@@ -96,9 +102,9 @@ def prune_structured(module: nn.Module, example_inputs, ratio: float, ignored_la
 
 
 def iterative_prune_and_finetune(
-    module: nn.Module, example_inputs, x_train, y_train, target_ratio: float, steps: int = 3,
-    epochs_per_step: int = 2, *, lr: float = 1e-3, batch_size: int = 64, ignored_layers=None,
-    round_to: int | None = None, seed: int = 0, progress: bool = True,
+    module: nn.Module, example_inputs: ExampleInputs, x_train: Rows, y_train: Rows, target_ratio: float,
+    steps: int = 3, epochs_per_step: int = 2, *, lr: float = 1e-3, batch_size: int = 64,
+    ignored_layers: IgnoredLayers = None, round_to: int | None = None, seed: int = 0, progress: bool = True,
 ) -> PruneReport:
     """Reach ``target_ratio`` of removed channels in ``steps`` equal structured-pruning steps, each followed by
     ``epochs_per_step`` epochs of cross-entropy fine-tuning on (``x_train``, ``y_train``).
@@ -129,8 +135,7 @@ def iterative_prune_and_finetune(
 
 def _structured_pruner(module, example_inputs, ratio, steps, ignored_layers, round_to):
     """A deep copy of ``module``, its example arguments and a Torch-Pruning pruner over the copy."""
-    import torch_pruning as tp
-
+    tp = _torch_pruning()
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise InvalidInput(f"round_to must be a positive integer or None, got {round_to!r}")
     args = example_args(example_inputs)
@@ -160,13 +165,11 @@ def _structured_report(original: nn.Module, model: nn.Module, args, before: tupl
 
 def _measure(model: nn.Module, args) -> tuple[int, int, int]:
     """(MACs, parameters, gzip bytes of the state dict) of ``model`` on ``args``."""
-    import torch_pruning as tp
-
-    macs, _ = tp.utils.count_ops_and_params(model, args)
+    macs, _ = _torch_pruning().utils.count_ops_and_params(model, args)
     return int(macs), count_params(model), gzip_state_dict_bytes(model)
 
 
-def example_args(example_inputs) -> tuple[torch.Tensor, ...]:
+def example_args(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
     """``example_inputs`` (a tensor or a tuple/list of tensors) as a tuple; raises InvalidInput otherwise."""
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
@@ -174,7 +177,7 @@ def example_args(example_inputs) -> tuple[torch.Tensor, ...]:
     return args
 
 
-def _resolve_ignored(original: nn.Module, model: nn.Module, ignored_layers) -> list[nn.Module]:
+def _resolve_ignored(original: nn.Module, model: nn.Module, ignored_layers: IgnoredLayers) -> list[nn.Module]:
     """The layers of the copy ``model`` that ``ignored_layers`` (modules of ``original`` or names) point at."""
     names_by_id = {id(m): name for name, m in original.named_modules()}
     copies = dict(model.named_modules())
@@ -226,6 +229,17 @@ def gzip_state_dict_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return len(gzip.compress(buffer.getvalue(), compresslevel=6))
+
+
+def _torch_pruning():
+    """The ``torch_pruning`` module (imported on first use: it is only needed for structured pruning)."""
+    try:
+        import torch_pruning
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError(
+            "structured pruning needs Torch-Pruning: pip install 'torch-pruning>=1.6.1' (or leanserve[optimize])"
+        ) from exc
+    return torch_pruning
 
 
 def _check_fraction(value, name: str) -> None:

@@ -14,11 +14,14 @@ from torch import nn
 
 from leanserve.errors import InvalidInput
 
+# Rows of inputs or labels, as the callers have them: NumPy arrays (the demo data) or tensors.
+Rows = np.ndarray | torch.Tensor
+
 # Takes a 1-D tensor of row indices (one mini-batch) and returns the scalar loss to minimise on it.
 BatchLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
-def as_tensor(array, name: str) -> torch.Tensor:
+def as_tensor(array: Rows, name: str) -> torch.Tensor:
     """``array`` (a NumPy array or a tensor) as a CPU tensor; raises InvalidInput naming ``name`` if it is empty."""
     tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
     if tensor.ndim == 0 or len(tensor) == 0:
@@ -64,7 +67,7 @@ def fit(parameters: Iterable[nn.Parameter], batch_loss: BatchLoss, rows: int, *,
     return losses
 
 
-def finetune(module: nn.Module, x_train, y_train, *, epochs: int = 2, lr: float = 1e-3, batch_size: int = 64,
+def finetune(module: nn.Module, x_train: Rows, y_train: Rows, *, epochs: int = 2, lr: float = 1e-3, batch_size: int = 64,
              seed: int = 0, progress: bool = True, desc: str = "fine-tuning") -> list[float]:
     """Fine-tune the classifier ``module`` in place with cross-entropy on (``x_train``, ``y_train``).
 
@@ -83,7 +86,7 @@ def finetune(module: nn.Module, x_train, y_train, *, epochs: int = 2, lr: float 
 
 
 @torch.no_grad()
-def top1_accuracy(module: nn.Module, x, y, batch_size: int = 256) -> float:
+def top1_accuracy(module: nn.Module, x: Rows, y: Rows, batch_size: int = 256) -> float:
     """The fraction of rows of ``x`` whose highest-scoring class from ``module`` equals the label in ``y``.
 
     Runs in eval mode without gradients; raises InvalidInput if ``x`` and ``y`` differ in length.
