@@ -182,7 +182,8 @@ def cnn_verdicts(section: dict) -> list[tuple[str, str, bool]]:
             for name, acc in section["static_int8_top1"].items()]
     pd = section.get("prune_distill")
     if isinstance(pd, dict):
-        rows.append((f"digits structured pruning: {pd['pruned_top1']:.2%}", "within 0.5 points", fp32 - pd["pruned_top1"] <= 0.005))
+        rows.append((f"digits structured pruning ({pd['pruned_params'] / pd['teacher_params']:.0%} of params): {pd['pruned_top1']:.2%}",
+                     "within 0.5 points", fp32 - pd["pruned_top1"] <= 0.005))
         share = pd["student_params"] / pd["teacher_params"]
         rows.append((f"digits distilled student ({share:.0%} of params): {pd['student_top1']:.2%}",
                      "<= 25% params, within 2 points", share <= 0.25 and fp32 - pd["student_top1"] <= 0.02))

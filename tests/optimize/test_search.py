@@ -137,3 +137,22 @@ def test_optimize_command_prints_candidates_and_report(capsys, cnn_repo, digits_
     out = capsys.readouterr().out
     assert code == 0 and "baseline: top1=" in out and "static_int8" in out and "report:" in out
     assert cnn_repo.versions("cnn") == [1]
+
+
+def test_pytorch_variants_compete_in_the_same_search(cnn_repo, digits_data, tmp_path):
+    import torch
+
+    from leanserve.demo import digits_dataset, train_cnn
+    from leanserve.optimize.run import torch_variants
+
+    x_train, x_test, y_train, _ = digits_dataset()
+    teacher = train_cnn(x_train, y_train, epochs=3, progress=False)
+    variants = torch_variants(teacher, torch.from_numpy(x_test[:2]), x_train, y_train, tmp_path / "variants",
+                              input_names=["image"], output_names=["logits"], epochs=2, progress=False)
+    outcome = optimize(cnn_repo, "cnn", eval_path=digits_data / "eval.npz", recipes=[], variants=variants,
+                       max_drop="5%", progress=False, register=False, time_budget_s=60)
+    measured = {c.recipe.name: c for c in outcome.result.candidates}
+    assert set(measured) == set(variants)
+    for candidate in measured.values():
+        assert candidate.measurement.size_bytes < outcome.result.baseline.measurement.size_bytes / 2
+        assert candidate.measurement.quality > 0.85

@@ -4,9 +4,10 @@ the fastest one within the accuracy budget as a new version, with its report."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,12 @@ def optimize(
     calib_path: str | Path | None = None, max_drop: str = "0.5%", metric: str | None = None,
     recipes: Sequence[Recipe] | None = None, time_budget_s: float = 600, objective: str = "latency",
     batch_size: int = 32, report_dir: str | Path | None = None, register: bool = True, progress: bool = True,
-    options: RuntimeOptions | None = None,
+    options: RuntimeOptions | None = None, variants: Mapping[str, Path] | None = None,
 ) -> OptimizeOutcome:
     """Search for the fastest variant of ``name:version`` within ``max_drop`` and register it.
+
+    ``variants`` adds ready-made ONNX files to the candidates (see ``torch_variants``: pruned and
+    distilled students of the model's PyTorch source), measured exactly like the recipes' outputs.
 
     Raises InvalidInput for unusable data or budget, UnsupportedFormat for non-ONNX versions.
     """
@@ -83,12 +87,12 @@ def optimize(
     metric = choose_metric(eval_data, metric)
     options = options or repo.config(name).runtime
     transformer = looks_like_transformer(artifact.model_path)
-    chosen_recipes = list(recipes) if recipes else default_recipes(transformer, calib is not None)
+    chosen_recipes = list(recipes) if recipes is not None else default_recipes(transformer, calib is not None)
     with tempfile.TemporaryDirectory() as tmp:
         searcher = Searcher(artifact.model_path, artifact.signature, eval_data, calib, metric, budget, Path(tmp),
                             options=options, batch_size=batch_size, time_budget_s=time_budget_s,
                             objective=objective, progress=progress)
-        result = searcher.run(chosen_recipes)
+        result = searcher.run(chosen_recipes, variants)
         folder = Path(report_dir) if report_dir else Path(tmp) / "report"
         files = write_report(result, folder)
         ref = None
@@ -114,3 +118,30 @@ def _register(repo: Repository, name: str, parent: str, result: SearchResult, fi
     model_file = chosen.path.with_name("model.onnx")
     shutil.copyfile(chosen.path, model_file)
     return repo.add(model_file, name, provenance=provenance, metrics=metrics, attachments=files)
+
+
+def torch_variants(module, example_inputs, x_train, y_train, folder: str | Path, *, input_names, output_names,
+                   prune_ratio: float = 0.5, student_width: float = 0.45, epochs: int = 10,
+                   progress: bool = True) -> dict[str, Path]:
+    """Build PyTorch-side candidates of a classifier and export them next to each other in ``folder``:
+    structured pruning with fine-tuning, and a distilled narrower student. Returns name -> ONNX path,
+    ready for ``optimize(..., variants=...)``."""
+    import copy
+
+    from leanserve.from_torch import export
+    from leanserve.optimize.distill import distill, width_student
+    from leanserve.optimize.prune import iterative_prune_and_finetune
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pruned = iterative_prune_and_finetune(copy.deepcopy(module), example_inputs, x_train, y_train,
+                                          target_ratio=prune_ratio, progress=progress).module
+    student = distill(module, width_student(module, example_inputs, student_width), x_train, y_train,
+                      epochs=epochs, progress=progress).student
+    paths = {}
+    for name, model in ((f"structured pruning {prune_ratio:.0%} + fine-tune", pruned),
+                        (f"distilled student (width x{student_width:g})", student)):
+        path = folder / (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".onnx")
+        export(model.eval(), example_inputs, path, input_names=input_names, output_names=output_names)
+        paths[name] = path
+    return paths

@@ -95,8 +95,10 @@ class Searcher:
     reference: dict[str, np.ndarray] | None = None
     _started: float = field(default_factory=time.perf_counter)
 
-    def run(self, recipes: Sequence[Recipe]) -> SearchResult:
-        """Measure the original, then each recipe (with sensitivity fallback), until the time budget ends."""
+    def run(self, recipes: Sequence[Recipe], extra: Mapping[str, Path] | None = None) -> SearchResult:
+        """Measure the original, then ``extra`` ready-made variants (e.g. pruned or distilled PyTorch
+        exports, each with the same signature), then each recipe (with sensitivity fallback), until the
+        time budget ends."""
         from tqdm import tqdm
 
         baseline = self.evaluate(Recipe("original"), self.model)
@@ -104,6 +106,10 @@ class Searcher:
             raise LeanserveError(f"the original model cannot be measured: {baseline.error}")
         baseline.within_budget = True
         candidates: list[Candidate] = []
+        for name, path in (extra or {}).items():
+            candidate = self.evaluate(Recipe(name), Path(path), baseline)
+            candidate.notes.append("a ready-made variant (trained in PyTorch and exported)")
+            candidates.append(candidate)
         bar = tqdm(recipes, desc="optimizing", unit="recipe", disable=not self.progress)
         for tried, recipe in enumerate(bar):
             if self.time_left() <= 0:
