@@ -8,7 +8,6 @@ resumes where it was) and appends each decision to ``REPO/<model>/.rollout-event
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, replace
 from leanserve.config import RolloutConfig
 from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.monitor.live import WindowStats
+from leanserve.monitor.periodic import Periodic
 from leanserve.repository import Repository
 from leanserve.serve.routing import primary as primary_of
 from leanserve.serve.routing import set_traffic
@@ -87,7 +87,7 @@ def read_events(repo: Repository, name: str, limit: int = 50) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[-limit:] if line.strip()]
 
 
-class RolloutGuard:
+class RolloutGuard(Periodic):
     """Applies ``judge`` to every model with an active rollout, every ``interval_s`` seconds."""
 
     def __init__(self, registry, plane, metrics, interval_s: float = 1.0) -> None:
@@ -96,23 +96,13 @@ class RolloutGuard:
         self.metrics = metrics
         self.interval_s = interval_s
         self._stage_started: dict[tuple[str, int, int], float] = {}
-        self._task: asyncio.Task | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            for name in list(self.registry.models):
-                try:
-                    await self.check(name)
-                except (LeanserveError, OSError) as exc:
-                    log.error("rollout guard of %s: %s", name, exc)
+    async def tick(self) -> None:
+        for name in list(self.registry.models):
+            try:
+                await self.check(name)
+            except (LeanserveError, OSError) as exc:  # one model's trouble must not stop the others' guard
+                log.error("rollout guard of %s: %s", name, exc)
 
     async def check(self, name: str) -> Verdict | None:
         """Judge one model's canary now and act on the verdict."""

@@ -11,16 +11,16 @@ import logging
 import time
 from typing import Any
 
-from leanserve.errors import LeanserveError
 from leanserve.monitor.alerts import AlertSink, evaluate
 from leanserve.monitor.bias import bias_by_group
+from leanserve.monitor.periodic import Periodic
 from leanserve.monitor.quality import rolling_quality
 
 log = logging.getLogger(__name__)
 HISTORY_POINTS = 300
 
 
-class Monitor:
+class Monitor(Periodic):
     """Samples live figures every ``interval_s``, recomputes quality and bias from labels every
     ``slow_interval_s``, and evaluates each model's alert rules."""
 
@@ -31,23 +31,7 @@ class Monitor:
         self.labels: dict[tuple[str, int], dict[str, Any]] = {}
         self.drift: dict[tuple[str, int], dict[str, Any]] = {}
         self.alerts = AlertSink(metrics)
-        self._task: asyncio.Task | None = None
         self._last_slow = 0.0
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.tick()
-            except (LeanserveError, OSError, ValueError) as exc:
-                log.error("monitoring round failed: %s", exc)
 
     async def tick(self) -> None:
         """One round: history points, (periodically) labels and bias, then alert rules."""
