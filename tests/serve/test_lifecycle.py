@@ -75,3 +75,10 @@ def test_sigterm_drains_in_flight_requests_then_exits(affine_repo):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_grpc_port_zero_turns_grpc_off(tmp_path):
+    from leanserve.serve.settings import ServerConfig
+
+    assert ServerConfig.from_env(tmp_path, grpc_port=None).grpc_port is None
+    assert ServerConfig.from_env(tmp_path, port=None).port == 8000

@@ -34,4 +34,6 @@ class ServerConfig:
     def from_env(cls, repo: Path, **overrides) -> ServerConfig:
         """Settings from flags (``overrides``) with the admin token from ``LEANSERVE_ADMIN_TOKEN``."""
         token = overrides.pop("admin_token", None) or os.environ.get(ADMIN_TOKEN_ENV) or None
-        return cls(repo=Path(repo), admin_token=token, **{k: v for k, v in overrides.items() if v is not None})
+        nullable = {"grpc_port", "monitor_db"}  # None means "off" / "default place" for these, not "unset"
+        return cls(repo=Path(repo), admin_token=token,
+                   **{k: v for k, v in overrides.items() if v is not None or k in nullable})

@@ -172,9 +172,10 @@ class RestApi:
             status = response.status_code
             if status >= 500 and status not in (503, 504):
                 log.error("request %s to %s failed: %s", request_id, model, exc)
-        self.access_log.write(
-            request_id=request_id, method="POST", path=request.url.path, status=status, model=model,
-            version=served or version, ms=round((time.perf_counter() - started) * 1000, 3),
-            client=request.client.host if request.client else None,
-        )
+        if self.access_log.enabled:
+            self.access_log.write(
+                request_id=request_id, method="POST", path=request.scope["path"], status=status, model=model,
+                version=served or version, ms=round((time.perf_counter() - started) * 1000, 3),
+                client=request.client.host if request.client else None,
+            )
         return response
