@@ -64,3 +64,16 @@ def test_monitoring_can_be_turned_off(affine_repo, live_server_factory):
     server = live_server_factory(affine_repo.root, monitor=False)
     response = feedback(server, [{"id": "x", "label": 1}])
     assert response.status_code == 503 and "monitoring is off" in response.json()["error"]
+
+
+def test_feedback_command_sends_json_lines(server, tmp_path, capsys):
+    from leanserve.cli import main
+
+    httpx.post(server.url + "/v2/models/affine/infer", content=BODY("cli-1", [0, 1, 2, 9]))
+    wait_until(lambda: logged(server, 1), what="sample logged")
+    (tmp_path / "labels.jsonl").write_text('{"id": "cli-1", "label": 3}\n{"id": "ghost", "label": 1}\n')
+    assert main(["feedback", "affine", "--file", str(tmp_path / "labels.jsonl"), "--url", server.url]) == 0
+    assert "accepted 1 labels; unknown ids: 1" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    assert main(["feedback", "affine", "--file", str(tmp_path / "bad.jsonl"), "--url", server.url]) == 1
+    assert "bad.jsonl:1: not a JSON object" in capsys.readouterr().err

@@ -108,6 +108,32 @@ def print_status(status: dict) -> None:
     print("alerts: " + ("; ".join(f"v{a['version']} {a['rule']}: {a['message']}" for a in status["alerts"]) or "none"))
 
 
+def cmd_feedback(args) -> int:
+    import httpx
+    import orjson
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such file")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                items.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise InvalidInput(f"{path}:{number}: not a JSON object ({exc})") from None
+    try:
+        response = httpx.post(f"{args.url.rstrip('/')}/v2/models/{args.model}/feedback",
+                              content=orjson.dumps({"feedback": items}), timeout=60)
+    except httpx.HTTPError as exc:
+        raise InvalidInput(f"cannot reach the server at {args.url}: {exc}") from None
+    if response.status_code != 200:
+        raise InvalidInput(response.json().get("error", response.text))
+    result = response.json()
+    print(f"accepted {result['accepted']} labels; unknown ids: {len(result['unknown'])}, already labelled: {len(result['duplicate'])}")
+    return 0
+
+
 def cmd_profile(args) -> int:
     from leanserve.monitor.reference import build_reference, profile_path
     from leanserve.optimize.run import load_data
@@ -165,6 +191,12 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("model", help="MODEL or MODEL:VERSION")
     p.add_argument("--data", required=True, help=".npz with one array per model input (typical traffic)")
     add_repo(p)
+
+    p = command(sub, "feedback", cmd_feedback, "send delayed true labels for earlier requests (JSON lines: {\"id\": ..., \"label\": ...})",
+                "leanserve feedback digits-cnn --file labels.jsonl --url http://127.0.0.1:8000")
+    p.add_argument("model", help="model name")
+    p.add_argument("--file", required=True, help="JSON lines, one {\"id\": REQUEST_ID, \"label\": VALUE} each")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
 
     p = command(sub, "monitor", cmd_monitor, "print a running server's monitoring picture of a model (as the dashboard shows it)",
                 "leanserve monitor digits-cnn --url http://127.0.0.1:8000")
