@@ -560,8 +560,9 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--duration", type=int, help="seconds per wrk run (default 10; 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="short runs and fewer concurrencies, for smoke testing")
     parser.add_argument("--only", choices=("cnn", "minilm"), help="benchmark one model only")
-    parser.add_argument("--threads", type=int, default=max(1, len(os.sched_getaffinity(0)) // 2),
-                        help="ONNX Runtime intra-op threads, in the server and in-process (default: half the cores)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="ONNX Runtime intra-op threads, in the server and in-process (default 0: the server's "
+                             "default, ONNX Runtime's own choice)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/serve_bench.json"), help="where to write the JSON")
     args = parser.parse_args(argv)
     duration = args.duration or (2 if args.quick else 10)
