@@ -61,6 +61,7 @@ def test_full_queue_drops_samples_instead_of_blocking(tmp_path):
     log = PredictionLog(LogConfig(tmp_path / "q.db", queue_size=5))
     log._stop.set()  # stop the writer from draining so the queue fills
     log._writer.join()
+    log._stop.clear()
     results = [log.record("m", 1, str(i), *sample(i), latency_ms=1.0) for i in range(20)]
     assert results.count(True) == 5 and log.stats.dropped == 15
 

@@ -8,8 +8,9 @@ database costs samples, never requests. Delayed labels (feedback) are joined to 
 
 from __future__ import annotations
 
+import collections
+import functools
 import logging
-import queue
 import random
 import sqlite3
 import threading
@@ -26,6 +27,7 @@ from leanserve.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
+_CHUNK_ROWS = 32
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
     id INTEGER PRIMARY KEY,
@@ -88,14 +90,19 @@ def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
     Not np.savez: its zip container costs ten times more, and this runs for every logged request.
     BYTES (object) arrays are stored as fixed-width byte strings; nothing is pickled.
     """
-    header, blobs = [], []
+    layout, blobs = [], []
     for name, array in arrays.items():
         array = np.asarray(array.astype(bytes) if array.dtype == object else array, order="C")  # keeps 0-d
-        blob = array.tobytes()
-        header.append([name, array.dtype.str, list(array.shape), len(blob)])
-        blobs.append(blob)
-    head = orjson.dumps(header)
-    return len(head).to_bytes(4, "little") + head + b"".join(blobs)
+        layout.append((name, array.dtype.str, array.shape, array.nbytes))
+        blobs.append(array.tobytes())
+    return _header(tuple(layout)) + b"".join(blobs)
+
+
+@functools.lru_cache(maxsize=256)
+def _header(layout: tuple) -> bytes:
+    # Requests of one model share a handful of layouts: encode each header once.
+    head = orjson.dumps([[name, dtype, list(shape), size] for name, dtype, shape, size in layout])
+    return len(head).to_bytes(4, "little") + head
 
 
 def unpack(blob: bytes) -> dict[str, np.ndarray]:
@@ -118,7 +125,9 @@ class PredictionLog:
         config.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             db.executescript(_SCHEMA)
-        self._queue: queue.Queue = queue.Queue(maxsize=config.queue_size)
+        # A deque, not a queue.Queue: append and popleft are atomic and lock-free, which matters at
+        # thousands of requests per second; the size bound is checked (approximately) by ``record``.
+        self._queue: collections.deque = collections.deque()
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="prediction-log", daemon=True)
         self._writer.start()
@@ -136,11 +145,10 @@ class PredictionLog:
         """Queue one sample (subject to the sample rate); returns False when it was not kept."""
         if self.config.sample_rate < 1.0 and random.random() >= self.config.sample_rate:
             return False
-        try:
-            self._queue.put_nowait((time.time(), model, version, request_id, latency_ms, group, inputs, outputs))
-        except queue.Full:
+        if len(self._queue) >= self.config.queue_size:
             self.stats.dropped += 1
             return False
+        self._queue.append((time.time(), model, version, request_id, latency_ms, group, inputs, outputs))
         return True
 
     # --- writer thread ----------------------------------------------------------------------------
@@ -148,16 +156,21 @@ class PredictionLog:
     def _write_loop(self) -> None:
         db = self._connect()
         since_trim = 0
-        while not (self._stop.is_set() and self._queue.empty()):
+        while not (self._stop.is_set() and not self._queue):
             batch = self._drain()
             if not batch:
                 continue
             try:
                 with db:
-                    db.executemany(
-                        "INSERT INTO predictions (ts, model, version, request_id, latency_ms, grp, inputs, outputs) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(ts, m, v, rid, lat, grp, pack(i), pack(o)) for ts, m, v, rid, lat, grp, i, o in batch])
+                    for start in range(0, len(batch), _CHUNK_ROWS):
+                        db.executemany(
+                            "INSERT INTO predictions (ts, model, version, request_id, latency_ms, grp, inputs, outputs) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [(ts, m, v, rid, lat, grp, pack(i), pack(o))
+                             for ts, m, v, rid, lat, grp, i, o in batch[start:start + _CHUNK_ROWS]])
+                        # Packing holds the GIL: hand it to the event loop between chunks, or a burst of
+                        # a thousand rows stalls serving for ~10 ms (seen as p99 at 100% sampling).
+                        time.sleep(0)
                 self.stats.written += len(batch)
                 since_trim += len(batch)
                 if since_trim >= self.config.max_rows // 10 + 1:
@@ -174,11 +187,8 @@ class PredictionLog:
         # writer off the GIL (and the event loop's way) instead of waking for every request.
         self._stop.wait(self.config.flush_interval_s)
         batch = []
-        try:
-            while len(batch) < self.config.batch_rows:
-                batch.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
+        while self._queue and len(batch) < self.config.batch_rows:
+            batch.append(self._queue.popleft())
         return batch
 
     def _trim(self, db: sqlite3.Connection) -> None:
@@ -188,7 +198,7 @@ class PredictionLog:
     def flush(self, timeout_s: float = 10.0) -> None:
         """Wait until every queued sample has been written (or the timeout passes)."""
         deadline = time.monotonic() + timeout_s
-        while not self._queue.empty() and time.monotonic() < deadline:
+        while self._queue and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(self.config.flush_interval_s + 0.05)  # the last batch's transaction
 
