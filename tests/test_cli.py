@@ -124,3 +124,12 @@ def test_demo_trains_exports_imports_and_reports_accuracy(capsys, tmp_path):
     accuracy = float(out.split("held-out accuracy: ")[1].split("%")[0])
     assert accuracy > 85.0
     assert "digits-cnn:1" in out
+
+
+def test_demo_stores_a_reference_profile_for_drift(tmp_path, capsys):
+    from leanserve import Repository
+    from leanserve.monitor.reference import load_reference
+
+    assert main(["demo", "--repo", str(tmp_path / "repo"), "--epochs", "1"]) == 0
+    profile = load_reference(Repository(tmp_path / "repo"), "digits-cnn", 1)
+    assert profile is not None and set(profile.names) >= {"image", "logits"}

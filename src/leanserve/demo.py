@@ -105,6 +105,9 @@ def run_demo(repo: Repository, name: str = "digits-cnn", epochs: int = 15, progr
             onnx_path, name,
             provenance=Provenance(source="leanserve demo: CNN trained on sklearn digits", exporter=result.exporter),
         )
+    from leanserve.monitor.reference import build_reference
+
+    build_reference(repo, ref.name, ref.version, {"image": x_train})  # what drift is measured against
     model = load(ref.name, ref.version, repo=repo)
     acc = accuracy(model.predict({"image": x_test})["logits"], y_test)
     request_file = repo.root.resolve().parent / "digits-request.json"

@@ -98,6 +98,9 @@ def optimize(
         ref = None
         if register and result.chosen is not None and result.chosen is not result.baseline:
             ref = _register(repo, name, artifact.path.name, result, files)
+            from leanserve.monitor.reference import build_reference
+
+            build_reference(repo, ref.name, ref.version, {n: eval_data[n] for n in artifact.signature.input_names})
         if not report_dir:  # the temp folder goes away: point at the copies in the new version
             files = [repo.get(ref.name, ref.version, verify=False).path / f.name for f in files] if ref else []
     return OptimizeOutcome(result, ref, files)
