@@ -33,7 +33,7 @@ class RecordingSession:
         self.batches.append(inputs["x"].shape)
         self.seen.append(inputs["x"].copy())
         if self.delay_s:
-            time.sleep(self.delay_s)
+            time.sleep(self.delay_s)  # stands for the engine's compute time; no test waits on a clock
         if self.fail:
             raise RuntimeError("engine exploded")
         x = inputs["x"]

@@ -95,11 +95,7 @@ class AdminApi:
 
     async def traffic(self, request: Request) -> dict[str, Any]:
         name = request.path_params["model"]
-        body = await read_body(request, 64 * 1024, self.config.body_timeout_s)
-        try:
-            doc = orjson.loads(body or b"{}")
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"traffic body is not valid JSON: {exc}") from None
+        doc = await self._json_body(request, "traffic")
         if not isinstance(doc, dict) or not set(doc) <= {"weights", "shadow"}:
             raise InvalidInput('traffic body must be {"weights": {"VERSION": WEIGHT, ...}, "shadow": VERSION or null}')
         available = set(self.registry.repo.versions(name))
@@ -132,11 +128,7 @@ class AdminApi:
     async def canary(self, request: Request) -> dict[str, Any]:
         """Start a guarded rollout: {"version": N, "steps": [...], "step_interval_s": S, ...}."""
         name = request.path_params["model"]
-        body = await read_body(request, 64 * 1024, self.config.body_timeout_s)
-        try:
-            doc = orjson.loads(body or b"{}")
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"canary body is not valid JSON: {exc}") from None
+        doc = await self._json_body(request, "canary")
         if not isinstance(doc, dict) or not isinstance(doc.get("version"), int):
             raise InvalidInput('canary body must be {"version": N, ...rollout settings}')
         settings = {k: v for k, v in doc.items() if k != "version"}
@@ -148,6 +140,13 @@ class AdminApi:
         await self.registry.sync_model(name)
         return {"canary": rollout.canary, "primary": rollout.primary, "steps": list(rollout.steps),
                 **await self._model_status(name)}
+
+    async def _json_body(self, request: Request, what: str) -> Any:
+        body = await read_body(request, 64 * 1024, self.config.body_timeout_s)
+        try:
+            return orjson.loads(body or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"{what} body is not valid JSON: {exc}") from None
 
     async def _model_status(self, name: str) -> dict[str, Any]:
         return (await self.status(None))["models"].get(name, {})  # type: ignore[arg-type]
