@@ -116,7 +116,7 @@ def test_chi_square_fires_on_changed_category_shares_and_not_on_kept_ones():
 
 def test_mmd_fires_on_rotated_digits(digits):
     profile = build_profile({"image": digits[:150]}, max_rows=150)
-    report = detect(profile, {"image": np.rot90(digits[150:300], axes=(1, 2))}, DriftConfig(mmd_permutations=100))
+    report = detect(profile, {"image": np.rot90(digits[150:300], axes=(1, 2))}, DriftConfig())
     (result,) = report.features
     assert (result.method, result.feature) == ("mmd", "*")
     assert result.drifted and result.p_value <= 0.01, result
@@ -124,19 +124,19 @@ def test_mmd_fires_on_rotated_digits(digits):
 
 def test_mmd_is_quiet_on_a_disjoint_sample_of_upright_digits(digits):
     profile = build_profile({"image": digits[:150]}, max_rows=150)
-    report = detect(profile, {"image": digits[300:450]}, DriftConfig(mmd_permutations=100))
+    report = detect(profile, {"image": digits[300:450]}, DriftConfig())
     (result,) = report.features
     assert not result.drifted and result.p_value > 0.05, result
 
 
 def test_mmd_on_images_still_fires_beside_many_quiet_columns(digits):
-    # with 11 tests, Benjamini-Hochberg needs p <= 0.01 / 11: below what 100 permutations can show
+    # with 11 tests, Benjamini-Hochberg needs p <= 0.01 / 11: finer than 200 permutations can show (1 / 201)
     rng = np.random.default_rng(7)
     profile = build_profile({"image": digits[:150], "x": tabular_rows(rng, 2000)}, max_rows=150)
     live = {"image": np.rot90(digits[150:300], axes=(1, 2)), "x": tabular_rows(rng, 150)}
-    report = detect(profile, live, DriftConfig(mmd_permutations=100))
+    report = detect(profile, live, DriftConfig())
     assert drifted(report, "mmd") == {"*"} and drifted(report, "ks") == set()
-    assert mmd_permutations_needed(11, DriftConfig(mmd_permutations=100)) == 1100
+    assert mmd_permutations_needed(11, DriftConfig()) == 1100
 
 
 def test_detectors_agree_with_known_cases():
