@@ -185,6 +185,7 @@ class RolloutConfig:
     p99_slack_ms: float = 2.0  # small windows are noisy: also allow this much absolute excess
     max_quality_drop: float = 0.02
     min_quality_samples: int = 30
+    min_shadow_agreement: float | None = 0.95  # when the canary also ran as the primary's shadow
 
     def __post_init__(self) -> None:
         _check(bool(self.steps) and all(_is_int(p) and 0 < p <= 100 for p in self.steps) and list(self.steps) == sorted(self.steps),

@@ -16,6 +16,12 @@ FAST = WindowStats(200, 0, 0.0, 0.2, 0.5, 100.0)
 CONFIG = RolloutConfig(canary=2, primary=1, step_interval_s=10, min_requests=50)
 
 
+def test_judge_rolls_back_a_canary_that_disagreed_as_shadow():
+    assert judge(CONFIG, FAST, FAST, 30, shadow_agreement=0.80).action == "rollback"
+    assert "agreed with the primary on 80.0%" in judge(CONFIG, FAST, FAST, 30, shadow_agreement=0.80).reason
+    assert judge(CONFIG, FAST, FAST, 30, shadow_agreement=0.99).action == "advance"
+
+
 @pytest.mark.parametrize("canary, age, quality, action, reason", [
     (WindowStats(10, 0, 0.0, 0.2, 0.5, 5.0), 30, None, "hold", ""),
     (FAST, 5, None, "hold", ""),

@@ -34,8 +34,10 @@ class Verdict:
 
 
 def judge(config: RolloutConfig, canary: WindowStats, primary: WindowStats, stage_age_s: float,
-          canary_quality: float | None = None, primary_quality: float | None = None) -> Verdict:
-    """Decide the next step of a canary from its live window against the primary's."""
+          canary_quality: float | None = None, primary_quality: float | None = None,
+          shadow_agreement: float | None = None) -> Verdict:
+    """Decide the next step of a canary from its live window against the primary's, its live quality
+    from feedback, and how often it agreed with the primary while it ran as its shadow."""
     if canary.requests >= config.min_requests:
         if canary.error_rate - primary.error_rate > config.max_error_rate_increase:
             return Verdict("rollback", f"error rate {canary.error_rate:.2%} vs primary {primary.error_rate:.2%} "
@@ -47,6 +49,9 @@ def judge(config: RolloutConfig, canary: WindowStats, primary: WindowStats, stag
     if canary_quality is not None and primary_quality is not None and primary_quality - canary_quality > config.max_quality_drop:
         return Verdict("rollback", f"live quality {canary_quality:.4f} vs primary {primary_quality:.4f} "
                                    f"(allowed drop {config.max_quality_drop:g})")
+    if config.min_shadow_agreement is not None and shadow_agreement is not None and shadow_agreement < config.min_shadow_agreement:
+        return Verdict("rollback", f"agreed with the primary on {shadow_agreement:.1%} of shadowed requests "
+                                   f"(required {config.min_shadow_agreement:.0%})")
     if canary.requests >= config.min_requests and stage_age_s >= config.step_interval_s:
         return Verdict("advance")
     return Verdict("hold")
@@ -115,7 +120,8 @@ class RolloutGuard(Periodic):
         stats = self.plane.live_stats
         quality = self.plane.live_quality.get(name, {})
         verdict = judge(rollout, stats.window(name, rollout.canary, window), stats.window(name, rollout.primary, window),
-                        time.monotonic() - started, quality.get(rollout.canary), quality.get(rollout.primary))
+                        time.monotonic() - started, quality.get(rollout.canary), quality.get(rollout.primary),
+                        self.plane.shadow_agreement(name, rollout.primary, rollout.canary))
         if verdict.action == "rollback":
             await self._apply(name, rollout, None, verdict.reason)
         elif verdict.action == "advance":

@@ -133,7 +133,8 @@ class AdminApi:
             raise InvalidInput('canary body must be {"version": N, ...rollout settings}')
         settings = {k: v for k, v in doc.items() if k != "version"}
         unknown = set(settings) - {"steps", "step_interval_s", "min_requests", "max_error_rate_increase",
-                                   "max_p99_ratio", "p99_slack_ms", "max_quality_drop", "min_quality_samples"}
+                                   "max_p99_ratio", "p99_slack_ms", "max_quality_drop", "min_quality_samples",
+                                   "min_shadow_agreement"}
         if unknown:
             raise InvalidInput(f"unknown rollout setting {sorted(unknown)[0]!r}")
         rollout = start_rollout(self.registry.repo, name, doc["version"], **settings)

@@ -173,9 +173,11 @@ class DataPlane:
         counts[1] += 1
         self.metrics.shadow_agreement.labels(*labels).set(counts[0] / counts[1])
 
-    def shadow_agreement(self, name: str, version: int) -> float | None:
-        """Share of shadow comparisons that agreed, for ``version`` as primary (None without a shadow)."""
-        counts = [c for (model, primary, _), c in self._shadow_counts.items() if model == name and primary == version]
+    def shadow_agreement(self, name: str, version: int, shadow: int | None = None) -> float | None:
+        """Share of shadow comparisons that agreed, for ``version`` as primary (and ``shadow`` as the
+        shadow, when given); None when there were none."""
+        counts = [c for (model, primary, other), c in self._shadow_counts.items()
+                  if model == name and primary == version and (shadow is None or other == shadow)]
         total = sum(c[1] for c in counts)
         return sum(c[0] for c in counts) / total if total else None
 
