@@ -41,7 +41,7 @@ clean:
 
 # Regenerate the gRPC modules from the .proto. They use a private descriptor pool so they can live in
 # one process with other copies of the same 'inference' package (tritonclient ships one).
-PROTO := src/leanserve/serve/protocol/grpc_predict_v2.proto
+PROTOS := src/leanserve/serve/protocol/grpc_predict_v2.proto src/leanserve/serve/protocol/leanserve_monitor.proto
 grpc-stubs: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src --pyi_out=src $(PROTO)
-	sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/_POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = _POOL.AddSerializedFile(/' src/leanserve/serve/protocol/grpc_predict_v2_pb2.py
+	$(BIN)/python -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src --pyi_out=src $(PROTOS)
+	sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/_POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = _POOL.AddSerializedFile(/' src/leanserve/serve/protocol/*_pb2.py

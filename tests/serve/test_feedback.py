@@ -77,3 +77,24 @@ def test_feedback_command_sends_json_lines(server, tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("not json\n")
     assert main(["feedback", "affine", "--file", str(tmp_path / "bad.jsonl"), "--url", server.url]) == 1
     assert "bad.jsonl:1: not a JSON object" in capsys.readouterr().err
+
+
+def test_feedback_over_grpc(server):
+    import grpc
+
+    from leanserve.serve.protocol import leanserve_monitor_pb2 as pb
+    from leanserve.serve.protocol import leanserve_monitor_pb2_grpc as pb_grpc
+
+    httpx.post(server.url + "/v2/models/affine/infer", content=BODY("g-1", [0, 1, 2, 9]))
+    wait_until(lambda: logged(server, 1), what="sample logged")
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = pb_grpc.MonitoringStub(channel)
+        reply = stub.Feedback(pb.FeedbackRequest(model_name="affine", items=[
+            pb.FeedbackItem(id="g-1", class_label=3), pb.FeedbackItem(id="nobody", class_label=1)]))
+        assert reply.accepted == 1 and list(reply.unknown) == ["nobody"]
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Feedback(pb.FeedbackRequest(model_name="affine", items=[pb.FeedbackItem(id="x")]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "class_label or value" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Feedback(pb.FeedbackRequest(model_name="nope", items=[pb.FeedbackItem(id="x", class_label=1)]))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -14,6 +14,8 @@ from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.serve.dataplane import DataPlane
 from leanserve.serve.protocol import grpc_predict_v2_pb2 as pb
 from leanserve.serve.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
+from leanserve.serve.protocol import leanserve_monitor_pb2 as monitor_pb
+from leanserve.serve.protocol import leanserve_monitor_pb2_grpc as monitor_grpc
 from leanserve.serve.protocol.codec import (
     InferRequest,
     InferResponse,
@@ -129,6 +131,28 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc_status(exc), str(exc))
 
 
+class MonitoringService(monitor_grpc.MonitoringServicer):
+    """leanserve.Monitoring: delayed labels over gRPC, the same data plane call as REST's /feedback."""
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    async def Feedback(self, request, context):
+        items = []
+        for i, item in enumerate(request.items):
+            kind = item.WhichOneof("label")
+            if not item.id or kind is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"items[{i}] needs an id and a class_label or value")
+            items.append((item.id, getattr(item, kind)))
+        if not items:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "feedback needs at least one item")
+        try:
+            result = await self.plane.feedback(request.model_name, items)
+        except LeanserveError as exc:
+            await context.abort(grpc_status(exc), str(exc))
+        return monitor_pb.FeedbackResponse(accepted=result["accepted"], unknown=result["unknown"], duplicate=result["duplicate"])
+
+
 def build_grpc_server(plane: DataPlane, config: ServerConfig) -> grpc.aio.Server:
     """A grpc.aio server bound to ``config.host:config.grpc_port`` (not yet started)."""
     limit = min(config.max_body_bytes, 2**31 - 1)
@@ -138,6 +162,7 @@ def build_grpc_server(plane: DataPlane, config: ServerConfig) -> grpc.aio.Server
         ("grpc.so_reuseport", 0),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcService(plane, config), server)
+    monitor_grpc.add_MonitoringServicer_to_server(MonitoringService(plane), server)
     address = f"{config.host}:{config.grpc_port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot bind gRPC to {address}")
