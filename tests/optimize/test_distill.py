@@ -2,22 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from leanserve.demo import build_cnn, digits_dataset, train_cnn
+from leanserve.demo import build_cnn
 from leanserve.errors import InvalidInput
 from leanserve.optimize.distill import capture_outputs, distill, feature_loss, width_student
 from leanserve.optimize.train import count_params, top1_accuracy
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return digits_dataset()
-
-
-@pytest.fixture(scope="module")
-def teacher(digits):
-    """The demo CNN (16/32 conv channels) trained on the real digits: about 0.97 held-out accuracy."""
-    x_train, _, y_train, _ = digits
-    return train_cnn(x_train, y_train, epochs=5, progress=False)
+def teacher(digits_teacher):
+    return digits_teacher
 
 
 def test_width_student_halves_every_hidden_layer_and_keeps_the_classes(teacher, digits):

@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-from leanserve.demo import digits_dataset, train_cnn
 from leanserve.errors import InvalidInput
 from leanserve.from_torch import export
 from leanserve.optimize.prune import iterative_prune_and_finetune, prune_structured, prune_unstructured
@@ -11,16 +10,10 @@ from leanserve.optimize.train import count_params, top1_accuracy
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return digits_dataset()
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
+def trained(digits, digits_teacher):
     """The demo CNN trained on the real digits, and its held-out accuracy (about 0.97)."""
-    x_train, x_test, y_train, y_test = digits
-    model = train_cnn(x_train, y_train, epochs=5, progress=False)
-    return model, top1_accuracy(model, x_test, y_test)
+    _, x_test, _, y_test = digits
+    return digits_teacher, top1_accuracy(digits_teacher, x_test, y_test)
 
 
 def _conv_widths(model: nn.Module) -> list[int]:

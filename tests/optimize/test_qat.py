@@ -4,14 +4,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from leanserve.demo import accuracy, digits_dataset, train_cnn
+from leanserve.demo import accuracy, train_cnn
 from leanserve.errors import InvalidInput
 from leanserve.optimize.qat import FakeQuantLayer, export_qat, prepare_qat, qat_finetune, strip_qat
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return digits_dataset()
 
 
 def test_prepare_wraps_every_conv_and_linear_and_strip_undoes_it():
