@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -21,6 +22,7 @@ ENGINES: dict[str, tuple[str, str | None]] = {
     "onnxruntime": ("leanserve.runtime.onnxruntime", None),
     "torch": ("leanserve.runtime.torch", "torch"),
     "openvino": ("leanserve.runtime.openvino", "openvino"),
+    "tvm": ("leanserve.runtime.tvm", "tvm"),
 }
 
 
@@ -39,6 +41,29 @@ class Session(Protocol):
         ...
 
 
+def engine_module(engine: str):
+    """The runtime module of ``engine``; UnsupportedFormat naming the extra to install when it is missing."""
+    if engine not in ENGINES:
+        raise UnsupportedFormat(f"unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
+    module_name, extra = ENGINES[engine]
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnsupportedFormat(
+            f"engine {engine!r} is not installed ({exc.name or exc}); install it with: pip install 'leanserve[{extra}]'"
+        ) from exc
+
+
+def prepare(engine: str, onnx_path: Path, workdir: Path, signature: Signature, options: RuntimeOptions,
+            time_budget_s: float = 600.0) -> Path:
+    """Turn an ONNX model into what ``engine`` loads: the ONNX file itself for engines that read ONNX,
+    a compiled artifact for engines that compile ahead of time (an engine module's optional
+    ``prepare(onnx_path, workdir, signature, options, time_budget_s) -> Path``). The returned file is
+    what ``leanserve.formats.read_model`` and the repository accept."""
+    hook = getattr(engine_module(engine), "prepare", None)
+    return Path(hook(onnx_path, workdir, signature, options, time_budget_s)) if hook else onnx_path
+
+
 def load_session(artifact: ModelArtifact, options: RuntimeOptions | None = None) -> Session:
     """Load ``artifact`` with its engine (``options.engine`` or the manifest's runtime).
 
@@ -47,16 +72,7 @@ def load_session(artifact: ModelArtifact, options: RuntimeOptions | None = None)
     """
     options = options or RuntimeOptions()
     engine = options.engine or artifact.manifest.default_runtime
-    if engine not in ENGINES:
-        raise UnsupportedFormat(f"unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
-    module_name, extra = ENGINES[engine]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UnsupportedFormat(
-            f"engine {engine!r} is not installed ({exc.name or exc}); install it with: pip install 'leanserve[{extra}]'"
-        ) from exc
-    return module.load(artifact, options)
+    return engine_module(engine).load(artifact, options)
 
 
 def example_inputs(signature: Signature, batch_size: int = 1, dynamic_size: int = 1) -> dict[str, np.ndarray]:
