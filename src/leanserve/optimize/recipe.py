@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from leanserve.errors import InvalidInput
-from leanserve.optimize import graph, quantize
+from leanserve.optimize import graph, openvino, quantize
 from leanserve.optimize.steps import PassContext, StepResult
 
 PassFn = Callable[..., StepResult]
@@ -23,8 +23,9 @@ PASSES: dict[str, PassFn] = {
     "static_int8": quantize.static_int8,
     "fp16": quantize.to_fp16,
     "int4_weights": quantize.weight_only_int4,
+    "openvino_int8": openvino.nncf_int8,
 }
-QUANTIZING = {"dynamic_int8", "static_int8", "int4_weights"}
+QUANTIZING = {"dynamic_int8", "static_int8", "int4_weights", "openvino_int8"}
 
 
 @dataclass(frozen=True)
