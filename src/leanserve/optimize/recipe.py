@@ -105,8 +105,9 @@ def default_recipes(transformer: bool, has_calibration: bool, gpu: bool = False)
         recipes.append(Recipe("dynamic int8, fused", base + (Step("dynamic_int8"),)))
     if has_calibration:
         recipes += [Recipe(f"static int8 ({m})", (Step("static_int8", {"method": m}),)) for m in ("minmax", "percentile", "entropy")]
-    if not transformer:
-        recipes.append(Recipe("dynamic int8", (Step("dynamic_int8"),)))
+    # Unfused too for transformers: ONNX Runtime fuses the quantized graph itself at load, and on some
+    # CPUs that beats quantizing the pre-fused graph (measured: 2.12x vs 2.05x on an AVX-512 VNNI EPYC).
+    recipes.append(Recipe("dynamic int8", (Step("dynamic_int8"),)))
     if gpu:
         recipes.append(Recipe("fp16", base + (Step("fp16"),)))
     recipes.append(Recipe("graph fusions" if transformer else "graph (extended)",
