@@ -18,6 +18,7 @@ import numpy as np
 from leanserve.artifact import Provenance, TensorSpec
 from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.model import default_repo
+from leanserve.runtime import ENGINES
 
 EXIT_ERROR = 1
 
@@ -63,6 +64,19 @@ def cmd_import(args) -> int:
     artifact = repo.get(ref.name, ref.version, verify=False)
     print(f"imported {args.model} as {ref} ({artifact.manifest.format}, {artifact.size_bytes:,} bytes)")
     _print_signature(artifact.signature)
+    if args.data:
+        from leanserve.monitor.reference import build_reference, profile_path
+        from leanserve.optimize.run import load_data
+
+        try:
+            data = load_data(args.data, artifact.signature, "reference")
+            build_reference(repo, ref.name, ref.version, data)
+        except LeanserveError as exc:  # the version stays: a profile can be added later
+            print(f"imported, but no reference profile: {exc}\n  add one with: leanserve profile {ref} --data FILE",
+                  file=sys.stderr)
+            return 1
+        print(f"reference profile for drift checks from {len(next(iter(data.values())))} rows: "
+              f"{profile_path(repo, ref.name, ref.version)}")
     return 0
 
 
@@ -349,8 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", default=[], metavar="NAME:DATATYPE:SHAPE",
                    help="input spec, e.g. x:FP32:-1,1,28,28 (needed for TorchScript; -1 = dynamic; repeat per input)")
     p.add_argument("--output", action="append", default=[], metavar="NAME:DATATYPE:SHAPE", help="output spec (repeat)")
-    p.add_argument("--engine", choices=["onnxruntime", "torch", "openvino"], help="engine to serve it with (default: by format)")
+    p.add_argument("--engine", choices=sorted(ENGINES), help="engine to serve it with (default: by format)")
     p.add_argument("--no-check", action="store_true", help="skip the test load and run before importing")
+    p.add_argument("--data", metavar="NPZ", help="typical inputs (.npz, one array per input): stored as the version's "
+                   "reference profile, against which the server checks live traffic for drift")
     _add_repo(p)
 
     p = _command(sub, "export", cmd_export, "export a PyTorch module to ONNX, check it against PyTorch, optionally import it",
