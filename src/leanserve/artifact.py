@@ -29,6 +29,7 @@ FORMATS: dict[str, str] = {
     "torchscript": "torch",
     "torch_export": "torch",
     "openvino": "openvino",
+    "tvm": "tvm",
 }
 
 

@@ -6,6 +6,7 @@ signature found in it. Engines are imported lazily, inside the reader that needs
 
 from __future__ import annotations
 
+import json
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from leanserve.dtypes import v2_datatype
 from leanserve.errors import InvalidInput, ModelLoadError, UnsupportedFormat
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript",
-            ".pt2": "torch_export", ".xml": "openvino"}
+            ".pt2": "torch_export", ".xml": "openvino", ".so": "tvm"}
 
 
 @dataclass(frozen=True)
@@ -223,9 +224,28 @@ def _read_openvino(path: Path) -> tuple[list[Path], Signature]:
     return [weights], Signature(tuple(spec(p) for p in model.inputs), tuple(spec(p) for p in model.outputs))
 
 
+# --- TVM --------------------------------------------------------------------------------------------
+
+def tvm_sidecar(library: Path) -> Path:
+    """The JSON beside a TVM library that records its target and signature: ``m.tvm.so`` -> ``m.tvm.json``."""
+    return library.with_name(library.name.removesuffix(".so").removesuffix(".tvm") + ".tvm.json")
+
+
+def _read_tvm(path: Path) -> tuple[list[Path], Signature]:
+    sidecar = tvm_sidecar(path)
+    if not sidecar.is_file():
+        raise UnsupportedFormat(f"{path.name}: a shared library without the sidecar {sidecar.name} is not a TVM model "
+                                "(compile one with `leanserve optimize ... --engines tvm`)")
+    try:
+        return [sidecar.resolve()], Signature.from_dict(json.loads(sidecar.read_text(encoding="utf-8"))["signature"])
+    except (OSError, ValueError, KeyError, TypeError, InvalidInput) as exc:
+        raise ModelLoadError(f"{path.name}: unreadable TVM sidecar {sidecar.name} ({exc})") from exc
+
+
 _READERS = {
     "onnx": _read_onnx,
     "torchscript": _read_torchscript,
     "torch_export": _read_torch_export,
     "openvino": _read_openvino,
+    "tvm": _read_tvm,
 }
