@@ -138,6 +138,11 @@ def test_session_answers_several_threads_at_once(repo, affine_library):
     assert {i: float(r[0, 0]) for i, r in results.items()} == {i: 2.0 * i + 1 for i in range(4)}
 
 
+def test_onnx_version_is_not_served_by_tvm(affine_repo):
+    with pytest.raises(UnsupportedFormat, match="serves libraries compiled by TVM, not onnx models"):
+        load_session(affine_repo.get("affine"), RuntimeOptions(engine="tvm"))
+
+
 def test_tvm_compiles_for_the_cpu_only(tmp_path):
     onnx_path = make_affine_model(tmp_path / "affine.onnx")
     with pytest.raises(UnsupportedFormat, match="CPU only"):

@@ -92,9 +92,9 @@ def prepare(onnx_path: Path, workdir: Path, signature: Signature, options: Runti
         compile_s = time.monotonic() - started
         library = Path(workdir) / f"{onnx_path.stem}.tvm.so"
         executable.export_library(str(library))
+        outputs = _output_shapes(library, signature, shapes)
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # TVM's errors are RuntimeErrors
         raise ModelLoadError(f"TVM cannot compile {onnx_path.name}: {_first_line(exc)}") from exc
-    outputs = _output_shapes(library, signature, shapes)
     served = _served_signature(signature, shapes, outputs, batch_rows)
     sidecar = {
         "sidecar_version": SIDECAR_VERSION,
@@ -147,8 +147,8 @@ def _output_shapes(library: Path, signature: Signature, shapes: Mapping[str, tup
 def _tune_and_compile(mod, target, workdir: Path, deadline: float):
     """MetaSchedule-tune ``mod``'s kernels until the trial budget or ``deadline`` is spent; then compile.
 
-    Returns the executable and what tuning did (trials planned, measurements kept, seconds). A worker process imports TVM (~30 s on a busy machine),
-    hence the long builder timeout.
+    Returns the executable and what tuning did (trials planned, measurements kept, seconds). A worker
+    process imports TVM (~30 s on a busy machine), hence the long builder timeout.
     """
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.relax_integration import (compile_relax, extract_tasks,
@@ -167,8 +167,9 @@ def _tune_and_compile(mod, target, workdir: Path, deadline: float):
             builder=ms.builder.LocalBuilder(timeout_sec=120), runner=ms.runner.LocalRunner(timeout_sec=60),
             measure_callbacks=[*ms.MeasureCallback.create("default"), _stop_at(time.monotonic() + tuning_s)],
         )
-        done = {"tuning_trials": trials, "tuning_records": len(database), "tuning_s": round(time.monotonic() - started, 1)}
-        return compile_relax(database, mod, target, params=None), done
+        tuning = {"tuning_trials": trials, "tuning_records": len(database),
+                  "tuning_s": round(time.monotonic() - started, 1)}
+        return compile_relax(database, mod, target, params=None), tuning
 
 
 def _stop_at(deadline: float):
@@ -253,11 +254,17 @@ class TvmSession:
 def load(artifact: ModelArtifact, options: RuntimeOptions) -> TvmSession:
     """Load the compiled library of ``artifact`` after checking it was built for this CPU.
 
-    Raises ModelLoadError when the sidecar is missing or unreadable, the library was compiled for
-    another CPU, or TVM cannot load it.
+    Raises UnsupportedFormat for a version that is not a TVM library or a non-CPU device, and
+    ModelLoadError when the sidecar is unreadable, the library was built for another CPU, or TVM
+    cannot load it.
     """
     if options.device not in ("auto", "cpu"):
         raise UnsupportedFormat(f"the TVM engine runs on the CPU only, not device {options.device!r}")
+    if artifact.manifest.format != "tvm":
+        raise UnsupportedFormat(
+            f"the TVM engine serves libraries compiled by TVM, not {artifact.manifest.format} models; "
+            f"compile one with `leanserve optimize ... --engines tvm`"
+        )
     path = artifact.model_path
     sidecar = read_sidecar(path)
     built_for, here = str(sidecar["target"].get("mcpu", sidecar.get("host_cpu"))), host_cpu()
