@@ -1,3 +1,5 @@
+import os
+import signal
 import sqlite3
 
 import numpy as np
@@ -49,7 +51,7 @@ def test_sampling_rate_keeps_about_that_share(tmp_path):
 
 
 def test_retention_bounds_the_table(tmp_path):
-    log = PredictionLog(LogConfig(tmp_path / "r.db", max_rows=100, batch_rows=10, flush_interval_s=0.02))
+    log = PredictionLog(LogConfig(tmp_path / "r.db", max_rows=100, flush_interval_s=0.02))
     for i in range(400):
         log.record("m", 1, str(i), *sample(i), latency_ms=1.0)
     log.flush()
@@ -57,13 +59,17 @@ def test_retention_bounds_the_table(tmp_path):
     assert log.count() <= 150
 
 
-def test_full_queue_drops_samples_instead_of_blocking(tmp_path):
-    log = PredictionLog(LogConfig(tmp_path / "q.db", queue_size=5))
-    log._stop.set()  # stop the writer from draining so the queue fills
-    log._writer.join()
-    log._stop.clear()
-    results = [log.record("m", 1, str(i), *sample(i), latency_ms=1.0) for i in range(20)]
-    assert results.count(True) == 5 and log.stats.dropped == 15
+def test_a_stuck_writer_costs_samples_beyond_queue_size_never_a_blocked_caller(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "q.db", queue_size=5, flush_interval_s=0.02))
+    os.kill(log._process.pid, signal.SIGSTOP)  # the writer takes nothing more
+    try:
+        results = [log.record("m", 1, str(i), *sample(i), latency_ms=1.0) for i in range(20)]
+        assert results.count(True) == 5 and log.stats.dropped == 15
+    finally:
+        os.kill(log._process.pid, signal.SIGCONT)
+    log.flush()
+    assert log.count("m") == 5
+    log.close()
 
 
 def test_a_locked_database_loses_samples_but_never_raises(tmp_path):
@@ -97,3 +103,48 @@ def test_pack_round_trips_every_kind_of_array():
         expected = np.asarray(array).astype(bytes) if np.asarray(array).dtype == object else np.asarray(array)
         np.testing.assert_array_equal(back[name], expected)
         assert back[name].dtype == expected.dtype and back[name].shape == expected.shape
+
+
+def test_a_killed_writer_process_costs_samples_and_a_new_one_takes_over(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "k.db", flush_interval_s=0.02))
+    try:
+        log.record("m", 1, "before", *sample(0), latency_ms=1.0)
+        log.flush()
+        first = log._process
+        first.kill()
+        first.wait()
+        log.record("m", 1, "lost", *sample(1), latency_ms=1.0)  # the batch that finds the writer dead
+        wait_until(lambda: log._process is not first, timeout_s=10, what="a new writer process")
+        log.record("m", 1, "after", *sample(1), latency_ms=1.0)
+        log.flush()
+        assert log.stats.failed >= 1 and "writer process ended" in log.stats.last_error
+        ids = [r["request_id"] for r in log.rows("m")]
+        assert ids[0] == "before" and ids[-1] == "after"
+        assert ids == ["before", "after"] and (log.stats.written, log.stats.failed) == (2, 1)
+    finally:
+        log.close()
+
+
+def test_the_writer_process_ends_when_the_log_closes(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "c.db", flush_interval_s=0.02))
+    log.record("m", 1, "r", *sample(0), latency_ms=1.0)
+    log.close()
+    assert log._process.poll() is not None and log.count("m") == 1
+
+
+def test_frames_larger_than_the_pipe_wait_and_arrive_whole(tmp_path):
+    log = PredictionLog(LogConfig(tmp_path / "big.db", flush_interval_s=0.02))
+    big = {"x": np.arange(100_000, dtype=np.float32)[None]}  # 400 kB a sample: the pipe holds two or three
+    os.kill(log._process.pid, signal.SIGSTOP)
+    try:
+        for i in range(12):
+            assert log.record("m", 1, str(i), big, {"y": np.array([[i]], np.float32)}, latency_ms=1.0)
+        log.flush(timeout_s=0.3)
+        assert len(log._pending) > 0  # partly written frames wait in the log, not in the caller
+    finally:
+        os.kill(log._process.pid, signal.SIGCONT)
+    log.flush()
+    rows = log.rows("m", limit=20)
+    assert [int(r["outputs"]["y"][0, 0]) for r in rows] == list(range(12))
+    assert all(np.array_equal(r["inputs"]["x"], big["x"]) for r in rows)
+    log.close()
