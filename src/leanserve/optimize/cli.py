@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def cmd_optimize(args) -> int:
-    from leanserve.optimize.recipe import parse_recipe
+    from leanserve.optimize.recipe import parse_engines, parse_recipe
     from leanserve.optimize.run import optimize
     from leanserve.repository import Repository
 
@@ -17,6 +17,7 @@ def cmd_optimize(args) -> int:
         max_drop=args.max_accuracy_drop, metric=args.metric,
         recipes=[parse_recipe(r) for r in args.recipe] or None, time_budget_s=args.time_budget,
         objective=args.objective, batch_size=args.batch_size, report_dir=report_dir, register=not args.dry_run,
+        engines=parse_engines(args.engines),
     )
     result = outcome.result
     base = result.baseline.measurement
@@ -58,5 +59,8 @@ def add_optimize_command(sub, command, add_repo) -> None:
     p.add_argument("--objective", choices=["latency", "throughput"], default="latency", help="what 'fastest' means")
     p.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput measurement")
     p.add_argument("--report-dir", help="where to write report.md/json and pareto.png (default optimize-reports/MODEL-TIME)")
+    p.add_argument("--engines", default="ort", metavar="LIST",
+                   help="engines to measure candidates on, e.g. ort,openvino,tvm (default ort); the winner is "
+                        "served with its engine")
     p.add_argument("--dry-run", action="store_true", help="measure and report, register nothing")
     add_repo(p)

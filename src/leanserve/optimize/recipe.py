@@ -6,7 +6,7 @@ import contextlib
 import io
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +50,15 @@ class Recipe:
 
     name: str
     steps: tuple[Step, ...] = ()
+    engine: str = "onnxruntime"  # the engine the result is measured and served with
 
     def describe(self) -> str:
-        return " -> ".join(s.describe() for s in self.steps) or "original"
+        steps = " -> ".join(s.describe() for s in self.steps) or "original"
+        return steps if self.engine == "onnxruntime" else f"{steps} @ {self.engine}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "steps": [{"op": s.op, "params": dict(s.params)} for s in self.steps]}
+        return {"name": self.name, "steps": [{"op": s.op, "params": dict(s.params)} for s in self.steps],
+                "engine": self.engine}
 
     @property
     def quantizes(self) -> bool:
@@ -63,7 +66,14 @@ class Recipe:
 
 
 def parse_recipe(text: str) -> Recipe:
-    """Parse ``op[:key=value,...]+op...`` as the CLI takes it, e.g. ``graph+static_int8:method=entropy``."""
+    """Parse ``op[:key=value,...]+op...[@ENGINE]`` as the CLI takes it, e.g. ``graph+static_int8:method=entropy``,
+    ``openvino_int8@openvino``, or ``@tvm`` (the original model compiled by TVM)."""
+    from leanserve.runtime import ENGINES
+
+    text, _, engine = text.partition("@")
+    engine = ENGINE_ALIASES.get(engine.strip(), engine.strip()) or "onnxruntime"
+    if engine not in ENGINES:
+        raise InvalidInput(f"recipe {text!r}: unknown engine {engine!r}; known engines: {', '.join(ENGINES)}")
     steps = []
     for part in filter(None, (p.strip() for p in text.split("+"))):
         op, _, args = part.partition(":")
@@ -74,7 +84,37 @@ def parse_recipe(text: str) -> Recipe:
                 raise InvalidInput(f"recipe step {part!r}: parameters are key=value")
             params[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
         steps.append(Step(op, params))
-    return Recipe(text, tuple(steps))
+    name = text or "original"
+    return Recipe(name if engine == "onnxruntime" else f"{name} @ {engine}", tuple(steps), engine)
+
+
+ENGINE_ALIASES = {"ort": "onnxruntime", "ov": "openvino"}
+
+
+def parse_engines(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``ort,openvino,tvm`` -> engine names (aliases resolved, order kept); InvalidInput naming unknown ones."""
+    from leanserve.runtime import ENGINES
+
+    items = text.split(",") if isinstance(text, str) else list(text)
+    engines = []
+    for item in filter(None, (i.strip() for i in items)):
+        engine = ENGINE_ALIASES.get(item, item)
+        if engine not in ENGINES:
+            raise InvalidInput(f"unknown engine {item!r}; known engines: {', '.join(ENGINES)} (ort and ov are short forms)")
+        if engine not in engines:
+            engines.append(engine)
+    if not engines:
+        raise InvalidInput("--engines: name at least one engine, e.g. ort,openvino")
+    return tuple(engines)
+
+
+def engine_recipes(engine: str, has_calibration: bool) -> list[Recipe]:
+    """Candidates measured on an engine other than ONNX Runtime: the original model as that engine runs
+    it, and the engine's own int8 where it has one."""
+    recipes = [Recipe(f"original @ {engine}", (), engine)]
+    if engine == "openvino" and has_calibration:
+        recipes.append(Recipe("NNCF int8 @ openvino", (Step("openvino_int8"),), engine))
+    return recipes
 
 
 def apply_recipe(recipe: Recipe, src: Path, dst: Path, ctx: PassContext) -> list[str]:

@@ -17,6 +17,7 @@ def _row(candidate: Candidate, result: SearchResult, chosen: bool) -> dict[str, 
     m = candidate.measurement
     return {
         "recipe": candidate.recipe.name,
+        "engine": candidate.recipe.engine,
         "steps": candidate.recipe.describe(),
         "size_bytes": m.size_bytes if m else None,
         "latency_p50_ms": m.speed.latency_p50_ms if m else None,
@@ -49,13 +50,15 @@ def report_markdown(data: dict[str, Any]) -> str:
         "# Optimization report", "",
         f"CPU: {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX2/VNNI'}). "
         f"Metric: {data['metric']}; budget: drop ≤ {data['budget']}; search took {data['elapsed_s']} s.", "",
-        f"| recipe | size (KB) | p50 ms (b=1) | p99 ms | rows/s (b={data['batch_size']}) | {data['metric']} | drop | within | chosen |",
-        "|---|---:|---:|---:|---:|---:|---:|:---:|:---:|",
+        f"| recipe | engine | size (KB) | p50 ms (b=1) | p99 ms | rows/s (b={data['batch_size']}) | memory (MB) "
+        f"| {data['metric']} | drop | within | chosen |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|",
     ]
     for r in data["candidates"]:
         lines.append(
-            f"| {r['recipe']} | {_fmt(r['size_bytes'] and r['size_bytes'] / 1024, '.0f')} | {_fmt(r['latency_p50_ms'], '.3f')} "
-            f"| {_fmt(r['latency_p99_ms'], '.3f')} | {_fmt(r['throughput_rows_s'], ',.0f')} | {_fmt(r[data['metric']], '.4f')} "
+            f"| {r['recipe']} | {r['engine']} | {_fmt(r['size_bytes'] and r['size_bytes'] / 1024, '.0f')} "
+            f"| {_fmt(r['latency_p50_ms'], '.3f')} | {_fmt(r['latency_p99_ms'], '.3f')} | {_fmt(r['throughput_rows_s'], ',.0f')} "
+            f"| {_fmt(r['memory_bytes'] and r['memory_bytes'] / 1e6, '.1f')} | {_fmt(r[data['metric']], '.4f')} "
             f"| {_fmt(r['drop'], '+.4f')} | {'yes' if r['within_budget'] else 'no'} | {'**yes**' if r['chosen'] else ''} |"
         )
     lines += ["", "## Notes", ""]
@@ -87,7 +90,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
     rows = [r for r in data["candidates"] if r["latency_p50_ms"] is not None and r[data["metric"]] is not None]
     points = [(r["latency_p50_ms"], r[data["metric"]] if data["metric"] != "mse" else -r[data["metric"]]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([p[0] for p in points], [p[1] for p in points], c=["tab:green" if r["within_budget"] else "tab:red" for r in rows])
+    markers = {"onnxruntime": "o", "openvino": "s", "tvm": "^", "torch": "D"}
+    for engine in sorted({r.get("engine", "onnxruntime") for r in rows}):
+        mine = [(r, p) for r, p in zip(rows, points) if r.get("engine", "onnxruntime") == engine]
+        ax.scatter([p[0] for _, p in mine], [p[1] for _, p in mine], marker=markers.get(engine, "x"), label=engine,
+                   c=["tab:green" if r["within_budget"] else "tab:red" for r, _ in mine])
     front = pareto_front(points)
     ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="gray", label="Pareto front")
     for r, (x, y) in zip(rows, points):

@@ -18,10 +18,11 @@ from leanserve.artifact import Provenance, Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, UnsupportedFormat
 from leanserve.measure import LABELS, choose_metric
-from leanserve.optimize.recipe import Recipe, default_recipes
+from leanserve.optimize.recipe import Recipe, default_recipes, engine_recipes
 from leanserve.optimize.report import write_report
 from leanserve.optimize.search import SearchResult, Searcher, parse_budget
 from leanserve.repository import Repository, VersionRef
+from leanserve.runtime import engine_module
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,13 @@ def optimize(
     recipes: Sequence[Recipe] | None = None, time_budget_s: float = 600, objective: str = "latency",
     batch_size: int = 32, report_dir: str | Path | None = None, register: bool = True, progress: bool = True,
     options: RuntimeOptions | None = None, variants: Mapping[str, Path] | None = None,
+    engines: Sequence[str] = ("onnxruntime",),
 ) -> OptimizeOutcome:
     """Search for the fastest variant of ``name:version`` within ``max_drop`` and register it.
+
+    ``engines`` adds each engine's own candidates (the original as that engine runs it, and its int8
+    where it has one) to ONNX Runtime's recipes; the winner is registered with its engine recorded, and
+    the server loads it with that engine. Engines not installed raise UnsupportedFormat naming the extra.
 
     ``variants`` adds ready-made ONNX files to the candidates (see ``torch_variants``: pruned and
     distilled students of the model's PyTorch source), measured exactly like the recipes' outputs.
@@ -87,7 +93,15 @@ def optimize(
     metric = choose_metric(eval_data, metric)
     options = options or repo.config(name).runtime
     transformer = looks_like_transformer(artifact.model_path)
-    chosen_recipes = list(recipes) if recipes is not None else default_recipes(transformer, calib is not None)
+    for engine in engines:
+        engine_module(engine)  # fail now, naming the extra to install, not after minutes of search
+    if recipes is not None:
+        chosen_recipes = list(recipes)
+    else:
+        chosen_recipes = default_recipes(transformer, calib is not None) if "onnxruntime" in engines else []
+        for engine in engines:
+            if engine != "onnxruntime":
+                chosen_recipes += engine_recipes(engine, calib is not None)
     with tempfile.TemporaryDirectory() as tmp:
         searcher = Searcher(artifact.model_path, artifact.signature, eval_data, calib, metric, budget, Path(tmp),
                             options=options, batch_size=batch_size, time_budget_s=time_budget_s,
@@ -116,11 +130,15 @@ def _register(repo: Repository, name: str, parent: str, result: SearchResult, fi
         "baseline_latency_p50_ms": round(result.baseline.measurement.speed.latency_p50_ms, 4),
         f"baseline_{result.metric}": result.baseline.measurement.quality,
     }
+    metrics["engine"] = chosen.recipe.engine
     provenance = Provenance(source=f"leanserve optimize {name}:{parent}", parent=f"{name}:{parent}",
                             recipe={**chosen.recipe.to_dict(), "kept_float": list(chosen.kept_float)})
-    model_file = chosen.path.with_name("model.onnx")
-    shutil.copyfile(chosen.path, model_file)
-    return repo.add(model_file, name, provenance=provenance, metrics=metrics, attachments=files)
+    model_file = chosen.path
+    if chosen.path.suffix == ".onnx":
+        model_file = chosen.path.with_name("model.onnx")
+        shutil.copyfile(chosen.path, model_file)
+    return repo.add(model_file, name, provenance=provenance, metrics=metrics, attachments=files,
+                    runtime=chosen.recipe.engine)
 
 
 def torch_variants(module, example_inputs, x_train, y_train, folder: str | Path, *, input_names, output_names,

@@ -22,7 +22,8 @@ from leanserve.measure import METRICS, Measurement, Speed, file_size, measure_sp
 from leanserve.optimize import quantize
 from leanserve.optimize.recipe import QUANTIZING, Recipe, apply_recipe
 from leanserve.optimize.steps import PassContext
-from leanserve.runtime import load_session
+from leanserve.formats import read_model
+from leanserve.runtime import load_session, prepare
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,9 @@ class Searcher:
     progress: bool = True
     skip_speed: bool = False  # sensitivity trials need quality only
     reference: dict[str, np.ndarray] | None = None
+    compile_share: float = 0.25  # share of the time left that one ahead-of-time compilation (TVM tuning) may use
     _started: float = field(default_factory=time.perf_counter)
+    _ort_outputs: dict[tuple, dict[str, np.ndarray]] = field(default_factory=dict)  # recipe steps -> ORT outputs
 
     def run(self, recipes: Sequence[Recipe], extra: Mapping[str, Path] | None = None) -> SearchResult:
         """Measure the original, then ``extra`` ready-made variants (e.g. pruned or distilled PyTorch
@@ -133,31 +136,51 @@ class Searcher:
         return speed.latency_p50_ms if self.objective == "latency" else -speed.throughput_rows_s
 
     def try_recipe(self, recipe: Recipe, baseline: Candidate, exclude: Sequence[str] = ()) -> Candidate:
-        """Apply ``recipe`` (keeping ``exclude`` nodes in float) and measure the result."""
+        """Apply ``recipe`` (keeping ``exclude`` nodes in float), prepare the result for the recipe's
+        engine (compiling it, for engines that compile ahead of time) and measure it."""
         slug = re.sub(r"[^a-z0-9]+", "-", recipe.name.lower()).strip("-") + (f"-keep{len(exclude)}" if exclude else "")
         path = self.workdir / f"{slug}.onnx"
         ctx = PassContext(self.signature, self.calibration, tuple(exclude))
         try:
             notes = apply_recipe(recipe, self.model, path, ctx)
+            folder = self.workdir / f"{slug}-{recipe.engine}"
+            folder.mkdir(exist_ok=True)
+            served = prepare(recipe.engine, path, folder, self.signature, self._engine_options(recipe),
+                             time_budget_s=max(0.0, self.time_left()) * self.compile_share)
         except (LeanserveError, ValueError, RuntimeError, OSError) as exc:
             log.warning("recipe %s failed: %s", recipe.name, exc)
             return Candidate(recipe, error=f"{type(exc).__name__}: {exc}")
-        candidate = self.evaluate(recipe, path, baseline)
+        candidate = self.evaluate(recipe, served, baseline, exclude)
         candidate.notes = notes + candidate.notes
         candidate.kept_float = tuple(exclude)
         return candidate
 
-    def evaluate(self, recipe: Recipe, path: Path, baseline: Candidate | None = None) -> Candidate:
-        """Load ``path`` with the serving engine and measure size, memory, speed and quality."""
+    def _engine_options(self, recipe: Recipe) -> RuntimeOptions:
+        return replace(self.options, engine=recipe.engine)
+
+    def evaluate(self, recipe: Recipe, path: Path, baseline: Candidate | None = None, exclude: Sequence[str] = ()) -> Candidate:
+        """Load ``path`` with the recipe's engine and measure size, memory, speed and quality; outputs of
+        an engine other than ONNX Runtime must first match ONNX Runtime's on the same recipe."""
         before = rss_bytes()
         try:
-            artifact = ModelArtifact(path.parent, Manifest("onnx", path.name, self.signature, {}))
-            session = load_session(artifact, self.options)
+            source = read_model(path)
+            artifact = ModelArtifact(path.parent, Manifest(source.format, path.name, source.signature, {}, runtime=recipe.engine))
+            session = load_session(artifact, self._engine_options(recipe))
             outputs = run_all(session, self.eval_data, self.batch_size)
         except (LeanserveError, RuntimeError, ValueError) as exc:
             return Candidate(recipe, path, error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
         if baseline is None:
             self.reference = outputs
+        twin_key = (tuple(step.describe() for step in recipe.steps), tuple(exclude))
+        if recipe.engine == "onnxruntime":
+            self._ort_outputs[twin_key] = outputs
+        else:
+            twin = self._ort_outputs.get(twin_key)
+            mismatch = outputs_mismatch(outputs, twin, loose=recipe.quantizes) if twin is not None else None
+            if mismatch:
+                session.close()
+                return Candidate(recipe, path, error=f"outputs differ from ONNX Runtime's on the same recipe: {mismatch}; "
+                                 "not served")
         quality = METRICS[self.metric](outputs, self.eval_data, self.reference)
         speed = (Speed(math.nan, math.nan, math.nan, self.batch_size) if self.skip_speed else
                  measure_speed(session, self.eval_data, batch_size=self.batch_size, min_time_s=self.speed_time_s))
@@ -213,6 +236,33 @@ class Searcher:
                 result = searcher.try_recipe(single, baseline, exclude=[n for n in nodes if n != node])
                 ranking.append((node, result.drop if result.drop is not None else math.inf))
         return sorted(ranking, key=lambda item: -item[1])
+
+
+# Largest difference between engines on the same model, relative to the output's scale (its largest
+# magnitude, at least 1): float engines reorder sums (1e-3 is generous for fp32); int8 engines quantize
+# activations their own way, so quantized recipes get a looser bound and are judged by the budget.
+_TOLERANCE = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16": 3e-2}
+_QUANTIZED_TOLERANCE = 0.1
+
+
+def outputs_mismatch(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], loose: bool = False) -> str | None:
+    """None when every output matches the reference within its dtype's tolerance, else what differs.
+    Integer and boolean outputs (class ids, masks) may differ on at most 1% of elements (ties)."""
+    for name, ref in reference.items():
+        got = outputs.get(name)
+        if got is None or got.shape != ref.shape:
+            return f"output {name!r}: shape {None if got is None else list(got.shape)}, expected {list(ref.shape)}"
+        if ref.dtype.kind == "f":
+            scale = max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
+            worst = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) / scale if ref.size else 0.0
+            tolerance = _QUANTIZED_TOLERANCE if loose else _TOLERANCE.get(ref.dtype.name, 1e-3)
+            if not worst <= tolerance:
+                return f"output {name!r}: largest difference {worst:.3g} of its scale (tolerance {tolerance:g})"
+        elif ref.dtype.kind in "iub":
+            share = float(np.mean(got != ref)) if ref.size else 0.0
+            if share > 0.01:
+                return f"output {name!r}: {share:.1%} of elements differ (tolerance 1%)"
+    return None
 
 
 def keep_chosen(result: SearchResult, dst: Path) -> Path:

@@ -1,0 +1,124 @@
+"""Engines as a dimension of the search: every (recipe, engine) candidate measured the same way, engines
+checked against ONNX Runtime before a candidate counts, the winner registered with its engine."""
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from leanserve import Repository
+from leanserve.cli import main
+from leanserve.errors import InvalidInput, UnsupportedFormat
+from leanserve.optimize.recipe import Recipe, parse_engines, parse_recipe
+from leanserve.optimize.run import optimize
+from leanserve.optimize.search import outputs_mismatch
+from leanserve.runtime import ENGINES, load_session
+
+
+@pytest.fixture(scope="module")
+def digits_data(tmp_path_factory, digits):
+    _, x_test, _, y_test = digits
+    folder = tmp_path_factory.mktemp("data")
+    np.savez(folder / "eval.npz", image=x_test[:150], labels=y_test[:150])
+    return folder
+
+
+@pytest.fixture
+def cnn_repo(tmp_path, digits_cnn_onnx):
+    repo = Repository(tmp_path / "repo")
+    repo.add(digits_cnn_onnx, "cnn")
+    return repo
+
+
+@pytest.fixture
+def noisy_engine(monkeypatch):
+    """An engine that runs ONNX Runtime and adds noise to every output: a miscompiling engine."""
+    module = types.ModuleType("leanserve_test_noisy_engine")
+
+    def load(artifact, options):
+        from dataclasses import replace
+
+        from leanserve.runtime import onnxruntime as ort_engine
+
+        inner = ort_engine.load(artifact, replace(options, engine="onnxruntime"))
+
+        class Noisy:
+            engine = "noisy"
+            signature = inner.signature
+
+            def run(self, inputs, outputs=None):
+                return {k: v + np.float32(0.5) for k, v in inner.run(inputs, outputs).items()}
+
+            def close(self):
+                inner.close()
+
+        return Noisy()
+
+    module.load = load
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(ENGINES, "noisy", (module.__name__, None))
+    return "noisy"
+
+
+def test_engine_lists_and_recipe_engines_parse_with_short_forms():
+    assert parse_engines("ort, ov,tvm,ort") == ("onnxruntime", "openvino", "tvm")
+    assert parse_recipe("@openvino").engine == "openvino" and parse_recipe("@openvino").steps == ()
+    recipe = parse_recipe("graph:level=basic+static_int8@ort")
+    assert recipe.engine == "onnxruntime" and [s.op for s in recipe.steps] == ["graph", "static_int8"]
+    with pytest.raises(InvalidInput, match="unknown engine 'trt'.*known engines: onnxruntime"):
+        parse_engines("ort,trt")
+    with pytest.raises(InvalidInput, match="unknown engine 'gpu'"):
+        parse_recipe("graph@gpu")
+
+
+def test_outputs_mismatch_uses_a_tolerance_per_dtype():
+    ref = {"y": np.array([[10.0, -4.0]], np.float32), "k": np.arange(200)}
+    assert outputs_mismatch({"y": ref["y"] + 5e-3, "k": ref["k"]}, ref) is None  # 5e-4 of the scale
+    assert "largest difference" in outputs_mismatch({"y": ref["y"] + 0.1, "k": ref["k"]}, ref)
+    assert outputs_mismatch({"y": ref["y"] + 0.1, "k": ref["k"]}, ref, loose=True) is None  # int8 on both sides
+    two_off = ref["k"].copy()
+    two_off[:3] += 1
+    assert "1.5% of elements differ" in outputs_mismatch({"y": ref["y"], "k": two_off}, ref)
+    assert "shape" in outputs_mismatch({"y": ref["y"][0], "k": ref["k"]}, ref)
+
+
+def test_openvino_candidates_are_measured_beside_onnx_runtime_and_the_winner_keeps_its_engine(cnn_repo, digits_data, tmp_path):
+    pytest.importorskip("openvino")
+    outcome = optimize(cnn_repo, "cnn", eval_path=digits_data / "eval.npz", max_drop="1%",
+                       recipes=[Recipe("graph", (parse_recipe("graph").steps)), parse_recipe("@openvino")],
+                       engines=("onnxruntime", "openvino"), time_budget_s=120, report_dir=tmp_path / "report",
+                       progress=False)
+    engines = {c.recipe.engine: c for c in outcome.result.candidates}
+    assert set(engines) == {"onnxruntime", "openvino"} and all(c.error is None for c in engines.values())
+    assert engines["openvino"].drop <= 0.01  # same model, same answers
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert {row["engine"] for row in report["candidates"]} == {"onnxruntime", "openvino"}
+    assert "| openvino |" in (tmp_path / "report" / "report.md").read_text()
+    if outcome.ref is not None:
+        artifact = cnn_repo.get("cnn", outcome.ref.version)
+        assert artifact.manifest.default_runtime == outcome.result.chosen.recipe.engine
+        assert artifact.manifest.metrics["engine"] == outcome.result.chosen.recipe.engine
+        assert load_session(artifact).engine == outcome.result.chosen.recipe.engine
+
+
+def test_an_engine_whose_outputs_differ_from_onnx_runtime_is_reported_and_never_chosen(cnn_repo, digits_data, noisy_engine):
+    outcome = optimize(cnn_repo, "cnn", eval_path=digits_data / "eval.npz", max_drop="100%",
+                       recipes=[parse_recipe("graph"), parse_recipe("graph@noisy")], engines=("onnxruntime", "noisy"),
+                       time_budget_s=120, register=False, progress=False)
+    noisy = next(c for c in outcome.result.candidates if c.recipe.engine == "noisy")
+    assert noisy.error and "differ from ONNX Runtime's" in noisy.error and not noisy.within_budget
+    assert outcome.result.chosen.recipe.engine == "onnxruntime"
+
+
+def test_a_missing_engine_is_refused_before_the_search_naming_the_extra(cnn_repo, digits_data, monkeypatch):
+    monkeypatch.setitem(ENGINES, "absent", ("leanserve_no_such_module", "absent"))
+    with pytest.raises(UnsupportedFormat, match=r"pip install 'leanserve\[absent\]'"):
+        optimize(cnn_repo, "cnn", eval_path=digits_data / "eval.npz", engines=("onnxruntime", "absent"), progress=False)
+
+
+def test_optimize_command_takes_an_engine_list(capsys, cnn_repo, digits_data, tmp_path):
+    code = main(["optimize", "cnn", "--repo", str(cnn_repo.root), "--eval", str(digits_data / "eval.npz"),
+                 "--engines", "ort,bogus", "--dry-run"])
+    assert code != 0 and "unknown engine 'bogus'" in capsys.readouterr().err
