@@ -250,3 +250,38 @@ def digits_teacher(digits):
 
     x_train, _, y_train, _ = digits
     return train_cnn(x_train, y_train, epochs=5, progress=False)
+
+
+@pytest.fixture
+def noisy_engine(monkeypatch):
+    """An engine that runs ONNX Runtime and adds noise to every output: a miscompiling engine."""
+    import sys
+    import types
+
+    from leanserve.runtime import ENGINES
+
+    module = types.ModuleType("leanserve_test_noisy_engine")
+
+    def load(artifact, options):
+        from dataclasses import replace
+
+        from leanserve.runtime import onnxruntime as ort_engine
+
+        inner = ort_engine.load(artifact, replace(options, engine="onnxruntime"))
+
+        class Noisy:
+            engine = "noisy"
+            signature = inner.signature
+
+            def run(self, inputs, outputs=None):
+                return {k: v + np.float32(0.5) for k, v in inner.run(inputs, outputs).items()}
+
+            def close(self):
+                inner.close()
+
+        return Noisy()
+
+    module.load = load
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setitem(ENGINES, "noisy", (module.__name__, None))
+    return "noisy"

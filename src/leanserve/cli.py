@@ -432,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.optimize.cli import add_optimize_command
 
     add_optimize_command(sub, _command, _add_repo)
+    from leanserve.runtime.cli import add_bench_command
+
+    add_bench_command(sub, _command, _add_repo)
     return parser
 
 

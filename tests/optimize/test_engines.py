@@ -2,9 +2,6 @@
 checked against ONNX Runtime before a candidate counts, the winner registered with its engine."""
 
 import json
-import sys
-import types
-
 import numpy as np
 import pytest
 
@@ -30,36 +27,6 @@ def cnn_repo(tmp_path, digits_cnn_onnx):
     repo = Repository(tmp_path / "repo")
     repo.add(digits_cnn_onnx, "cnn")
     return repo
-
-
-@pytest.fixture
-def noisy_engine(monkeypatch):
-    """An engine that runs ONNX Runtime and adds noise to every output: a miscompiling engine."""
-    module = types.ModuleType("leanserve_test_noisy_engine")
-
-    def load(artifact, options):
-        from dataclasses import replace
-
-        from leanserve.runtime import onnxruntime as ort_engine
-
-        inner = ort_engine.load(artifact, replace(options, engine="onnxruntime"))
-
-        class Noisy:
-            engine = "noisy"
-            signature = inner.signature
-
-            def run(self, inputs, outputs=None):
-                return {k: v + np.float32(0.5) for k, v in inner.run(inputs, outputs).items()}
-
-            def close(self):
-                inner.close()
-
-        return Noisy()
-
-    module.load = load
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setitem(ENGINES, "noisy", (module.__name__, None))
-    return "noisy"
 
 
 def test_engine_lists_and_recipe_engines_parse_with_short_forms():
