@@ -89,3 +89,14 @@ def test_optimize_command_takes_an_engine_list(capsys, cnn_repo, digits_data, tm
     code = main(["optimize", "cnn", "--repo", str(cnn_repo.root), "--eval", str(digits_data / "eval.npz"),
                  "--engines", "ort,bogus", "--dry-run"])
     assert code != 0 and "unknown engine 'bogus'" in capsys.readouterr().err
+
+
+def test_a_float_winner_carries_a_tensorrt_calibration_table_for_gpu_machines(cnn_repo, digits_data):
+    from leanserve.optimize.quantize import TRT_CALIBRATION_TABLE
+
+    outcome = optimize(cnn_repo, "cnn", eval_path=digits_data / "eval.npz", max_drop="1%",
+                       recipes=[parse_recipe("graph:level=extended")], time_budget_s=120, progress=False)
+    if outcome.ref is None:
+        pytest.skip("the graph-optimized variant was not faster here; nothing registered")
+    manifest = cnn_repo.get("cnn", outcome.ref.version).manifest
+    assert TRT_CALIBRATION_TABLE in manifest.files

@@ -38,8 +38,8 @@ def test_thread_settings_reach_the_session(affine_repo):
 
 
 def test_unknown_engine_is_refused(affine_repo):
-    with pytest.raises(UnsupportedFormat, match="unknown engine 'tvm'"):
-        load_session(affine_repo.get("affine"), RuntimeOptions(engine="tvm"))
+    with pytest.raises(UnsupportedFormat, match="unknown engine 'tensorflow'"):
+        load_session(affine_repo.get("affine"), RuntimeOptions(engine="tensorflow"))
 
 
 def test_string_tensors_round_trip_as_bytes(repo, tmp_path):

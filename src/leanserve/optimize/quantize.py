@@ -7,6 +7,7 @@ fused, and operators the quantizer does not handle (left in float and named in t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections import Counter
@@ -133,3 +134,25 @@ def weight_only_int4(src: Path, dst: Path, ctx: PassContext, block_size: int = 3
     quantizer.model.save_model_to_file(str(dst))
     count = sum(1 for n in onnx.load(str(dst), load_external_data=False).graph.node if n.op_type == "MatMulNBits")
     return StepResult([f"weight-only int4 (block {block_size}) on {count} MatMul(s)"])
+
+
+TRT_CALIBRATION_TABLE = "calibration.flatbuffers"  # the name ONNX Runtime's TensorRT provider is given
+
+
+def write_trt_calibration(src: Path, folder: Path, ctx: PassContext, method: str = "minmax") -> list[Path]:
+    """Calibrate a float model's activation ranges on ``ctx.calibration`` and write the table TensorRT
+    uses for int8 (``runtime.precision=int8`` on a GPU machine). Runs on the CPU, so a version can carry
+    its table to a GPU machine. Returns the files written (the flatbuffers table first)."""
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from onnxruntime.quantization.quant_utils import write_calibration_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(Path(src), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=_METHODS[method])
+        calibrator.collect_data(_Rows(ctx))
+        ranges = calibrator.compute_data()
+    with contextlib.chdir(folder):
+        write_calibration_table(dict(ranges.data if hasattr(ranges, "data") else ranges), dir=".")
+    written = [folder / TRT_CALIBRATION_TABLE, folder / "calibration.cache", folder / "calibration.json"]
+    return [path for path in written if path.is_file()]

@@ -16,7 +16,7 @@ import onnx
 
 from leanserve.artifact import Provenance, Signature
 from leanserve.config import RuntimeOptions
-from leanserve.errors import InvalidInput, UnsupportedFormat
+from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
 from leanserve.measure import LABELS, choose_metric
 from leanserve.optimize.recipe import Recipe, default_recipes, engine_recipes
 from leanserve.optimize.report import write_report
@@ -111,13 +111,30 @@ def optimize(
         files = write_report(result, folder)
         ref = None
         if register and result.chosen is not None and result.chosen is not result.baseline:
-            ref = _register(repo, name, artifact.path.name, result, files)
+            attachments = files + _trt_calibration(result, artifact.signature, calib, Path(tmp) / "trt")
+            ref = _register(repo, name, artifact.path.name, result, attachments)
             from leanserve.monitor.reference import build_reference
 
             build_reference(repo, ref.name, ref.version, {n: eval_data[n] for n in artifact.signature.input_names})
         if not report_dir:  # the temp folder goes away: point at the copies in the new version
             files = [repo.get(ref.name, ref.version, verify=False).path / f.name for f in files] if ref else []
     return OptimizeOutcome(result, ref, files)
+
+
+def _trt_calibration(result: SearchResult, signature: Signature, calib, folder: Path) -> list[Path]:
+    """A float winner served by ONNX Runtime carries a TensorRT int8 calibration table, so a GPU machine
+    can serve it with runtime.precision=int8 without the calibration data (int8 winners have QDQ scales)."""
+    chosen = result.chosen
+    if calib is None or chosen.recipe.engine != "onnxruntime" or chosen.recipe.quantizes or chosen.path.suffix != ".onnx":
+        return []
+    from leanserve.optimize.quantize import write_trt_calibration
+    from leanserve.optimize.steps import PassContext
+
+    try:
+        return write_trt_calibration(chosen.path, folder, PassContext(signature, calib))
+    except (LeanserveError, RuntimeError, ValueError, OSError) as exc:  # a missing table only costs TensorRT int8
+        log.warning("no TensorRT calibration table for the chosen variant: %s", exc)
+        return []
 
 
 def _register(repo: Repository, name: str, parent: str, result: SearchResult, files: list[Path]) -> VersionRef:

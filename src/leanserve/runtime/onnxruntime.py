@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -13,6 +16,8 @@ from leanserve.errors import ModelLoadError, UnsupportedFormat
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402  (telemetry must be off before import)
+
+log = logging.getLogger(__name__)
 
 _GPU_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _LEVELS = {
@@ -89,13 +94,72 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     return so
 
 
+def engine_cache_dir(artifact: ModelArtifact) -> Path:
+    """Where TensorRT keeps the engines it builds for a version: beside the version folder (which is
+    checksummed and read-only), so a restart reuses them instead of rebuilding for minutes."""
+    return artifact.path.parent / ".engine-cache" / artifact.path.name
+
+
+def provider_options(providers: Sequence[str], options: RuntimeOptions, artifact: ModelArtifact) -> list:
+    """Execution providers with their settings: TensorRT gets its engine cache, fp16 or int8 (int8 from
+    the version's calibration table, or from the QDQ scales of an int8 model); the rest run as they are."""
+    chosen: list = []
+    for provider in providers:
+        if provider == "TensorrtExecutionProvider":
+            cache = engine_cache_dir(artifact)
+            settings = {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache),
+                        "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
+            if options.precision == "fp16":
+                settings["trt_fp16_enable"] = "True"
+            elif options.precision == "int8":
+                settings.update(_trt_int8(artifact, cache))
+            chosen.append((provider, settings))
+        else:
+            chosen.append(provider)
+    return chosen
+
+
+def _trt_int8(artifact: ModelArtifact, cache: Path) -> dict[str, str]:
+    from leanserve.optimize.quantize import TRT_CALIBRATION_TABLE
+
+    settings = {"trt_int8_enable": "True"}
+    table = artifact.path / TRT_CALIBRATION_TABLE
+    if table.is_file():
+        # the provider reads the table from its cache folder
+        cache.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(table, cache / TRT_CALIBRATION_TABLE)
+        settings["trt_int8_calibration_table_name"] = TRT_CALIBRATION_TABLE
+    elif not _has_qdq(artifact.model_path):
+        raise UnsupportedFormat(f"int8 on TensorRT needs the version's calibration table ({TRT_CALIBRATION_TABLE}, "
+                                "written by leanserve optimize from --calib data) or an int8 (QDQ) model")
+    return settings
+
+
+def _has_qdq(path: Path) -> bool:
+    import onnx
+
+    return any(node.op_type == "QuantizeLinear" for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
 def load(artifact: ModelArtifact, options: RuntimeOptions) -> OnnxRuntimeSession:
-    """Create an InferenceSession for ``artifact``; raise ModelLoadError if ORT rejects the model."""
+    """Create an InferenceSession for ``artifact``; raise ModelLoadError if ORT rejects the model.
+
+    GPU providers that fail to start (a missing TensorRT or CUDA library, no device) are dropped one by
+    one with the reason logged, down to the CPU, unless the user asked for them by name."""
     providers = choose_providers(options.providers, ort.get_available_providers())
-    try:
-        session = ort.InferenceSession(str(artifact.model_path), session_options(options), providers=providers)
-    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.NoSuchFile,
-            RuntimeError) as exc:
-        raise ModelLoadError(f"ONNX Runtime cannot load {artifact.model_path.name}: {str(exc).splitlines()[0]}") from exc
+    while True:
+        try:
+            session = ort.InferenceSession(str(artifact.model_path), session_options(options),
+                                           providers=provider_options(providers, options, artifact))
+            break
+        except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, ort.capi.onnxruntime_pybind11_state.NoSuchFile,
+                RuntimeError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if providers[0] in _GPU_PREFERENCE and not options.providers:
+                log.warning("%s cannot run %s (%s); falling back to %s", providers[0], artifact.model_path.name,
+                            reason, providers[1])
+                providers = providers[1:]
+                continue
+            raise ModelLoadError(f"ONNX Runtime cannot load {artifact.model_path.name}: {reason}") from exc
     return OnnxRuntimeSession(session, artifact.signature)
