@@ -215,9 +215,12 @@ def _parse_value(raw: str) -> Any:
 
 
 def cmd_predict(args) -> int:
+    from leanserve.deploy.batch import is_dataset
     from leanserve.model import load
 
     name, version = _split_ref(args.model, args.version)
+    if args.batch or is_dataset(Path(args.input)):
+        return _predict_dataset(args, name, version)
     model = load(name, version, repo=args.repo)
     inputs = read_inputs(Path(args.input), model.signature)
     outputs = model.predict(inputs, args.outputs.split(",") if args.outputs else None)
@@ -226,6 +229,32 @@ def cmd_predict(args) -> int:
         print(f"wrote {', '.join(outputs)} to {args.output}")
     else:
         print(json.dumps({k: {"datatype": str(v.dtype), "shape": list(v.shape), "data": _jsonable(v)} for k, v in outputs.items()}))
+    return 0
+
+
+def _predict_dataset(args, name: str, version) -> int:
+    from leanserve.deploy.batch import run_job
+    from leanserve.repository import Repository
+    from leanserve.runtime import load_session
+
+    if not args.output:
+        raise InvalidInput("a batch job needs --output FOLDER (Parquet parts, rejects.jsonl and the job manifest)")
+    if args.executor != "local":
+        raise InvalidInput("--executor ray is not available yet; run with the default local executor")
+    repo = Repository(args.repo, create=False)
+    artifact = repo.get(name, version)
+    config = repo.config(name)
+    session = load_session(artifact, config.runtime)
+    ref_version = int(artifact.path.name)
+    try:
+        summary = run_job(session, name, ref_version, args.input, args.output, chunk_rows=args.chunk_rows,
+                          batch_size=args.batch_size, id_column=args.id_column, allow_nonfinite=args.allow_nan)
+    finally:
+        session.close()
+    resumed = f", {summary.chunks_skipped} chunk(s) already done by an earlier run" if summary.chunks_skipped else ""
+    print(f"{name}:{ref_version}: {summary.written:,} rows written, {summary.rejected:,} rejected "
+          f"(see {Path(args.output) / 'rejects.jsonl'}){resumed}; {summary.rows_per_s:,.0f} rows/s over "
+          f"{summary.chunks_done} new chunk(s) -> {args.output}")
     return 0
 
 
@@ -407,13 +436,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="change one setting (JSON value; repeat)")
     _add_repo(p)
 
-    p = _command(sub, "predict", cmd_predict, "run one request from a .npy/.npz/.json file and print or save the outputs",
-                 "leanserve predict cnn --input request.npz --output result.npz")
+    p = _command(sub, "predict", cmd_predict,
+                 "run one request (.npy/.npz/.json), or a batch job over a dataset (Parquet, CSV, JSON lines, "
+                 "a folder of images; .npy/.npz with --batch)",
+                 "leanserve predict cnn --input request.npz --output result.npz\n"
+                 "  leanserve predict cnn --input rows.parquet --output predictions/   # batch job, resumable\n"
+                 "  (a batch job writes part-NNNNN.parquet files keyed by row id, rejects.jsonl and _job.json;\n"
+                 "   run the same command again after an interruption and it continues where it stopped)")
     p.add_argument("model", help="MODEL or MODEL:VERSION")
-    p.add_argument("--input", required=True, help=".npy (single input), .npz (named inputs) or .json (V2 request or {name: values})")
-    p.add_argument("--output", help="write outputs to .npz/.json/.npy instead of printing")
+    p.add_argument("--input", required=True, help="one request: .npy (single input), .npz (named inputs) or .json "
+                   "(V2 request or {name: values}); a dataset: .parquet, .csv, .jsonl or a folder of images")
+    p.add_argument("--output", help="one request: write outputs to .npz/.json/.npy instead of printing; "
+                   "a batch job: the output folder")
     p.add_argument("--outputs", help="comma-separated output names (default: all)")
     p.add_argument("--version", help="version (default: newest)")
+    p.add_argument("--batch", action="store_true", help="treat a .npy/.npz input as a dataset of rows (a batch job)")
+    p.add_argument("--chunk-rows", type=int, default=65536, help="batch job: rows read, run and written per chunk")
+    p.add_argument("--batch-size", type=int, default=1024, help="batch job: rows per engine call")
+    p.add_argument("--id-column", help="batch job: the column holding row ids (default: 'id' if present, else row numbers)")
+    p.add_argument("--allow-nan", action="store_true", help="batch job: pass rows with NaN/Inf to the model instead of rejecting them")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="batch job: where it runs (local; ray is not available yet)")
     _add_repo(p)
 
     p = _command(sub, "demo", cmd_demo, "train a small CNN on scikit-learn digits, export it to ONNX and import it",
