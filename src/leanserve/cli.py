@@ -478,6 +478,15 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.runtime.cli import add_bench_command
 
     add_bench_command(sub, _command, _add_repo)
+    from leanserve.serve.tune_cli import add_tune_command
+
+    add_tune_command(sub, _command, _add_repo)
+    from leanserve.deploy.edge_cli import add_edge_command
+
+    add_edge_command(sub, _command, _add_repo)
+    from leanserve.deploy.k8s_cli import add_k8s_command
+
+    add_k8s_command(sub, _command, _add_repo)
     return parser
 
 

@@ -1,0 +1,125 @@
+"""Closed-loop HTTP load on one inference URL: N connections each POSTing the same body back to back.
+
+wrk when it is installed (one thread, a C event loop: the load generator costs the server little CPU),
+else an in-process asyncio/httpx client, which needs far more CPU per request and so measures a slower
+server than wrk would on the same machine. Used by the batching tuner (``leanserve tune``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from leanserve.artifact import Signature
+from leanserve.errors import InvalidInput, LeanserveError
+
+GENERATORS = ("wrk", "python")
+REQUEST_TIMEOUT_S = 10.0
+
+# Sends the body named by LEANSERVE_LOAD_BODY; done() prints one machine-readable line (latencies in us),
+# so nothing depends on the units wrk picks for its human report.
+_WRK_SCRIPT = """\
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local f = assert(io.open(os.getenv("LEANSERVE_LOAD_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("leanserve-load %.0f %.0f %.1f %.1f %.0f\\n", summary.duration, summary.requests,
+    latency:percentile(50), latency:percentile(99), e.status + e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What one load run measured: completed requests per second, latency percentiles in ms, failures."""
+
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    requests: int
+    errors: int  # non-2xx answers, connection errors and timeouts
+
+
+def choose(load: str) -> str:
+    """Resolve ``auto`` to wrk when it is on PATH, else python; check an explicit choice. Raises InvalidInput."""
+    if load == "auto":
+        return "wrk" if shutil.which("wrk") else "python"
+    if load not in GENERATORS:
+        raise InvalidInput(f"load generator {load!r}: expected auto, {' or '.join(GENERATORS)}")
+    if load == "wrk" and not shutil.which("wrk"):
+        raise InvalidInput("wrk is not installed (apt-get install wrk); use the in-process generator: --load python")
+    return load
+
+
+def request_body(signature: Signature) -> bytes:
+    """A one-row V2 JSON request of synthetic inputs for ``signature``."""
+    from leanserve.runtime.compare import synthetic_inputs
+    from leanserve.serve.protocol.codec import encode_json_request
+
+    return encode_json_request(synthetic_inputs(signature, rows=1))
+
+
+def run(generator: str, url: str, body_file: Path, connections: int, seconds: int) -> LoadResult:
+    """POST ``body_file`` to ``url`` over ``connections`` connections for ``seconds`` with ``generator``."""
+    if generator == "wrk":
+        return _run_wrk(url, body_file, connections, seconds)
+    return asyncio.run(_run_python(url, body_file.read_bytes(), connections, seconds))
+
+
+def _run_wrk(url: str, body_file: Path, connections: int, seconds: int) -> LoadResult:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="leanserve-load-") as script:
+        script.write(_WRK_SCRIPT)
+        script.flush()
+        command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", f"{REQUEST_TIMEOUT_S:.0f}s",
+                   "-s", script.name, url]
+        done = subprocess.run(command, env={**os.environ, "LEANSERVE_LOAD_BODY": str(body_file)},
+                              capture_output=True, text=True, check=False, timeout=seconds + 60)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("leanserve-load ")), None)
+    if done.returncode != 0 or line is None:
+        raise LeanserveError(f"wrk failed (exit status {done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+    duration_us, requests, p50_us, p99_us, errors = (float(v) for v in line.split()[1:])
+    return LoadResult(requests / duration_us * 1e6 if duration_us else 0.0, p50_us / 1000, p99_us / 1000,
+                      int(requests), int(errors))
+
+
+async def _run_python(url: str, body: bytes, connections: int, seconds: int) -> LoadResult:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    headers = {"Content-Type": "application/json"}
+
+    async def client_loop(client: httpx.AsyncClient, deadline: float) -> None:
+        nonlocal errors
+        while (started := time.perf_counter()) < deadline:
+            try:
+                response = await client.post(url, content=body, headers=headers)
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                errors += 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
+        started = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, started + seconds) for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    if not latencies:
+        return LoadResult(0.0, 0.0, 0.0, 0, errors)
+    p50, p99 = np.percentile(np.asarray(latencies) * 1000, [50, 99])
+    return LoadResult(len(latencies) / elapsed, float(p50), float(p99), len(latencies) + errors, errors)
