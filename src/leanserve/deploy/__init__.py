@@ -1,0 +1,1 @@
+"""Deployment modes: batch jobs, Kubernetes, edge artifacts."""
