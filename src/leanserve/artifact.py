@@ -30,6 +30,7 @@ FORMATS: dict[str, str] = {
     "torch_export": "torch",
     "openvino": "openvino",
     "tvm": "tvm",
+    "ort": "onnxruntime",  # ONNX Runtime's flatbuffer format for mobile and embedded builds
 }
 
 

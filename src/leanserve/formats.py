@@ -17,7 +17,7 @@ from leanserve.dtypes import v2_datatype
 from leanserve.errors import InvalidInput, ModelLoadError, UnsupportedFormat
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript",
-            ".pt2": "torch_export", ".xml": "openvino", ".so": "tvm"}
+            ".pt2": "torch_export", ".xml": "openvino", ".so": "tvm", ".ort": "ort"}
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,43 @@ def _read_openvino(path: Path) -> tuple[list[Path], Signature]:
     return [weights], Signature(tuple(spec(p) for p in model.inputs), tuple(spec(p) for p in model.outputs))
 
 
+# --- ONNX Runtime format ----------------------------------------------------------------------------
+
+_ORT_MAGIC = b"ORTM"  # the flatbuffer file identifier, at bytes 4-8 of every ORT format model
+# ONNX Runtime's element type names -> V2 datatypes (tensor(float) -> float -> FP32)
+_ORT_TYPES = {"float": "FP32", "double": "FP64", "float16": "FP16", "bfloat16": "BF16", "int8": "INT8",
+              "int16": "INT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8", "uint16": "UINT16",
+              "uint32": "UINT32", "uint64": "UINT64", "bool": "BOOL", "string": "BYTES"}
+
+
+def _read_ort(path: Path) -> tuple[list[Path], Signature]:
+    # The ORT format is a flatbuffer with no schema-level reader in onnx; ONNX Runtime itself is the
+    # reference reader, so the signature is what an InferenceSession on the file reports.
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[4:8] != _ORT_MAGIC:
+        raise ModelLoadError(f"{path.name}: not an ONNX Runtime (ORT format) model; the file may be corrupt or truncated")
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+            ort.capi.onnxruntime_pybind11_state.InvalidProtobuf, RuntimeError) as exc:
+        raise ModelLoadError(f"{path.name}: ONNX Runtime cannot read this ORT format model: {str(exc).splitlines()[0]}") from exc
+    inputs = tuple(_ort_spec(path, arg) for arg in session.get_inputs())
+    outputs = tuple(_ort_spec(path, arg) for arg in session.get_outputs())
+    return [], Signature(inputs, outputs)
+
+
+def _ort_spec(path: Path, arg) -> TensorSpec:
+    element = arg.type.removeprefix("tensor(").removesuffix(")")
+    if not arg.type.startswith("tensor(") or element not in _ORT_TYPES:
+        raise UnsupportedFormat(f"{path.name}: tensor {arg.name!r} has type {arg.type}; only tensors of "
+                                "numeric, bool or string elements are supported")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, _ORT_TYPES[element], shape)
+
+
 # --- TVM --------------------------------------------------------------------------------------------
 
 def tvm_sidecar(library: Path) -> Path:
@@ -248,4 +285,5 @@ _READERS = {
     "torch_export": _read_torch_export,
     "openvino": _read_openvino,
     "tvm": _read_tvm,
+    "ort": _read_ort,
 }

@@ -1,0 +1,51 @@
+"""The ``leanserve edge`` command: a device artifact of one version, tested under a device profile."""
+
+from __future__ import annotations
+
+import sys
+
+
+def cmd_edge(args) -> int:
+    from leanserve.deploy.edge import DoesNotFit, build_edge
+    from leanserve.deploy.edge_device import device_profile
+    from leanserve.repository import Repository
+
+    profile = device_profile(args.profile, threads=args.threads, memory_mb=args.memory_mb)
+    name, _, version = args.model.partition(":")
+    repo = Repository(args.repo, create=False)
+    try:
+        outcome = build_edge(repo, name, version or None, target=args.target, profile=profile, eval_path=args.eval,
+                             calib_path=args.calib, max_drop=args.max_accuracy_drop, report_dir=args.report_dir,
+                             time_budget_s=args.time_budget, probe_time_s=args.seconds, progress=args.progress)
+    except DoesNotFit as exc:
+        print(exc.report.to_markdown())
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(outcome.report.to_markdown())
+    print(f"registered {outcome.ref} ({outcome.report.artifact_bytes:,} bytes, "
+          f"{outcome.report.size_ratio:.1%} of the fp32 original); report: {outcome.files[0]}")
+    return 0
+
+
+def add_edge_command(sub, command, add_repo) -> None:
+    p = command(sub, "edge", cmd_edge,
+                "build a device artifact (int8, ORT format) of a version, test it under a device profile, register it",
+                "leanserve edge cnn:1 --target ort --profile phone --eval eval.npz --max-accuracy-drop 1%\n"
+                "  profiles: phone (1 thread, 512 MB), pi4 (4 threads, 1024 MB), tiny (1 thread, 256 MB)\n"
+                "  (exit status 1, nothing registered, when the artifact does not run within the profile)")
+    p.add_argument("model", help="MODEL or MODEL:VERSION (an ONNX version)")
+    p.add_argument("--target", default="ort", metavar="NAME",
+                   help="ort (ONNX Runtime's ORT format, for its mobile and minimal builds) or executorch")
+    p.add_argument("--profile", default="phone", help="device profile: phone, pi4 or tiny")
+    p.add_argument("--threads", type=int, help="intra-op threads (instead of the profile's)")
+    p.add_argument("--memory-mb", type=int, help="memory cap of the test process in MB (instead of the profile's)")
+    p.add_argument("--eval", metavar="NPZ", help="evaluation data (.npz, one array per input, plus labels): int8 variants "
+                   "are searched within the budget; without it, dynamic int8 is used unchecked")
+    p.add_argument("--calib", metavar="NPZ", help="calibration data for static int8 (default: the evaluation inputs)")
+    p.add_argument("--max-accuracy-drop", default="1%",
+                   help="largest quality drop accepted: 1%% = 1 point, 1%%rel = 1%% of the original, 0.01 as is")
+    p.add_argument("--report-dir", metavar="DIR", help="also write the device report here (kept when nothing is registered)")
+    p.add_argument("--seconds", type=float, default=1.0, help="at least this long timing latency under the profile")
+    p.add_argument("--time-budget", type=float, default=300.0, metavar="S", help="seconds the int8 search may take")
+    p.add_argument("--progress", action="store_true", help="show the int8 search's progress")
+    add_repo(p)
