@@ -40,7 +40,7 @@ class Chunk:
     """Rows read from the input: their ids and the model inputs, plus the rows set aside."""
 
     index: int
-    ids: list[Any]
+    ids: Any  # a pyarrow array, or a list
     inputs: dict[str, np.ndarray]
     rejects: list[dict[str, Any]] = field(default_factory=list)
 
@@ -172,24 +172,17 @@ def _column_plan(signature: Signature, columns: Sequence[str], where: str) -> di
 
 def _table_chunk(index: int, table, offset: int, id_column: str | None, plan: Mapping[str, list[str]],
                  signature: Signature, allow_nonfinite: bool) -> Chunk:
+    import pyarrow as pa
+
     n = table.num_rows
-    ids = table.column(id_column).to_pylist() if id_column else list(range(offset, offset + n))
+    ids = table.column(id_column).combine_chunks() if id_column else pa.array(np.arange(offset, offset + n))
     good = np.ones(n, dtype=bool)
     reasons: dict[int, str] = {}
     arrays: dict[str, np.ndarray] = {}
     for spec in signature.inputs:
         columns = plan[spec.name]
-        row_shape = tuple(d for d in spec.shape[1:])
         if len(columns) == 1 and columns[0] == spec.name and (len(spec.shape) != 2 or _is_list(table, columns[0])):
-            values = table.column(columns[0]).to_pylist()
-            array = np.zeros((n, *[max(d, 1) for d in row_shape]), dtype=spec.dtype)
-            for i, value in enumerate(values):
-                try:
-                    row = np.asarray(value, dtype=spec.dtype)
-                    array[i] = row.reshape(array.shape[1:])
-                except (TypeError, ValueError) as exc:
-                    good[i] = False
-                    reasons.setdefault(i, f"input {spec.name!r}: {_short(exc)}")
+            arrays[spec.name] = _list_column(table.column(columns[0]), spec, good, reasons)
         else:
             array = np.empty((n, len(columns)), dtype=spec.dtype)
             for j, name in enumerate(columns):
@@ -199,15 +192,54 @@ def _table_chunk(index: int, table, offset: int, id_column: str | None, plan: Ma
                     good[i] = False
                     value = table.column(name)[int(i)].as_py()
                     reasons.setdefault(int(i), f"column {name!r}: " + ("missing value" if value is None else f"not a number ({value!r})"))
+            arrays[spec.name] = array
+        array = arrays[spec.name]
         if not allow_nonfinite and array.dtype.kind == "f":
             nonfinite = ~np.isfinite(array.reshape(n, -1)).all(axis=1)
             for i in np.flatnonzero(nonfinite & good):
                 reasons[int(i)] = f"input {spec.name!r}: NaN or Inf (the model refuses them; --allow-nan to pass them)"
             good &= ~nonfinite
-        arrays[spec.name] = array
-    rejects = [{"id": _jsonable(ids[i]), "reason": reasons[i]} for i in sorted(reasons)]
+    rejects = [{"id": _jsonable(ids[i].as_py()), "reason": reasons[i]} for i in sorted(reasons)]
+    if good.all():  # the common case: no copies
+        return Chunk(index, ids, arrays, rejects)
     keep = np.flatnonzero(good)
-    return Chunk(index, [ids[i] for i in keep], {k: v[keep] for k, v in arrays.items()}, rejects)
+    return Chunk(index, ids.take(pa.array(keep)), {k: v[keep] for k, v in arrays.items()}, rejects)
+
+
+def _list_column(column, spec, good: np.ndarray, reasons: dict[int, str]) -> np.ndarray:
+    """A column of per-row lists as an array [N, *row shape]; rows of the wrong length are marked bad."""
+    import pyarrow as pa
+
+    n = len(column)
+    row_shape = tuple(max(d, 1) for d in spec.shape[1:])
+    size = int(np.prod(row_shape))
+    array = np.zeros((n, *row_shape), dtype=spec.dtype)
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if -1 not in spec.shape[1:] and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+                                     or pa.types.is_fixed_size_list(column.type)) and column.null_count == 0:
+        offsets = (np.arange(n + 1) * column.type.list_size if pa.types.is_fixed_size_list(column.type)
+                   else column.offsets.to_numpy())
+        lengths = np.diff(offsets)
+        values = column.flatten()
+        if values.null_count == 0 and (pa.types.is_integer(values.type) or pa.types.is_floating(values.type)):
+            flat = values.to_numpy(zero_copy_only=False)
+            right = lengths == size
+            if right.all():
+                return flat.astype(spec.dtype, copy=False).reshape(n, *row_shape)
+            starts = offsets[:-1]
+            for i in np.flatnonzero(right):
+                array[i] = flat[starts[i]:starts[i] + size].reshape(row_shape)
+            for i in np.flatnonzero(~right):
+                good[i] = False
+                reasons.setdefault(int(i), f"input {spec.name!r}: {lengths[i]} values, expected {size} ({list(row_shape)})")
+            return array
+    for i, value in enumerate(column.to_pylist()):  # ragged, nulls or text: row by row
+        try:
+            array[i] = np.asarray(value, dtype=spec.dtype).reshape(row_shape)
+        except (TypeError, ValueError) as exc:
+            good[i] = False
+            reasons.setdefault(i, f"input {spec.name!r}: {_short(exc)}")
+    return array
 
 
 def _is_list(table, name: str) -> bool:
@@ -233,9 +265,10 @@ def _numeric(column, dtype) -> tuple[np.ndarray, np.ndarray]:
                 bad[i] = True
                 values[i] = 0
         return values.astype(dtype), bad
+    if column.null_count == 0:
+        return np.asarray(column.to_numpy()).astype(dtype, copy=False), np.zeros(len(column), dtype=bool)
     bad = np.asarray(pc.is_null(column).to_numpy(zero_copy_only=False), dtype=bool)
-    values = column.fill_null(0).to_numpy(zero_copy_only=False) if bad.any() else column.to_numpy(zero_copy_only=False)
-    return np.asarray(values).astype(dtype, copy=False), bad
+    return np.asarray(column.fill_null(0).to_numpy(zero_copy_only=False)).astype(dtype, copy=False), bad
 
 
 def _array_chunks(path: Path, signature: Signature, chunk_rows: int, allow_nonfinite: bool) -> Iterator[Chunk]:
@@ -351,20 +384,19 @@ def run_job(session, model: str, version: int, input_path: str | Path, output: s
     for record in done.values():
         bar.update(record["rows"] + record["rejected"])
     signature = session.signature
-    for chunk in read_chunks(input_path, signature, chunk_rows, id_column, allow_nonfinite):
-        if chunk.index in done:
-            continue
-        part = None  # a chunk whose every row was rejected has no part
-        if chunk.ids:
-            part = output / f"part-{chunk.index:05d}.parquet"
-            _write_part(part, chunk.ids, _run(session, chunk.inputs, batch_size), signature)
-        manifest["chunks"][str(chunk.index)] = {"part": part and part.name, "rows": len(chunk.ids),
-                                                "rejected": len(chunk.rejects), "rejects": chunk.rejects}
-        _save_manifest(output, manifest)
-        summary.chunks_done += 1
-        summary.processed += len(chunk.ids) + len(chunk.rejects)
-        bar.update(len(chunk.ids) + len(chunk.rejects))
-        bar.set_postfix(rejected=sum(int(c["rejected"]) for c in manifest["chunks"].values()))
+    # Parts are written (and recorded) on a thread while the engine runs the next chunk; at most one part
+    # waits, so memory stays at about three chunks whatever the input's size.
+    writer = _Writer(output, manifest, signature)
+    try:
+        for chunk in _prefetched(read_chunks(input_path, signature, chunk_rows, id_column, allow_nonfinite)):
+            if chunk.index in done:
+                continue
+            writer.put(chunk, _run(session, chunk.inputs, batch_size) if len(chunk.ids) else None)
+            summary.chunks_done += 1
+            summary.processed += len(chunk.ids) + len(chunk.rejects)
+            bar.update(len(chunk.ids) + len(chunk.rejects))
+    finally:
+        writer.close()
     bar.close()
     _write_rejects(output, manifest)
     manifest["finished"] = True
@@ -374,6 +406,73 @@ def run_job(session, model: str, version: int, input_path: str | Path, output: s
     summary.rows = summary.written + summary.rejected
     summary.elapsed_s = time.perf_counter() - started
     return summary
+
+
+class _Writer:
+    """Writes parts and records them in the manifest, in order, on one thread."""
+
+    def __init__(self, output: Path, manifest: dict[str, Any], signature: Signature) -> None:
+        import queue
+        import threading
+
+        self.output, self.manifest, self.signature = output, manifest, signature
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="batch-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, chunk: Chunk, outputs: Mapping[str, np.ndarray] | None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((chunk, outputs))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the job stops at the next put
+            chunk, outputs = item
+            try:
+                part = None  # a chunk whose every row was rejected has no part
+                if outputs is not None:
+                    part = self.output / f"part-{chunk.index:05d}.parquet"
+                    _write_part(part, chunk.ids, outputs, self.signature)
+                self.manifest["chunks"][str(chunk.index)] = {"part": part and part.name, "rows": len(chunk.ids),
+                                                             "rejected": len(chunk.rejects), "rejects": chunk.rejects}
+                _save_manifest(self.output, self.manifest)
+            except BaseException as exc:  # a full disk, a vanished folder: raised on the job's thread
+                self._error = exc
+
+
+def _prefetched(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """Read the next chunk on a thread while the engine runs this one (Parquet decoding releases the GIL)."""
+    import queue
+    import threading
+
+    ahead: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+
+    def read() -> None:
+        try:
+            for chunk in chunks:
+                ahead.put(chunk)
+            ahead.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            ahead.put(exc)
+
+    threading.Thread(target=read, name="batch-reader", daemon=True).start()
+    while True:
+        item = ahead.get()
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _run(session, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
@@ -386,7 +485,7 @@ def _write_part(path: Path, ids: list, outputs: Mapping[str, np.ndarray], signat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    columns = {"id": pa.array(ids)}
+    columns = {"id": ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(ids)}
     for spec in signature.outputs:
         values = outputs[spec.name]
         flat = values.reshape(len(values), -1) if values.ndim > 1 else values
