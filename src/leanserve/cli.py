@@ -103,8 +103,14 @@ def cmd_export(args) -> int:
     if args.name:
         from leanserve.repository import Repository
 
-        ref = Repository(args.repo).add(out, args.name, provenance=Provenance(source=args.factory, exporter=result.exporter),
-                                        metrics={"export_max_abs_diff": result.max_abs_diff})
+        import tempfile
+
+        from leanserve.torch_source import save_source
+
+        with tempfile.TemporaryDirectory() as tmp:  # the module itself, kept for learning and explanations
+            source = save_source(module, example, tmp)
+            ref = Repository(args.repo).add(out, args.name, provenance=Provenance(source=args.factory, exporter=result.exporter),
+                                            metrics={"export_max_abs_diff": result.max_abs_diff}, attachments=[source])
         print(f"imported as {ref}")
     return 0
 

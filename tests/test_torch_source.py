@@ -1,0 +1,33 @@
+"""A version keeps its PyTorch source (TorchScript) for learning and explanations."""
+
+import numpy as np
+import pytest
+import torch
+
+from leanserve import Repository
+from leanserve.cli import main
+from leanserve.errors import UnsupportedFormat
+from leanserve.torch_source import has_source, load_source
+
+
+def test_demo_and_export_keep_a_trainable_source_that_matches_the_served_model(tmp_path, capsys):
+    assert main(["demo", "--repo", str(tmp_path / "repo"), "--epochs", "1"]) == 0
+    artifact = Repository(tmp_path / "repo").get("digits-cnn")
+    assert has_source(artifact)
+    module = load_source(artifact)
+    x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    from leanserve.runtime import load_session
+
+    served = load_session(artifact).run({"image": x})["logits"]
+    assert np.allclose(module(torch.from_numpy(x)).detach().numpy(), served, atol=1e-4)
+    module.train()
+    loss = module(torch.from_numpy(x)).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in module.parameters())
+
+
+def test_a_version_without_source_says_how_to_get_one(affine_repo):
+    artifact = affine_repo.get("affine")
+    assert not has_source(artifact)
+    with pytest.raises(UnsupportedFormat, match="no PyTorch source.*leanserve export"):
+        load_source(artifact)
