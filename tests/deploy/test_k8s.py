@@ -139,8 +139,9 @@ def test_a_storage_uri_is_fetched_by_kserve_instead_of_baked_in(affine_repo, tmp
     assert service["spec"]["predictor"]["model"]["storageUri"] == "s3://models/digits"
     assert service["metadata"] == {**service["metadata"], "name": "digits", "namespace": "serving"}
     assert not (out / "models").exists() and "COPY --chown=1000:1000 models/" not in (out / "Dockerfile").read_text()
-    # KServe mounts a fetched repository read-only, where the prediction log cannot be written
-    assert build_parser().parse_args(container(out)["args"]).no_monitor
+    # KServe mounts a fetched repository read-only: the prediction log is written outside it
+    args = build_parser().parse_args(container(out)["args"])
+    assert not args.no_monitor and args.monitor_db == "/tmp/leanserve/predictions.db"
 
 
 def user_error(capsys, code: int) -> str:

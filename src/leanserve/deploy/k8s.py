@@ -197,9 +197,8 @@ def serve_args(spec: DeploySpec) -> list[str]:
     """The ``leanserve`` arguments the runtime container runs with."""
     args = ["serve", MODEL_DIR, "--host", "0.0.0.0", "--port", str(HTTP_PORT), "--grpc-port", str(GRPC_PORT)]
     if not spec.baked_in:
-        # KServe mounts a fetched repository read-only and the prediction log lives inside the repository
-        # (REPO/.monitor); `serve` has no flag to put it elsewhere yet, so monitoring is off in this mode.
-        args.append("--no-monitor")
+        # KServe mounts a fetched repository read-only: the prediction log goes to the container's /tmp
+        args += ["--monitor-db", "/tmp/leanserve/predictions.db"]
     return args
 
 

@@ -20,6 +20,7 @@ def cmd_serve(args) -> int:
         max_body_bytes=args.max_body_bytes, poll_interval_s=args.poll_interval, drain_timeout_s=args.drain_timeout,
         access_log=not args.no_access_log, admin_allow_remote=args.admin_allow_remote,
         monitor=not args.no_monitor, monitor_sample_rate=args.monitor_sample_rate,
+        monitor_db=Path(args.monitor_db) if args.monitor_db else None,
     )
     run_server(config)
     return 0
@@ -164,6 +165,8 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--no-access-log", action="store_true", help="do not write JSON access log lines to stderr")
     p.add_argument("--no-monitor", action="store_true", help="do not log predictions (no drift, feedback or live quality)")
     p.add_argument("--monitor-sample-rate", type=float, default=1.0, help="share of requests logged for monitoring")
+    p.add_argument("--monitor-db", metavar="FILE", help="prediction log database (default REPO/.monitor/predictions.db; "
+                   "set it when the repository is read-only)")
     p.add_argument("--admin-allow-remote", action="store_true", help="accept admin calls from non-loopback clients")
     add_repo(p)
 
