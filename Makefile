@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/serve_bench.py
 	$(BIN)/python benchmarks/optimize_bench.py
 	$(BIN)/python benchmarks/monitor_bench.py
+	$(BIN)/python benchmarks/engine_bench.py
+	$(BIN)/python benchmarks/batch_bench.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
