@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import tempfile
 from pathlib import Path
 
@@ -11,8 +13,8 @@ import pytest
 from leanserve.cli import main
 from leanserve.config import BatchingConfig, RuntimeOptions
 from leanserve.errors import InvalidInput
-from leanserve.serve.tune import (MAX_CANDIDATES, Candidate, TuneOptions, default_grid, parse_concurrency, parse_grid,
-                                  tune, with_current)
+from leanserve.serve.tune import (MAX_CANDIDATES, Candidate, TuneError, TuneOptions, default_grid, parse_concurrency,
+                                  parse_grid, tune, with_current)
 
 # Every request waits up to a second for more rows, so this setting's p99 is over any bound below 1 s.
 SLOW = BatchingConfig(max_batch_size=32, max_queue_delay_us=1_000_000)
@@ -84,6 +86,25 @@ def test_an_interrupted_run_stops_its_server_and_changes_nothing(affine_repo, tm
     assert config_file.read_bytes() == before
     assert not list(tmp_path.glob("leanserve-tune-*"))  # the scratch repository is gone
     assert _children() <= children_before  # and so is the server
+
+
+def test_a_server_that_dies_midway_fails_the_run_with_its_log_and_changes_nothing(affine_repo, tmp_path, monkeypatch):
+    affine_repo.update_config("affine", batching=BatchingConfig(max_batch_size=16))
+    config_file = affine_repo.root / "affine" / "config.json"
+    before = config_file.read_bytes()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    children_before = _children()
+
+    def kill_server(measurement) -> None:
+        for pid in _children() - children_before:
+            os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(TuneError, match=r"the tuning server exited \(status -9\); its log:\n.*serving"):
+        tune(affine_repo, "affine", TuneOptions(p99_ms=1000, concurrency=(1,), seconds=1, warmup_s=0),
+             [Candidate(None, instances=1)], on_measurement=kill_server)
+
+    assert config_file.read_bytes() == before
+    assert not list(tmp_path.glob("leanserve-tune-*"))
 
 
 @pytest.mark.parametrize("grid, message", [

@@ -8,9 +8,12 @@ server than wrk would on the same machine. Used by the batching tuner (``leanser
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ from leanserve.errors import InvalidInput, LeanserveError
 
 GENERATORS = ("wrk", "python")
 REQUEST_TIMEOUT_S = 10.0
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 # Sends the body named by LEANSERVE_LOAD_BODY; done() prints one machine-readable line (latencies in us),
 # so nothing depends on the units wrk picks for its human report.
@@ -63,6 +67,12 @@ def choose(load: str) -> str:
     return load
 
 
+def die_with_parent() -> None:
+    """In a child between fork and exec: have Linux send it SIGTERM when its parent dies (no-op elsewhere)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def request_body(signature: Signature) -> bytes:
     """A one-row V2 JSON request of synthetic inputs for ``signature``."""
     from leanserve.runtime.compare import synthetic_inputs
@@ -84,8 +94,10 @@ def _run_wrk(url: str, body_file: Path, connections: int, seconds: int) -> LoadR
         script.flush()
         command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", f"{REQUEST_TIMEOUT_S:.0f}s",
                    "-s", script.name, url]
+        # Own session: a Ctrl-C goes to the caller alone, which ends wrk rather than reading a cut-short run.
         done = subprocess.run(command, env={**os.environ, "LEANSERVE_LOAD_BODY": str(body_file)},
-                              capture_output=True, text=True, check=False, timeout=seconds + 60)
+                              capture_output=True, text=True, check=False, timeout=seconds + 60,
+                              start_new_session=True, preexec_fn=die_with_parent)
     line = next((l for l in done.stdout.splitlines() if l.startswith("leanserve-load ")), None)
     if done.returncode != 0 or line is None:
         raise LeanserveError(f"wrk failed (exit status {done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from leanserve.config import AlertConfig, ModelConfig, RolloutConfig
+from leanserve.config import ModelConfig, RolloutConfig
 from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.repository import Repository
 from leanserve.serve import loadgen
@@ -160,8 +160,10 @@ class TuneOptions:
     def __post_init__(self) -> None:
         if not self.p99_ms > 0:
             raise InvalidInput(f"--p99-ms must be above 0, got {self.p99_ms}")
-        if not isinstance(self.seconds, int) or self.seconds < 1 or self.warmup_s < 0:
+        if not isinstance(self.seconds, int) or self.seconds < 1:
             raise InvalidInput(f"--seconds must be a whole number >= 1, got {self.seconds!r}")
+        if not isinstance(self.warmup_s, int) or self.warmup_s < 0:
+            raise InvalidInput(f"warm-up seconds must be a whole number >= 0, got {self.warmup_s!r}")
         if not self.concurrency or min(self.concurrency) < 1:
             raise InvalidInput("concurrency needs at least one connection count >= 1")
         object.__setattr__(self, "load", loadgen.choose(self.load))
@@ -248,8 +250,7 @@ def apply_candidate(repo: Repository, name: str, candidate: Candidate) -> bool:
 
 def _quiet(config: ModelConfig) -> ModelConfig:
     """The scratch server's config: no rollout to drive and no alerts sent anywhere while it is hammered."""
-    return config.replace(rollout=RolloutConfig(), alerts=dataclasses.replace(config.alerts, webhook_url=None)
-                          if config.alerts.webhook_url else config.alerts)
+    return config.replace(rollout=RolloutConfig(), alerts=dataclasses.replace(config.alerts, webhook_url=None))
 
 
 class _ScratchServer:
@@ -295,8 +296,11 @@ class _ScratchServer:
         command = [sys.executable, "-m", "leanserve.cli", "serve", str(self.scratch.root), "--port", str(self.port),
                    "--grpc-port", "0", "--no-access-log", "--no-monitor", "--poll-interval", "3600", "--drain-timeout", "5"]
         with open(self.folder / "server.log", "wb") as log:
+            # Its own session: a Ctrl-C meant for the tuner must not stop the server mid-measurement (the tuner
+            # stops it on the way out); the parent-death signal stops it should the tuner be killed outright.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env={**os.environ, ADMIN_TOKEN_ENV: self.token})
+                                            env={**os.environ, ADMIN_TOKEN_ENV: self.token}, start_new_session=True,
+                                            preexec_fn=loadgen.die_with_parent)
         deadline = time.monotonic() + READY_TIMEOUT_S
         for path in ("/v2/health/ready", f"/v2/models/{self.name}/ready"):
             while True:
