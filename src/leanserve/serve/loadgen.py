@@ -56,6 +56,40 @@ class LoadResult:
     errors: int  # non-2xx answers, connection errors and timeouts
 
 
+class OtherCpu:
+    """Cores used by processes other than this one, its finished children and ``pids``, from construction
+    until ``cores()``: load figures from a busy machine mean little, and this says when it was busy.
+    Reads /proc (Linux); 0.0 elsewhere."""
+
+    def __init__(self, pids: tuple[int, ...] = ()) -> None:
+        self.pids = pids
+        self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = (time.perf_counter(), self._busy_s(), self._ours_s())
+
+    def cores(self) -> float:
+        wall, busy, ours = self._start
+        elapsed = time.perf_counter() - wall
+        return max(0.0, (self._busy_s() - busy) - (self._ours_s() - ours)) / elapsed if elapsed > 0 else 0.0
+
+    def _busy_s(self) -> float:
+        try:
+            user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+        except (OSError, ValueError):
+            return 0.0
+        return (user + nice + system + irq + softirq) / self._ticks
+
+    def _ours_s(self) -> float:
+        times = os.times()
+        total = times.user + times.system + times.children_user + times.children_system
+        for pid in self.pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / self._ticks  # utime, stime
+            except (OSError, ValueError, IndexError):
+                pass  # not Linux, or the process is gone: counted as other load
+        return total
+
+
 def choose(load: str) -> str:
     """Resolve ``auto`` to wrk when it is on PATH, else python; check an explicit choice. Raises InvalidInput."""
     if load == "auto":

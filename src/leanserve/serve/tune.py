@@ -34,6 +34,7 @@ from leanserve.serve.settings import ADMIN_TOKEN_ENV
 
 MAX_CANDIDATES = 48
 READY_TIMEOUT_S = 300.0
+OTHER_CORES_WARN = 0.5
 GRID_KEYS = ("max_batch_size", "max_queue_delay_us", "instances", "intra_op_threads")
 
 
@@ -181,6 +182,7 @@ class Measurement:
     requests: int = 0
     errors: int = 0
     failure: str | None = None
+    other_cores: float = 0.0  # CPU other processes used meanwhile: above OTHER_CORES_WARN the figures are suspect
 
     def within(self, p99_ms: float) -> bool:
         """True when it ran without a failed request and its p99 keeps the bound."""
@@ -196,6 +198,11 @@ class TuneResult:
     options: TuneOptions
     current: Candidate
     measurements: tuple[Measurement, ...]
+
+    @property
+    def busiest_other_cores(self) -> float:
+        """The most CPU other processes took during any measurement (0.0 when not measured)."""
+        return max((m.other_cores for m in self.measurements), default=0.0)
 
     @property
     def best(self) -> Measurement | None:
@@ -225,10 +232,11 @@ def tune(repo: Repository, name: str, options: TuneOptions, grid: Sequence[Candi
                 loadgen.run(options.load, server.infer_url, body_file, max(options.concurrency), options.warmup_s)
             for connections in options.concurrency:
                 if failure is None:
+                    other = loadgen.OtherCpu((server.process.pid,))
                     load = loadgen.run(options.load, server.infer_url, body_file, connections, options.seconds)
                     server.check_alive()
                     measurement = Measurement(candidate, connections, load.requests_per_s, load.p50_ms, load.p99_ms,
-                                              load.requests, load.errors)
+                                              load.requests, load.errors, other_cores=other.cores())
                 else:
                     measurement = Measurement(candidate, connections, failure=failure)
                 measurements.append(measurement)

@@ -13,8 +13,8 @@ def cmd_tune(args) -> int:
 
     from leanserve.measure import cpu_description
     from leanserve.repository import Repository
-    from leanserve.serve.tune import (Candidate, TuneOptions, apply_candidate, default_grid, parse_concurrency,
-                                      parse_grid, tune, with_current)
+    from leanserve.serve.tune import (OTHER_CORES_WARN, Candidate, TuneOptions, apply_candidate, default_grid,
+                                      parse_concurrency, parse_grid, tune, with_current)
 
     options = TuneOptions(p99_ms=args.p99_ms, concurrency=parse_concurrency(args.concurrency), seconds=args.seconds,
                           load=args.load)
@@ -39,6 +39,9 @@ def cmd_tune(args) -> int:
     plot = Path(args.plot or f"tune-{args.model}.png")
     plot_result(result, plot)
     print(f"plot: {plot}")
+    if result.busiest_other_cores > OTHER_CORES_WARN:
+        print(f"warning: other processes used up to {result.busiest_other_cores:.1f} cores during the measurements; "
+              "the figures (p99 above all) may say more about them than about the settings: rerun on a quiet machine")
     if best is None:
         print(f"no setting keeps p99 <= {options.p99_ms:g} ms at any concurrency tried; the config is unchanged "
               "(try a looser bound, fewer connections or a faster model)")
@@ -58,7 +61,7 @@ def cmd_tune(args) -> int:
 def format_table(result) -> str:
     """One row per setting and concurrency; ``*`` marks the chosen row, ``-`` rows over the bound or failing."""
     best, bound = result.best, result.options.p99_ms
-    lines = [f"  {'batch':<12}{'inst':>5}{'threads':>8}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}"]
+    lines = [f"  {'batch':<12}{'inst':>5}{'threads':>8}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'other CPU':>10}"]
     for m in result.measurements:
         c = m.candidate
         mark = "*" if m is best else (" " if m.within(bound) else "-")
@@ -66,7 +69,7 @@ def format_table(result) -> str:
         if m.failure:
             row += f"  {m.failure[:100]}"
         else:
-            row += f"{m.requests_per_s:>10.0f}{m.p50_ms:>9.2f}{m.p99_ms:>9.2f}{m.errors:>8}"
+            row += f"{m.requests_per_s:>10.0f}{m.p50_ms:>9.2f}{m.p99_ms:>9.2f}{m.errors:>8}{m.other_cores:>10.2f}"
         lines.append(row + ("  current" if c == result.current else ""))
     return "\n".join(lines)
 
