@@ -493,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.deploy.k8s_cli import add_k8s_command
 
     add_k8s_command(sub, _command, _add_repo)
+    from leanserve.fairness.cli import add_mitigate_command
+
+    add_mitigate_command(sub, _command, _add_repo)
     return parser
 
 

@@ -220,6 +220,10 @@ class AlertConfig:
     max_error_rate: float | None = 0.05
     min_accuracy: float | None = None
     max_bias_gap: float | None = 0.1
+    # fairness gaps (leanserve[fairness]). Demographic parity is off by default: groups whose base rates
+    # differ legitimately get different selection rates; equalized odds compares like with like.
+    max_demographic_parity_difference: float | None = None
+    max_equalized_odds_difference: float | None = 0.2
     min_shadow_agreement: float | None = 0.9
     on_drift: bool = True
     webhook_url: str | None = None

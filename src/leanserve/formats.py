@@ -17,7 +17,8 @@ from leanserve.dtypes import v2_datatype
 from leanserve.errors import InvalidInput, ModelLoadError, UnsupportedFormat
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript",
-            ".pt2": "torch_export", ".xml": "openvino", ".so": "tvm", ".ort": "ort"}
+            ".pt2": "torch_export", ".xml": "openvino", ".so": "tvm", ".ort": "ort",
+            ".json": "postprocessed"}
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,21 @@ def _read_tvm(path: Path) -> tuple[list[Path], Signature]:
         raise ModelLoadError(f"{path.name}: unreadable TVM sidecar {sidecar.name} ({exc})") from exc
 
 
+# --- post-processed (a base model + a per-group decision rule) ----------------------------------------
+
+def _read_postprocessed(path: Path) -> tuple[list[Path], Signature]:
+    from leanserve.runtime.postprocessed import PostprocessSpec, signature_of
+
+    spec = PostprocessSpec.read(path)
+    base = read_model(path.parent / spec.base_model)
+    if base.format != spec.base_format:
+        raise ModelLoadError(f"{path.name}: base model {spec.base_model} is {base.format}, the spec says {spec.base_format}")
+    try:
+        return [base.model_file.resolve(), *base.extra_files], signature_of(base.signature)
+    except InvalidInput as exc:
+        raise ModelLoadError(f"{path.name}: {exc}") from exc
+
+
 _READERS = {
     "onnx": _read_onnx,
     "torchscript": _read_torchscript,
@@ -286,4 +302,5 @@ _READERS = {
     "openvino": _read_openvino,
     "tvm": _read_tvm,
     "ort": _read_ort,
+    "postprocessed": _read_postprocessed,
 }

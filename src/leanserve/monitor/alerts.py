@@ -1,4 +1,5 @@
-"""Alert rules on live figures: p99 latency, error rate, accuracy, bias gap, shadow agreement, drift.
+"""Alert rules on live figures: p99 latency, error rate, accuracy, bias gap, fairness gaps, shadow
+agreement, drift.
 
 ``evaluate`` is a pure function from a version's figures and the model's rules to the alerts that
 hold now; ``AlertSink`` turns changes into log lines, metrics and optional webhook calls.
@@ -26,7 +27,7 @@ class Alert:
 
 def evaluate(model: str, version: int, figures: dict[str, Any], rules: AlertConfig) -> list[Alert]:
     """The alerts that hold for one version's ``figures`` (keys: p99_ms, error_rate, requests, accuracy,
-    bias_gap, shadow_agreement, drifted, drift_features)."""
+    bias_gap, demographic_parity_difference, equalized_odds_difference, shadow_agreement, drifted, drift_features)."""
     found = []
 
     def fire(rule: str, message: str) -> None:
@@ -40,6 +41,10 @@ def evaluate(model: str, version: int, figures: dict[str, Any], rules: AlertConf
         fire("accuracy", f"live accuracy {figures['accuracy']:.4f} below {rules.min_accuracy:g}")
     if rules.max_bias_gap is not None and figures.get("bias_gap") is not None and figures["bias_gap"] > rules.max_bias_gap:
         fire("bias_gap", f"accuracy gap between groups {figures['bias_gap']:.4f} above {rules.max_bias_gap:g}")
+    for key, limit, what in (("demographic_parity_difference", rules.max_demographic_parity_difference, "selection rates"),
+                             ("equalized_odds_difference", rules.max_equalized_odds_difference, "true/false positive rates")):
+        if limit is not None and figures.get(key) is not None and figures[key] > limit:
+            fire(key, f"{key.replace('_', ' ')} {figures[key]:.4f} above {limit:g} (largest gap in {what} between groups)")
     agreement = figures.get("shadow_agreement")
     if rules.min_shadow_agreement is not None and agreement is not None and agreement < rules.min_shadow_agreement:
         fire("shadow_agreement", f"shadow agreement {agreement:.2%} below {rules.min_shadow_agreement:.0%}")

@@ -79,13 +79,25 @@ class Monitor(Periodic):
             self.labels.setdefault((name, report.version), {})["bias"] = report
         for version, q in quality.items():
             self.labels.setdefault((name, version), {})["quality"] = q
+        await self._refresh_fairness(name, rows)
+
+    async def _refresh_fairness(self, name: str, rows: list) -> None:
+        """Fairlearn's per-group rates and gaps of each version (skipped without leanserve[fairness])."""
+        from leanserve.fairness import metrics as fairness
+
+        if not fairness.available():
+            return
+        reports = await asyncio.get_running_loop().run_in_executor(None, fairness.fairness_by_version, rows)
+        for version, report in reports.items():
+            self.labels.setdefault((name, version), {})["fairness"] = report
+            fairness.publish(self.metrics, name, version, report)
 
     def figures(self, name: str, version: int) -> dict[str, Any]:
         """The latest figures of one version, as the alert rules and the dashboard read them."""
         entry = self.registry.models[name]
         window = self.plane.live_stats.window(name, version, entry.config.alerts.window_s)
         labels = self.labels.get((name, version), {})
-        quality, bias = labels.get("quality"), labels.get("bias")
+        quality, bias, fair = labels.get("quality"), labels.get("bias"), labels.get("fairness")
         drift = self.drift.get((name, version), {})
         return {
             "requests": window.requests, "errors": window.errors, "error_rate": window.error_rate,
@@ -96,6 +108,9 @@ class Monitor(Periodic):
             "bias_gap": bias.accuracy_gap if bias and len(bias.groups) > 1 else None,
             "bias_groups": [g.__dict__ for g in bias.groups] if bias else [],
             "positive_rate_gap": bias.positive_rate_gap if bias and len(bias.groups) > 1 else None,
+            "demographic_parity_difference": fair.demographic_parity_difference if fair else None,
+            "equalized_odds_difference": fair.equalized_odds_difference if fair else None,
+            "fairness_groups": [g.__dict__ for g in fair.groups] if fair else [],
             "shadow_agreement": self.plane.shadow_agreement(name, version),
             "drifted": drift.get("drifted", False), "drift_features": drift.get("features", []),
         }

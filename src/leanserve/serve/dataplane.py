@@ -130,20 +130,24 @@ class DataPlane:
         return {"accepted": result.accepted, "unknown": result.unknown, "duplicate": result.duplicate}
 
     async def _run(self, handle: LoadedVersion, request: InferRequest) -> dict[str, np.ndarray]:
-        handle.signature.validate_inputs(request.inputs, allow_nonfinite=handle.config.allow_nonfinite)
+        inputs = request.inputs
+        if handle.request_inputs is not None:  # e.g. a post-processed version's group, from a parameter
+            rows = len(next(iter(inputs.values()))) if inputs and next(iter(inputs.values())).ndim else 1
+            inputs = {**inputs, **handle.request_inputs(request.parameters, rows)}
+        handle.signature.validate_inputs(inputs, allow_nonfinite=handle.config.allow_nonfinite)
         wanted = request.output_names
         if wanted:
             handle.signature.check_outputs(wanted)
         if handle.cache is None:
-            outputs, _ = await handle.batcher.infer(request.inputs, wanted)
+            outputs, _ = await handle.batcher.infer(inputs, wanted)
             return outputs
-        cache_key = request_key(handle.ref.version, request.inputs, wanted)
+        cache_key = request_key(handle.ref.version, inputs, wanted)
         cached = handle.cache.get(cache_key)
         if cached is not None:
             handle.metrics.cache_hit.inc()
             return cached
         handle.metrics.cache_miss.inc()
-        outputs, _ = await handle.batcher.infer(request.inputs, wanted)
+        outputs, _ = await handle.batcher.infer(inputs, wanted)
         handle.cache.put(cache_key, outputs)
         return outputs
 

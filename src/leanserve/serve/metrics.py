@@ -37,6 +37,11 @@ class ServerMetrics:
         self.alerts = Counter("leanserve_alerts", "Alerts fired", ("model", "rule"), registry=r)
         self.alerts_active = Gauge("leanserve_alert_active", "1 while an alert holds", (*labels, "rule"), registry=r)
         self.rollbacks = Counter("leanserve_rollout_rollbacks", "Canaries rolled back by the rollout guard", ("model",), registry=r)
+        # fairness (leanserve[fairness]): per-group rates and their largest gaps, from delayed labels
+        self.fairness_gap = Gauge("leanserve_fairness_gap", "Largest gap between groups from delayed labels "
+                                  "(demographic_parity_difference, equalized_odds_difference)", (*labels, "metric"), registry=r)
+        self.group_rate = Gauge("leanserve_group_rate", "Per-group rate from delayed labels (selection_rate, "
+                                "true_positive_rate, false_positive_rate, accuracy)", (*labels, "group", "metric"), registry=r)
         self.rejected = Counter("leanserve_rejected_requests", "Requests refused before the model (overload, timeout)", (*labels, "reason"), registry=r)
 
     def for_version(self, model: str, version: int) -> VersionMetrics:

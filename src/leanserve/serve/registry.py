@@ -12,8 +12,12 @@ import enum
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from leanserve.artifact import ModelArtifact, Signature
 from leanserve.config import ModelConfig, TrafficConfig
@@ -44,6 +48,9 @@ class LoadedVersion:
     metrics: VersionMetrics
     config: ModelConfig
     cache: ResponseCache | None = None
+    # inputs a version reads from request parameters (a post-processed version's group), or None;
+    # a session offers them as ``request_inputs(parameters, rows) -> {name: array}``
+    request_inputs: Callable[[Mapping[str, Any], int], dict[str, np.ndarray]] | None = None
 
     @property
     def signature(self) -> Signature:
@@ -169,7 +176,8 @@ class ModelRegistry:
         batcher = Batcher(sessions, config.batching, metrics, name=f"{entry.name}-{version}")
         cache = ResponseCache(config.cache.max_bytes) if config.cache.max_bytes else None
         old = entry.versions.get(version)
-        entry.versions[version] = LoadedVersion(ref, artifact, batcher, metrics, config, cache)
+        entry.versions[version] = LoadedVersion(ref, artifact, batcher, metrics, config, cache,
+                                                getattr(sessions[0], "request_inputs", None))
         entry.failed.pop(version, None)
         self.metrics.loaded.labels(entry.name, str(version)).set(1)
         log.info("model %s version %d ready (%s, %d instance(s), batching %s)", entry.name, version,
