@@ -164,3 +164,17 @@ def test_repository_version_recorded_for_openvino_loads_with_it(tmp_path, affine
     out = session.run(affine_inputs(3))
     np.testing.assert_allclose(out["y"], affine_inputs(3)["x"] * 2 + 1)
     np.testing.assert_allclose(out["s"], affine_inputs(3)["x"].sum(axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("batching, hint", [(False, "LATENCY"), (True, "THROUGHPUT")])
+def test_the_auto_hint_follows_the_serving_mode(affine_onnx, tmp_path, batching, hint):
+    from leanserve import Repository
+    from leanserve.config import BatchingConfig, ModelConfig
+    from leanserve.serve.metrics import ServerMetrics
+    from leanserve.serve.registry import ModelRegistry
+
+    repo = Repository(tmp_path / "repo")
+    ref = repo.add(affine_onnx, "affine", runtime="openvino")
+    config = ModelConfig(batching=BatchingConfig(enabled=batching), warmup=False)
+    _, sessions = ModelRegistry(repo, ServerMetrics())._load_blocking(ref, config)
+    assert str(sessions[0].compiled.get_property("PERFORMANCE_HINT")) == hint

@@ -8,6 +8,7 @@ serving the previous version when a new one fails to load. A background task pol
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import os
@@ -187,7 +188,11 @@ class ModelRegistry:
 
     def _load_blocking(self, ref: VersionRef, config: ModelConfig):
         artifact = self.repo.get(ref.name, ref.version)  # verifies checksums
-        sessions = [load_session(artifact, config.runtime) for _ in range(config.batching.instances)]
+        runtime = config.runtime
+        if runtime.performance_hint == "auto":  # engines that tune for one goal follow the serving mode
+            batched = config.batching.enabled and batchable(artifact.signature)
+            runtime = dataclasses.replace(runtime, performance_hint="throughput" if batched else "latency")
+        sessions = [load_session(artifact, runtime) for _ in range(config.batching.instances)]
         if config.warmup:
             started = time.perf_counter()
             try:
