@@ -18,35 +18,42 @@ from pathlib import Path
 import numpy as np
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--chunk-rows", type=int, default=65536)
-    args = parser.parse_args()
+def make_mlp_job(work: Path, n_rows: int, chunk_rows: int):
+    """The benchmark's model and table in ``work``: (repository with "mlp", the rows as an array, a session);
+    the table is ``work/rows.parquet`` (an id column and 64 feature columns, row groups of ``chunk_rows``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
     from sklearn.datasets import load_digits
 
     import leanserve
-    from leanserve.deploy.batch import run_job
-    from leanserve.measure import cpu_description
     from leanserve.runtime import load_session
 
-    print(f"CPU: {cpu_description()}")
     x, _ = load_digits(return_X_y=True)
-    rows = x[np.random.default_rng(0).integers(0, len(x), args.rows)].astype(np.float32)
+    rows = x[np.random.default_rng(0).integers(0, len(x), n_rows)].astype(np.float32)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(),
+                              torch.nn.Linear(512, 10)).eval()
+    leanserve.export(mlp, torch.zeros(2, 64), work / "mlp.onnx", input_names=["x"], output_names=["logits"])
+    repo = leanserve.Repository(work / "repo")
+    repo.add(work / "mlp.onnx", "mlp")
+    pq.write_table(pa.table({"id": np.arange(n_rows), **{f"f{i}": rows[:, i] for i in range(64)}}),
+                   work / "rows.parquet", row_group_size=chunk_rows)
+    return repo, rows, load_session(repo.get("mlp"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--chunk-rows", type=int, default=65536)
+    args = parser.parse_args()
+    from leanserve.deploy.batch import run_job
+    from leanserve.measure import cpu_description
+
+    print(f"CPU: {cpu_description()}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        mlp = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(),
-                                    torch.nn.Linear(512, 10)).eval()
-        leanserve.export(mlp, torch.zeros(2, 64), work / "mlp.onnx", input_names=["x"], output_names=["logits"])
-        repo = leanserve.Repository(work / "repo")
-        repo.add(work / "mlp.onnx", "mlp")
-        pq.write_table(pa.table({"id": np.arange(args.rows), **{f"f{i}": rows[:, i] for i in range(64)}}),
-                       work / "rows.parquet", row_group_size=args.chunk_rows)
-        session = load_session(repo.get("mlp"))
+        repo, rows, session = make_mlp_job(work, args.rows, args.chunk_rows)
 
         def engine_loop() -> float:
             started = time.perf_counter()

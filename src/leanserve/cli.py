@@ -245,8 +245,8 @@ def _predict_dataset(args, name: str, version) -> int:
 
     if not args.output:
         raise InvalidInput("a batch job needs --output FOLDER (Parquet parts, rejects.jsonl and the job manifest)")
-    if args.executor != "local":
-        raise InvalidInput("--executor ray is not available yet; run with the default local executor")
+    if args.executor == "ray":
+        return _predict_dataset_ray(args, name, version)
     repo = Repository(args.repo, create=False)
     artifact = repo.get(name, version)
     config = repo.config(name)
@@ -261,6 +261,21 @@ def _predict_dataset(args, name: str, version) -> int:
     print(f"{name}:{ref_version}: {summary.written:,} rows written, {summary.rejected:,} rejected "
           f"(see {Path(args.output) / 'rejects.jsonl'}){resumed}; {summary.rows_per_s:,.0f} rows/s over "
           f"{summary.chunks_done} new chunk(s) -> {args.output}")
+    return 0
+
+
+def _predict_dataset_ray(args, name: str, version) -> int:
+    from leanserve.deploy.ray_batch import run_job_ray
+
+    summary = run_job_ray(args.repo, name, version, args.input, args.output, chunk_rows=args.chunk_rows,
+                          batch_size=args.batch_size, id_column=args.id_column, allow_nonfinite=args.allow_nan,
+                          address=args.address, actors=args.actors)
+    resumed = f", {summary.chunks_skipped} chunk(s) already done by an earlier run" if summary.chunks_skipped else ""
+    print(f"{name}: {summary.written:,} rows written, {summary.rejected:,} rejected "
+          f"(see {Path(args.output) / 'rejects.jsonl'}){resumed} -> {args.output}")
+    print(f"ray: start-up {summary.ray_start_s:.1f} s, first chunk after {summary.first_chunk_s:.1f} s "
+          f"({summary.actors} actor(s)), steady {summary.steady_rows_per_s:,.0f} rows/s, "
+          f"{summary.rows_per_s:,.0f} rows/s over the whole job")
     return 0
 
 
@@ -462,7 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", help="batch job: the column holding row ids (default: 'id' if present, else row numbers)")
     p.add_argument("--allow-nan", action="store_true", help="batch job: pass rows with NaN/Inf to the model instead of rejecting them")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="batch job: where it runs (local; ray is not available yet)")
+                   help="batch job: where it runs: here (local, the default) or on Ray Data (pip install 'leanserve[ray]')")
+    p.add_argument("--address", help="--executor ray: an existing Ray cluster (HOST:PORT, ray://HOST:PORT or auto; "
+                   "default: start a local Ray on this machine's CPUs)")
+    p.add_argument("--actors", type=int, help="--executor ray: actors in the pool, one engine session each "
+                   "(default: one per CPU of the cluster)")
     _add_repo(p)
 
     p = _command(sub, "demo", cmd_demo, "train a small CNN on scikit-learn digits, export it to ONNX and import it",
@@ -496,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.fairness.cli import add_mitigate_command
 
     add_mitigate_command(sub, _command, _add_repo)
+
     return parser
 
 

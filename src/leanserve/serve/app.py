@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -42,11 +43,15 @@ class Server:
     monitor: Monitor
 
 
-def build_server(config: ServerConfig, access_log: AccessLog | None = None) -> Server:
-    """Build (but do not start) the server for ``config``; models load when the app starts."""
+def build_server(config: ServerConfig, access_log: AccessLog | None = None,
+                 registry_factory: Callable[..., ModelRegistry] = ModelRegistry) -> Server:
+    """Build (but do not start) the server for ``config``; models load when the app starts.
+
+    ``registry_factory(repo, metrics, drain_timeout_s)`` makes the registry: another one runs the
+    versions elsewhere (``ray_serve.RayModelRegistry``: as Ray Serve deployments)."""
     metrics = ServerMetrics()
     repo = Repository(config.repo, create=False)
-    registry = ModelRegistry(repo, metrics, config.drain_timeout_s)
+    registry = registry_factory(repo, metrics, config.drain_timeout_s)
     prediction_log = None
     if config.monitor:
         from leanserve.monitor.store import LogConfig, PredictionLog
@@ -112,7 +117,7 @@ async def _initial_load(registry: ModelRegistry, config: ServerConfig) -> None:
     registry.start_watching(config.poll_interval_s)
 
 
-def run_server(config: ServerConfig) -> None:
+def run_server(config: ServerConfig, registry_factory: Callable[..., ModelRegistry] = ModelRegistry) -> None:
     """Serve until SIGINT/SIGTERM, then drain in-flight requests and exit."""
     import uvicorn
 
@@ -121,7 +126,7 @@ def run_server(config: ServerConfig) -> None:
     # Each JSON request allocates hundreds of short-lived floats; a larger first generation means far
     # fewer collections on the request path.
     gc.set_threshold(50_000, 20, 100)
-    server = build_server(config)
+    server = build_server(config, registry_factory=registry_factory)
     uv_config = uvicorn.Config(
         server.app, host=config.host, port=config.port, log_level="warning", access_log=False,
         http="httptools", loop="uvloop", timeout_graceful_shutdown=int(config.drain_timeout_s),

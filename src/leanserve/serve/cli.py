@@ -22,6 +22,14 @@ def cmd_serve(args) -> int:
         monitor=not args.no_monitor, monitor_sample_rate=args.monitor_sample_rate,
         monitor_db=Path(args.monitor_db) if args.monitor_db else None,
     )
+    if args.executor == "ray":
+        from leanserve.serve.ray_serve import RayServeOptions, run_ray_server
+
+        autoscale = RayServeOptions.parse_autoscale(args.autoscale) if args.autoscale else None
+        run_ray_server(config, RayServeOptions(address=args.address, replicas=args.replicas or 1, autoscale=autoscale))
+        return 0
+    if args.replicas or args.autoscale or args.address:
+        raise InvalidInput("--replicas, --autoscale and --address apply to --executor ray")
     run_server(config)
     return 0
 
@@ -154,7 +162,8 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p = command(sub, "serve", cmd_serve,
                 "serve every model in a repository over the Open Inference Protocol (HTTP and gRPC)",
                 "leanserve serve model-repo --port 8000 --grpc-port 8001\n"
-                "  LEANSERVE_ADMIN_TOKEN=secret leanserve serve model-repo   # enables the admin API on loopback")
+                "  LEANSERVE_ADMIN_TOKEN=secret leanserve serve model-repo   # enables the admin API on loopback\n"
+                "  leanserve serve model-repo --executor ray --autoscale 1:4   # versions as Ray Serve deployments")
     p.add_argument("repo_path", nargs="?", metavar="REPO", help="repository folder (default: --repo)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -168,6 +177,12 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--monitor-db", metavar="FILE", help="prediction log database (default REPO/.monitor/predictions.db; "
                    "set it when the repository is read-only)")
     p.add_argument("--admin-allow-remote", action="store_true", help="accept admin calls from non-loopback clients")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="where versions run: in this process (local) or as Ray Serve deployments (pip install 'leanserve[ray]')")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="--executor ray: replicas per version (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN:MAX", help="--executor ray: scale replicas per version on queue length")
+    p.add_argument("--address", help="--executor ray: an existing Ray cluster (default: start a local Ray)")
     add_repo(p)
 
     p = command(sub, "traffic", cmd_traffic, "split a model's traffic across versions (A/B, canary) and set a shadow",
