@@ -46,7 +46,7 @@ class RayJobSummary(JobSummary):
 
     ray_start_s: float = 0.0  # starting (or joining) Ray
     first_chunk_s: float = 0.0  # from the job's start on Ray to its first finished chunk: actors start, sessions load
-    steady_rows_per_s: float = 0.0  # rows after the first chunk over the time after it (0 with one chunk)
+    steady_rows_per_s: float = 0.0  # rows over the actors' busy window (first chunk begun to last ended)
     actors: int = 0
 
 
@@ -82,24 +82,20 @@ def run_job_ray(repo: Repository | str | Path, model: str, version: int | str | 
         dataset = _dataset(repo.root, model, version, artifact.signature, input_path, output, done, chunk_rows,
                            batch_size, id_column, allow_nonfinite, summary.actors)
         started = time.perf_counter()
-        first_at = last_at = None
-        rows_after_first = 0
+        busy_from, busy_to = float("inf"), 0.0
         for record in _watched(dataset, stall_timeout_s, summary.actors):
-            last_at = time.perf_counter()
             rows = record["rows"] + record["rejected"]
-            if first_at is None:
-                first_at = last_at
-                summary.first_chunk_s = first_at - started
-            else:
-                rows_after_first += rows
+            if not summary.chunks_done:
+                summary.first_chunk_s = time.perf_counter() - started
+            busy_from, busy_to = min(busy_from, record.pop("began")), max(busy_to, record.pop("ended"))
             manifest["chunks"][str(record["index"])] = {k: record[k] for k in ("part", "rows", "rejected", "rejects")}
             _save_manifest(output, manifest)
             summary.chunks_done += 1
             summary.processed += rows
             bar.update(rows)
         summary.elapsed_s = time.perf_counter() - started
-        if first_at is not None and last_at > first_at:
-            summary.steady_rows_per_s = rows_after_first / (last_at - first_at)
+        if busy_to > busy_from:
+            summary.steady_rows_per_s = summary.processed / (busy_to - busy_from)
     finally:
         bar.close()
         cluster.shutdown()
@@ -159,7 +155,8 @@ def _watched(dataset, stall_timeout_s: float, actors: int):
         if isinstance(item, BaseException):
             raise InferenceError(f"the Ray job failed: {str(item).strip().splitlines()[-1]}") from item
         yield {"index": int(item["index"]), "part": item["part"] or None, "rows": int(item["rows"]),
-               "rejected": int(item["rejected"]), "rejects": json.loads(item["rejects"])}
+               "rejected": int(item["rejected"]), "rejects": json.loads(item["rejects"]),
+               "began": float(item["began"]), "ended": float(item["ended"])}
 
 
 def _chunk_source(path: Path, signature, chunk_rows: int, id_column: str | None, allow_nonfinite: bool,
@@ -207,16 +204,17 @@ class _ChunkRunner:
 
     def __call__(self, batch) -> dict[str, Any]:
         records = [self._one(pickle.loads(blob)) for blob in batch.column("chunk").to_pylist()]
-        return {key: [r[key] for r in records] for key in ("index", "part", "rows", "rejected", "rejects")}
+        return {key: [r[key] for r in records] for key in ("index", "part", "rows", "rejected", "rejects", "began", "ended")}
 
     def _one(self, chunk) -> dict[str, Any]:
+        began = time.time()  # wall clock: comparable across the actors of one machine (roughly, of a cluster)
         part = ""
         if len(chunk.ids):
             part = f"part-{chunk.index:05d}.parquet"
             outputs = _run(self.session, chunk.inputs, self.batch_size)
             _write_part(self.output / part, chunk.ids, outputs, self.signature)
         return {"index": chunk.index, "part": part, "rows": len(chunk.ids), "rejected": len(chunk.rejects),
-                "rejects": json.dumps(chunk.rejects, default=_jsonable)}
+                "rejects": json.dumps(chunk.rejects, default=_jsonable), "began": began, "ended": time.time()}
 
 
 def _jsonable(value: Any) -> Any:
