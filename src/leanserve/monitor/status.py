@@ -123,7 +123,8 @@ class Monitor(Periodic):
         versions = {}
         for version in sorted(entry.versions):
             versions[str(version)] = {**self.figures(name, version),
-                                      "history": list(self.history.get((name, version), ()))[-120:]}
+                                      "history": list(self.history.get((name, version), ()))[-120:],
+                                      "explanations": self.plane.explanations.summary(name, version)}  # leanserve.explain
         return {
             "model": name, "versions": versions,
             "traffic": {"weights": dict(entry.config.traffic.weights), "shadow": entry.config.traffic.shadow},

@@ -58,7 +58,7 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
 
         prediction_log = PredictionLog(LogConfig(config.monitor_db or config.repo / ".monitor" / "predictions.db",
                                                  sample_rate=config.monitor_sample_rate))
-    plane = DataPlane(registry, metrics, prediction_log)
+    plane = DataPlane(registry, metrics, prediction_log, config.explain)
     guard = RolloutGuard(registry, plane, metrics, config.guard_interval_s)
     monitor = Monitor(registry, plane, metrics, config.guard_interval_s, slow_interval_s=10 * config.guard_interval_s)
     rest = RestApi(plane, config, access_log or AccessLog(config.access_log))

@@ -15,6 +15,7 @@ import numpy as np
 
 from leanserve import __version__
 from leanserve.errors import InvalidInput, LeanserveError, NotReady
+from leanserve.explain.service import ExplainConfig, ExplanationService
 from leanserve.monitor.live import LiveStats
 from leanserve.monitor.quality import rolling_quality
 from leanserve.monitor.store import PredictionLog
@@ -30,10 +31,12 @@ EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "leanserve
 class DataPlane:
     """What the server does, independent of how requests arrive."""
 
-    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics, prediction_log: PredictionLog | None = None) -> None:
+    def __init__(self, registry: ModelRegistry, metrics: ServerMetrics, prediction_log: PredictionLog | None = None,
+                 explain: ExplainConfig | None = None) -> None:
         self.registry = registry
         self.metrics = metrics
         self.prediction_log = prediction_log
+        self.explanations = ExplanationService(registry.repo, metrics.registry, explain)  # leanserve.explain
         self.live_stats = LiveStats()
         self.live_quality: dict[str, dict[int, float]] = {}  # model -> version -> accuracy (higher is better)
         self.draining = False
@@ -83,6 +86,7 @@ class DataPlane:
             raise NotReady("the server is shutting down")
         key = routing_key if routing_key is not None else _param_str(request.parameters.get("routing_key"))
         handle, shadow = self.registry.route(name, version, key)
+        explain = self.explanations.plan(handle, request)  # leanserve.explain: checked before inference runs
         metrics = handle.metrics
         outcome = "error"
         started = time.perf_counter()
@@ -105,7 +109,8 @@ class DataPlane:
         if self.prediction_log is not None:
             self.prediction_log.record(name, handle.ref.version, request.id or "", request.inputs, outputs,
                                        (time.perf_counter() - started) * 1000, _param_str(request.parameters.get("group")))
-        return InferResponse(name, str(handle.ref.version), outputs, request.id)
+        response = InferResponse(name, str(handle.ref.version), outputs, request.id)
+        return await self.explanations.finish(explain, handle, request, response)  # leanserve.explain: attributions
 
     # --- delayed labels ---------------------------------------------------------------------------
 
@@ -190,6 +195,7 @@ class DataPlane:
         self.draining = True
         if self._shadow_tasks:
             await asyncio.wait(self._shadow_tasks, timeout=timeout_s)
+        self.explanations.close()  # leanserve.explain: admitted explanations still finish
 
 
 def outputs_agree(expected: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> bool:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from leanserve.explain.service import ExplainConfig
+
 ADMIN_TOKEN_ENV = "LEANSERVE_ADMIN_TOKEN"
 
 
@@ -29,6 +31,7 @@ class ServerConfig:
     monitor_sample_rate: float = 1.0
     monitor_db: Path | None = None  # default: REPO/.monitor/predictions.db
     guard_interval_s: float = 1.0  # how often the rollout guard judges canaries
+    explain: ExplainConfig = ExplainConfig()  # explanation pool, budgets and live importance sampling
 
     @classmethod
     def from_env(cls, repo: Path, **overrides) -> ServerConfig:

@@ -56,6 +56,7 @@ class InferResponse:
     outputs: dict[str, np.ndarray]
     id: str | None = None
     parameters: Parameters = field(default_factory=dict)
+    output_parameters: dict[str, Parameters] = field(default_factory=dict)  # per output tensor (e.g. attributions)
 
 
 # --- tensors ----------------------------------------------------------------------------------------
@@ -270,9 +271,11 @@ def encode_rest(response: InferResponse, request: InferRequest) -> tuple[bytes, 
     tensors, blobs = [], []
     for name, array in response.outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": v2_datatype(array.dtype), "shape": list(array.shape)}
+        if name in response.output_parameters:
+            entry["parameters"] = dict(response.output_parameters[name])
         if name in binary_names:
             blob = array_to_bytes(array)
-            entry["parameters"] = {"binary_data_size": len(blob)}
+            entry["parameters"] = {**entry.get("parameters", {}), "binary_data_size": len(blob)}
             blobs.append(blob)
         else:
             entry["data"] = array_to_json_data(array)

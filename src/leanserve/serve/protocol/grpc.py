@@ -79,9 +79,22 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     message = pb.ModelInferResponse(model_name=response.model_name, model_version=response.model_version,
                                     id=response.id or "")
     for name, array in response.outputs.items():
-        message.outputs.add(name=name, datatype=v2_datatype(array.dtype), shape=list(array.shape))
+        tensor = message.outputs.add(name=name, datatype=v2_datatype(array.dtype), shape=list(array.shape))
+        for key, value in response.output_parameters.get(name, {}).items():  # e.g. an attribution's method
+            _set_param(tensor.parameters[key], value)
         message.raw_output_contents.append(array_to_bytes(array))
     return message
+
+
+def _set_param(param: pb.InferParameter, value: Any) -> None:
+    if isinstance(value, bool):
+        param.bool_param = value
+    elif isinstance(value, int):
+        param.int64_param = value
+    elif isinstance(value, float):
+        param.double_param = value
+    else:
+        param.string_param = str(value)
 
 
 class GrpcService(pb_grpc.GRPCInferenceServiceServicer):

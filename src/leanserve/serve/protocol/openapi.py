@@ -54,6 +54,13 @@ def _infer(params: list) -> dict[str, Any]:
     }}
 
 
+def _explain(infer: dict[str, Any]) -> dict[str, Any]:
+    """The infer operation, answered with attributions too (an extra ``<input>__attribution`` output)."""
+    infer["post"]["summary"] = ("Run inference and explain it: the outputs plus <input>__attribution, shaped like the "
+                                "input, its method in the tensor's parameters (explain_method shap|integrated_gradients)")
+    return infer
+
+
 def _admin(summary: str, body: bool = False) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "security": [{"bearer": []}], "parameters": [_MODEL],
                           "responses": {"200": _json({"type": "object"}, "Model status"), **_ADMIN_ERRORS}}
@@ -82,6 +89,8 @@ def openapi_document() -> dict[str, Any]:
             "/v2/models/{model}/versions/{version}/ready": _get("Model version readiness", "ModelReady", [_MODEL, _VERSION], _ERRORS),
             "/v2/models/{model}/infer": _infer([_MODEL]),
             "/v2/models/{model}/versions/{version}/infer": _infer([_MODEL, _VERSION]),
+            "/v2/models/{model}/explain": _explain(_infer([_MODEL])),  # leanserve.explain
+            "/v2/models/{model}/versions/{version}/explain": _explain(_infer([_MODEL, _VERSION])),
             "/v2/models/{model}/feedback": {"post": {
                 "summary": "Delayed ground truth: labels for earlier requests, joined by request id",
                 "parameters": [_MODEL],

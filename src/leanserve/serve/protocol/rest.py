@@ -109,6 +109,8 @@ class RestApi:
             Route("/v2/models/{model}/versions/{version}/ready", self.model_ready, methods=["GET"]),
             Route("/v2/models/{model}/infer", self.infer, methods=["POST"]),
             Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
+            Route("/v2/models/{model}/explain", self.explain, methods=["POST"]),  # leanserve.explain
+            Route("/v2/models/{model}/versions/{version}/explain", self.explain, methods=["POST"]),
             Route("/v2/models/{model}/feedback", self.feedback, methods=["POST"]),
         ]
 
@@ -145,7 +147,11 @@ class RestApi:
         except LeanserveError as exc:
             return error_response(exc)
 
-    async def infer(self, request: Request) -> Response:
+    async def explain(self, request: Request) -> Response:
+        """An infer body answered with attributions too (leanserve.explain), as ``"explain": true`` asks."""
+        return await self.infer(request, explain=True)
+
+    async def infer(self, request: Request, explain: bool = False) -> Response:
         started = time.perf_counter()
         model = request.path_params["model"]
         version = request.path_params.get("version")
@@ -158,6 +164,8 @@ class RestApi:
             request_id = request_id or infer_request.id or new_request_id()
             if infer_request.id is None:
                 infer_request.id = request_id
+            if explain:
+                infer_request.parameters["explain"] = True
             result = await self.plane.infer(model, version, infer_request, "http", headers.get("x-routing-key"))
             served = result.model_version
             payload, header_len = encode_rest(result, infer_request)
