@@ -515,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.fairness.cli import add_mitigate_command
 
     add_mitigate_command(sub, _command, _add_repo)
+    from leanserve.learn.federated_cli import add_federate_commands
 
+    add_federate_commands(sub, _command, _add_repo)
     return parser
 
 

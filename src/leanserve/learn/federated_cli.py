@@ -1,0 +1,89 @@
+"""CLI commands of federated learning: ``federate`` (the server, or a whole simulation on one machine) and
+``federate-client`` (a Flower SuperNode on an edge device). Flower is imported only when they run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from leanserve.errors import InvalidInput
+
+
+def add_federate_commands(sub, command, add_repo) -> None:
+    """Register ``federate`` and ``federate-client`` on the CLI's subparsers."""
+    p = command(sub, "federate", cmd_federate,
+                "train a version with Flower (simulated clients on this machine); register the result as a guarded canary",
+                "leanserve federate digits-cnn --strategy fedprox --rounds 20 --clients 10 --data digits.npz")
+    p.add_argument("model", help="model whose version has a PyTorch source (leanserve demo / export --name keep one)")
+    p.add_argument("--version", default=None, help="version to start from (default: latest)")
+    p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg", help="Flower strategy")
+    p.add_argument("--rounds", type=int, default=20, help="federated rounds")
+    p.add_argument("--clients", type=int, default=10, help="clients per round (simulated, or SuperNodes to wait for)")
+    p.add_argument("--dp", metavar="CLIP,NOISE", default=None,
+                   help="differential privacy: server-side clipping norm and Gaussian noise multiplier, e.g. 1.0,0.5")
+    p.add_argument("--data", metavar="NPZ", default=None,
+                   help="labelled data (.npz: the model input and 'labels'), split among the simulated clients less a "
+                        "held-out 20%% the server evaluates on. Default: scikit-learn digits (the demo CNN's task)")
+    p.add_argument("--partition", default="iid", help="simulation: iid, dirichlet:ALPHA or classes:N")
+    p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round on each client")
+    p.add_argument("--lr", type=float, default=0.02, help="clients' SGD learning rate")
+    p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight mu")
+    p.add_argument("--no-canary", action="store_true", help="register without starting a guarded canary")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_repo(p)
+
+    p = command(sub, "federate-client", cmd_federate_client,
+                "take part in federated rounds with local data (a Flower SuperNode)",
+                "leanserve federate-client --server 10.0.0.5:9092 --data my-data.npz")
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the `leanserve federate --listen` address")
+    p.add_argument("--data", required=True, metavar="PATH", help="local labelled data (.npz: the model input and 'labels')")
+    p.add_argument("--root-certificates", default=None, metavar="PEM",
+                   help="CA certificate of a TLS server (default: plaintext, for trusted networks only)")
+
+
+def cmd_federate(args) -> int:
+    from leanserve.learn import federated
+    from leanserve.learn.federated_server import RoundSettings
+    from leanserve.learn.partition import parse_partition
+    from leanserve.repository import Repository
+    from leanserve.torch_source import has_source, load_source
+
+    repo = Repository(args.repo, create=False)
+    settings = federated.with_dp(RoundSettings(strategy=args.strategy, rounds=args.rounds, clients=args.clients,
+                                               local_epochs=args.local_epochs, lr=args.lr, proximal_mu=args.mu), args.dp)
+    federated.check_settings(settings)
+    ref = repo.resolve(args.model, args.version)
+    if not has_source(repo.get(ref.name, ref.version)):
+        load_source(repo.get(ref.name, ref.version))  # raises UnsupportedFormat saying how to get a source
+    input_name = federated.single_input_name(repo, ref)
+    data = (federated.load_training_data(args.data, input_name) if args.data
+            else federated.digits_training_data(input_name))
+    result = federated.federate(repo, ref.name, settings, data, version=ref.version,
+                                partition=parse_partition(args.partition), canary=not args.no_canary)
+    _print_result(result, args.json)
+    return 0
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"version": str(result.ref) if result.ref else None, "parent": str(result.parent),
+                          "accuracy": result.accuracy, "failed_rounds": result.failed_rounds,
+                          "dropped": [asdict(d) for d in result.dropped], "canary": result.canary}))
+        return
+    curve = " ".join(f"{a:.3f}" for a in result.accuracy)
+    print(f"held-out accuracy per round (0 = {result.parent}): {curve}")
+    for drop in result.dropped:
+        print(f"  round {drop.round}: dropped client {drop.node}: {drop.reason}")
+    if result.failed_rounds:
+        print(f"  rounds without enough usable updates (global model kept): {result.failed_rounds}")
+    if result.ref:
+        print(f"registered {result.ref}" + (" as a guarded canary (a running server drives it)" if result.canary else ""))
+
+
+def cmd_federate_client(args) -> int:
+    from leanserve.learn.federated_deploy import run_client
+
+    if not Path(args.data).is_file():
+        raise InvalidInput(f"--data {args.data}: no such file")
+    return run_client(args.server, Path(args.data), root_certificates=args.root_certificates)

@@ -1,0 +1,214 @@
+"""Federated learning with Flower: a real simulation (Flower's engine on Ray, 10 clients), bad updates
+screened out of rounds with a reason, and the result registered as a guarded canary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+pytest.importorskip("ray")
+torch = pytest.importorskip("torch")
+
+from leanserve.errors import InvalidInput, LeanserveError  # noqa: E402
+from leanserve.learn import federated  # noqa: E402
+from leanserve.learn.federated_client import build_client_app, load_client_data, train_locally  # noqa: E402
+from leanserve.learn.federated_server import RoundSettings, RoundsOutcome, ScreenedStrategy, build_strategy  # noqa: E402
+from leanserve.learn.partition import by_class, dirichlet, iid, parse_partition  # noqa: E402
+from leanserve.repository import VersionRef  # noqa: E402
+
+CLIENTS = 10
+
+
+def _untrained_cnn_repo(root: Path):
+    """A repository whose version 1 is the demo CNN, untrained, with its PyTorch source attached."""
+    from leanserve.demo import build_cnn
+    from leanserve.from_torch import export
+    from leanserve.repository import Repository
+    from leanserve.torch_source import save_source
+
+    torch.manual_seed(0)
+    module, example = build_cnn().eval(), torch.zeros(2, 1, 28, 28)
+    export(module, example, root / "cnn.onnx", input_names=["image"], output_names=["logits"])
+    repo = Repository(root / "repo")
+    repo.add(root / "cnn.onnx", "cnn", attachments=[save_source(module, example, root)])
+    return repo
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory, digits):
+    """Two FedAvg rounds over 10 simulated clients; client 0's data has a NaN image, so its update is NaN."""
+    root = tmp_path_factory.mktemp("federated")
+    repo = _untrained_cnn_repo(root)
+    x_train, x_test, y_train, y_test = digits
+    paths = []
+    for client, idx in enumerate(iid(y_train, CLIENTS)):
+        images = x_train[idx].copy()
+        if client == 0:
+            images[0, 0, 0, 0] = np.nan
+        paths.append(str(root / f"client-{client}.npz"))
+        np.savez(paths[-1], image=images, labels=y_train[idx])
+    client_app = build_client_app(lambda context: Path(paths[int(context.node_config["partition-id"])]))
+    data = federated.TrainingData("image", x_test, y_test)  # the server holds out 20% of it
+    settings = RoundSettings(rounds=2, clients=CLIENTS, local_epochs=1, lr=0.05)
+    result = federated.federate(repo, "cnn", settings, data, client_app=client_app)
+    return repo, result
+
+
+def test_simulation_registers_the_aggregate_as_a_new_version_with_its_provenance(simulated):
+    repo, result = simulated
+    assert result.ref == VersionRef("cnn", 2) and result.parent == VersionRef("cnn", 1)
+    manifest = repo.get("cnn", 2).manifest
+    recipe = manifest.provenance.recipe
+    assert (recipe["strategy"], recipe["rounds"], recipe["clients"], recipe["dp"]) == ("fedavg", 2, CLIENTS, None)
+    assert manifest.provenance.parent == "cnn:1"
+    assert len(recipe["per_round_accuracy"]) == 3  # before training, and after each round
+    assert "torch_source.pt" in manifest.files
+
+
+def test_each_round_improves_on_the_untrained_model_on_held_out_data(simulated):
+    _, result = simulated
+    assert len(result.accuracy) == 3
+    assert result.accuracy[-1] > result.accuracy[0] + 0.1
+
+
+def test_the_new_version_enters_as_a_guarded_canary(simulated):
+    repo, result = simulated
+    rollout = repo.config("cnn").rollout
+    assert result.canary and (rollout.canary, rollout.primary) == (2, 1)
+
+
+def test_a_client_sending_nans_is_dropped_with_a_reason_and_the_rounds_complete(simulated):
+    repo, result = simulated
+    assert [d.round for d in result.dropped] == [1, 2]
+    assert all("NaN" in d.reason for d in result.dropped)
+    assert result.failed_rounds == []
+    assert len(repo.get("cnn", 2).manifest.provenance.recipe["dropped"]) == 2
+
+
+# --- screening, on real Flower messages --------------------------------------------------------------------
+
+@pytest.fixture
+def flower_task():
+    """Flower messages can only be built inside a run; give this process one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+class _Grid:
+    """The nodes a strategy may sample (Flower's grid API, without a network)."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+
+    def get_node_ids(self):
+        return self.nodes
+
+
+def _round(strategy, nodes, replies_by_node):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    global_arrays = ArrayRecord({"w": Array(np.zeros((2, 3), np.float32)), "b": Array(np.zeros(3, np.float32))})
+    sent = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, global_arrays, ConfigRecord(), _Grid(nodes))}
+    replies = []
+    for node, (w, b) in replies_by_node.items():
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(w), "b": Array(b)}), "metrics": MetricRecord({"num-examples": 10})})
+        replies.append(Message(content, reply_to=sent[node]))
+    return strategy.aggregate_train(1, replies)
+
+
+def test_wrong_shaped_nan_and_missing_updates_are_dropped_and_the_rest_averaged(flower_task):
+    strategy = build_strategy(RoundSettings(clients=5, min_fraction=0.4))  # two usable updates suffice
+    ones, b = np.ones((2, 3), np.float32), np.ones(3, np.float32)
+    arrays, _ = _round(strategy, [1, 2, 3, 4, 5], {
+        1: (ones, b), 2: (3 * ones, b),
+        3: (np.ones((3, 2), np.float32), b),            # wrong shape
+        4: (np.full((2, 3), np.nan, np.float32), b),    # NaN
+    })                                                   # 5 never replies
+    assert np.allclose(arrays["w"].numpy(), 2.0)
+    reasons = {d.node: d.reason for d in strategy.dropped}
+    assert "shape [3, 2]" in reasons[3] and "NaN" in reasons[4] and "no reply" in reasons[5]
+    assert set(reasons) == {3, 4, 5}
+
+
+def test_a_round_with_too_few_usable_updates_keeps_the_global_model(flower_task):
+    strategy = build_strategy(RoundSettings(clients=4))  # needs half of them
+    nan = np.full((2, 3), np.nan, np.float32)
+    arrays, metrics = _round(strategy, [1, 2, 3, 4], {1: (np.ones((2, 3), np.float32), np.ones(3, np.float32)),
+                                                       2: (nan, np.ones(3, np.float32))})
+    assert arrays is None and metrics is None and strategy.failed_rounds == [1]
+
+
+def test_a_failed_client_is_dropped_with_its_error(flower_task):
+    from flwr.app import ArrayRecord, ConfigRecord, Error, Message
+
+    strategy = build_strategy(RoundSettings(clients=1))
+    [sent] = strategy.configure_train(1, ArrayRecord({}), ConfigRecord(), _Grid([9]))
+    assert strategy.aggregate_train(1, [Message(Error(code=1, reason="connection reset"), reply_to=sent)]) == (None, None)
+    assert "connection reset" in strategy.dropped[0].reason
+
+
+def test_dp_wraps_the_strategy_in_flowers_server_side_clipping():
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedProx
+
+    strategy = build_strategy(federated.with_dp(RoundSettings(strategy="fedprox", clients=3), "1.5,0.3"))
+    assert isinstance(strategy.inner, DifferentialPrivacyServerSideFixedClipping)
+    assert (strategy.inner.clipping_norm, strategy.inner.noise_multiplier) == (1.5, 0.3)
+    assert isinstance(strategy.inner.strategy, FedProx)
+
+
+# --- clients, settings and data ----------------------------------------------------------------------------
+
+def test_fedprox_proximal_term_keeps_local_weights_closer_to_the_global_model(digits):
+    from leanserve.demo import build_cnn
+
+    x, _, y, _ = digits
+    distances = []
+    for mu in (0.0, 1.0):
+        torch.manual_seed(0)
+        module = build_cnn()
+        start = [p.detach().clone() for p in module.parameters()]
+        train_locally(module, x[:64], y[:64], epochs=2, lr=0.05, batch_size=16, proximal_mu=mu)
+        distances.append(sum(float(((p - s) ** 2).sum()) for p, s in zip(module.parameters(), start)))
+    assert distances[1] < distances[0]
+
+
+@pytest.mark.parametrize("text", ["1.0", "0,0.5", "a,b", "1.0,-1"])
+def test_bad_dp_settings_are_refused_with_the_expected_form(text):
+    with pytest.raises(InvalidInput, match="CLIP,NOISE"):
+        federated.parse_dp(text)
+
+
+def test_a_federation_that_completes_no_round_registers_nothing(tmp_path):
+    repo = _untrained_cnn_repo(tmp_path)
+    parent = VersionRef("cnn", 1)
+    outcome = RoundsOutcome(state_dict={}, accuracy=[0.1], failed_rounds=[1])
+    with pytest.raises(LeanserveError, match="no federated round completed"):
+        federated.register_federated(repo, parent, None, outcome, RoundSettings(rounds=1), np.zeros((2, 1, 28, 28), np.float32))
+    assert repo.versions("cnn") == [1]
+
+
+def test_client_data_without_labels_is_refused_naming_what_is_missing(tmp_path):
+    np.savez(tmp_path / "d.npz", image=np.zeros((2, 1, 28, 28), np.float32))
+    with pytest.raises(InvalidInput, match="labels"):
+        load_client_data(tmp_path / "d.npz", "image")
+
+
+def test_partitions_cover_every_row_once_and_skew_labels_as_asked():
+    labels = np.repeat(np.arange(10), 50)
+    for parts in (iid(labels, 10), dirichlet(labels, 10, alpha=0.5), by_class(labels, 10, classes_per_client=2)):
+        assert sorted(np.concatenate(parts).tolist()) == list(range(500))
+    assert all(len(np.unique(labels[p])) == 2 for p in by_class(labels, 10))
+    with pytest.raises(InvalidInput, match="dirichlet:ALPHA"):
+        parse_partition("dirichlet:-1")
+
+
+def test_federate_command_refuses_a_version_without_a_pytorch_source(tmp_path, affine_repo, capsys):
+    from leanserve.cli import main
+
+    code = main(["federate", "affine", "--repo", str(affine_repo.root), "--rounds", "1", "--data", str(tmp_path / "x.npz")])
+    assert code != 0
+    assert "has no PyTorch source" in capsys.readouterr().err
