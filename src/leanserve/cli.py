@@ -518,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.learn.federated_cli import add_federate_commands
 
     add_federate_commands(sub, _command, _add_repo)
+    from leanserve.learn.cli import add_learn_command
+
+    add_learn_command(sub, _command, _add_repo)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""New versions from new data: online updates from labelled feedback (``online``, ``learner``)."""

@@ -1,0 +1,62 @@
+"""``leanserve learn MODEL --online``: the learner as its own process, beside the server."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def cmd_learn(args) -> int:
+    import torch
+
+    from leanserve.errors import InvalidInput
+    from leanserve.learn.learner import Learner, LearnerConfig
+    from leanserve.learn.online import OnlineConfig
+    from leanserve.repository import Repository
+
+    if not args.online:
+        raise InvalidInput("say how to learn: --online (labelled feedback from the prediction log); "
+                           "federated rounds are `leanserve federate`")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)  # a core or two for learning leaves the rest to the server
+    repo = Repository(args.repo, create=False)
+    config = LearnerConfig(OnlineConfig(algorithm=args.algorithm, lr=args.lr), window=args.window, margin=args.margin,
+                           poll_interval_s=args.poll_interval_s)
+    learner = Learner(repo, args.model, Path(args.db) if args.db else repo.root / ".monitor" / "predictions.db", config)
+    try:
+        reports = learner.run(once=args.once, report=_print_report)
+    finally:
+        learner.close()
+        torch.set_num_threads(threads)
+    return 1 if args.once and reports[-1].refused else 0
+
+
+def _print_report(report) -> None:
+    line = f"{report.serving}: {report.new_samples} new labelled samples, {report.samples_seen} learnt"
+    if report.accuracy is not None:
+        line += f"; window accuracy {report.accuracy:.1%} (serving {report.serving_accuracy:.1%})"
+    if report.registered:
+        line += f"; registered {report.registered}, started as a guarded canary"
+    if report.note:
+        line += f"; {report.note}"
+    print(line, file=sys.stderr if report.refused else sys.stdout, flush=True)
+
+
+def add_learn_command(sub, command, add_repo) -> None:
+    """Add ``learn`` to the CLI's subcommands (``command`` and ``add_repo`` are the CLI's helpers)."""
+    p = command(sub, "learn", cmd_learn,
+                "learn online from labelled feedback and register better versions as guarded canaries",
+                "leanserve learn digits-mlp --online --algorithm hbp --repo model-repo   # beside `leanserve serve`\n"
+                "  leanserve learn digits-mlp --online --once      # process what is labelled now and exit (cron)")
+    p.add_argument("model", help="model name (learns from its serving version, which needs a PyTorch source)")
+    p.add_argument("--online", action="store_true", help="learn from the labelled rows of the prediction log")
+    p.add_argument("--algorithm", choices=["ogd", "hbp"], default="ogd",
+                   help="ogd: gradient steps with a replay buffer; hbp: Hedge Backpropagation (MLP classifiers)")
+    p.add_argument("--db", metavar="PATH", help="prediction log (default: REPO/.monitor/predictions.db)")
+    p.add_argument("--once", action="store_true", help="process what is labelled now and exit")
+    p.add_argument("--window", type=int, default=200, help="samples over which learner and serving version are compared")
+    p.add_argument("--margin", type=float, default=0.02, help="accuracy by which the learner must beat the serving version")
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.03 for ogd, 0.1 for hbp)")
+    p.add_argument("--poll-interval-s", type=float, default=5.0, help="seconds between reads of the prediction log")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for learning")
+    add_repo(p)
