@@ -148,3 +148,13 @@ def test_frames_larger_than_the_pipe_wait_and_arrive_whole(tmp_path):
     assert [int(r["outputs"]["y"][0, 0]) for r in rows] == list(range(12))
     assert all(np.array_equal(r["inputs"]["x"], big["x"]) for r in rows)
     log.close()
+
+
+def test_a_read_only_log_starts_no_writer_and_refuses_samples(plog, tmp_path):
+    plog.record("m", 1, "r", *sample(0), latency_ms=1.0)
+    plog.flush()
+    reader = PredictionLog(plog.config, read_only=True)
+    assert reader._process is None and reader.count("m") == 1 and reader.rows("m")[0]["request_id"] == "r"
+    with pytest.raises(RuntimeError, match="read-only"):
+        reader.record("m", 1, "x", *sample(1), latency_ms=1.0)
+    reader.close()

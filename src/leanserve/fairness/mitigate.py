@@ -135,7 +135,7 @@ def read_feedback(db: Path, model: str, version: int, limit: int = 100_000) -> F
     if not Path(db).is_file():
         raise InvalidInput(f"no prediction log at {db}: serve the model with monitoring on and send labels to "
                            f"POST /v2/models/{model}/feedback (or give --db)")
-    log = PredictionLog(LogConfig(Path(db)))
+    log = PredictionLog(LogConfig(Path(db)), read_only=True)
     try:
         rows = log.rows(model, version, limit=limit, labelled=True)
     finally:

@@ -98,7 +98,7 @@ class Learner:
                                "and send feedback labels first, or pass --db")
         repo.versions(name)  # ModelNotFound for an unknown model
         self.repo, self.name, self.config = repo, name, config
-        self._log = PredictionLog(LogConfig(log_path))  # read here; the server's own writer does the writing
+        self._log = PredictionLog(LogConfig(log_path), read_only=True)  # the server's own writer does the writing
         self._session: _Session | None = None
         self._version: int | None = None
         self._refused: dict[int, str] = {}  # serving version -> why its feedback cannot be used

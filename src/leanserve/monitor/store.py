@@ -110,8 +110,11 @@ class PredictionLog:
     process). The caller's thread packs each sample and, every ``_FRAME_ROWS`` samples, hands a frame to
     the writer with one non-blocking pipe write; no thread of the server takes the GIL for the log."""
 
-    def __init__(self, config: LogConfig) -> None:
+    def __init__(self, config: LogConfig, *, read_only: bool = False) -> None:
+        """``read_only``: a reader beside the server that writes the log (the learner, mitigation): no
+        writer process, and ``record`` refuses."""
         self.config = config
+        self.read_only = read_only
         self.stats = LogStats()
         config.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
@@ -124,8 +127,10 @@ class PredictionLog:
         self._written_before = self._failed_before = 0  # totals of earlier writers (after a restart)
         self._last_restart = -1e9
         self._process: subprocess.Popen | None = None
-        self._start_process()
         self._stop = threading.Event()
+        if read_only:
+            return
+        self._start_process()
         # wakes a few times a second to frame what a quiet server has not yet framed
         self._writer = threading.Thread(target=self._timer_loop, name="prediction-log", daemon=True)
         self._writer.start()
@@ -139,6 +144,8 @@ class PredictionLog:
                outputs: Mapping[str, np.ndarray], latency_ms: float, group: str | None = None) -> bool:
         """Log one sample (subject to the sample rate); returns False when it was not kept (sampled out,
         or the writer is ``queue_size`` samples behind). The arrays are copied: the caller may reuse them."""
+        if self.read_only:
+            raise RuntimeError("this prediction log was opened read-only")
         if self.config.sample_rate < 1.0 and random.random() >= self.config.sample_rate:
             return False
         if self._shipped - self._acked + len(self._rows) >= self.config.queue_size:
@@ -224,6 +231,8 @@ class PredictionLog:
 
     def close(self) -> None:
         """Hand over what is logged, let the writer finish, and stop it."""
+        if self.read_only:
+            return
         self._stop.set()
         self._writer.join(timeout=10)
         self.flush()
