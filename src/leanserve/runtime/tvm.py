@@ -43,7 +43,7 @@ MIN_TUNING_BUDGET_S = 60.0
 # Measured here (2-core EPYC, digits CNN): a MetaSchedule trial costs ~SECONDS_PER_TRIAL of wall time
 # on average; the trial count is derived from it and a deadline stops tuning early if it runs slow.
 SECONDS_PER_TRIAL = 0.5
-_TRIALS_PER_ITER = 16
+_TRIALS_PER_ITER = 64  # the builder restarts its workers for every batch: big batches amortize that
 _AFFINITY_BIG_CORES = 1  # TVM's ThreadGroup::kBig: the default placement
 
 
@@ -154,22 +154,39 @@ def _tune_and_compile(mod, target, workdir: Path, deadline: float):
     from tvm.s_tir.meta_schedule.relax_integration import (compile_relax, extract_tasks,
                                                            extracted_tasks_to_tune_contexts)
 
-    # Leave a fifth of the budget for worker start-up and the final build.
+    import_tensor_intrinsics()  # before sharing out the time left: it can take minutes
+
+    # Leave a fifth of what is left for worker start-up and the final build.
     tuning_s = max(0.0, deadline - time.monotonic()) * 0.8
     trials = max(_TRIALS_PER_ITER, int(tuning_s / SECONDS_PER_TRIAL))
     with tempfile.TemporaryDirectory(prefix="tvm-tuning-", dir=workdir) as logs:
         started = time.monotonic()
-        tasks = extract_tasks(mod, target)
+        # Tasks are the fused kernels: fuse as compile_relax will, so the tuning records match them.
+        with target:
+            fused = tvm.transform.Sequential(
+                relax.pipeline.library_dispatch_passes(target) + relax.pipeline.legalize_passes(target))(mod)
+        tasks = extract_tasks(fused, target)
         contexts, weights = extracted_tasks_to_tune_contexts(tasks, logs, seed=0)
         database = ms.tune_tasks(
             tasks=contexts, task_weights=weights, work_dir=logs, max_trials_global=trials,
             num_trials_per_iter=_TRIALS_PER_ITER,
-            builder=ms.builder.LocalBuilder(timeout_sec=120), runner=ms.runner.LocalRunner(timeout_sec=60),
+            builder=ms.builder.LocalBuilder(timeout_sec=120, initializer=import_tensor_intrinsics),
+            runner=ms.runner.LocalRunner(timeout_sec=60),
             measure_callbacks=[*ms.MeasureCallback.create("default"), _stop_at(time.monotonic() + tuning_s)],
         )
         tuning = {"tuning_trials": trials, "tuning_records": len(database),
                   "tuning_s": round(time.monotonic() - started, 1)}
         return compile_relax(database, mod, target, params=None), tuning
+
+
+def import_tensor_intrinsics() -> None:
+    """Import TVM's tensor intrinsics: tuning contexts and every build worker need them.
+
+    The import parses hundreds of TVMScript functions (30 s on an idle core, minutes on a busy
+    one). Build workers run it as their initializer, which no build timeout counts; otherwise a busy
+    machine times every build out while the worker is still importing.
+    """
+    import tvm.s_tir.tensor_intrin  # noqa: F401
 
 
 def _stop_at(deadline: float):
