@@ -1,5 +1,6 @@
 # One place pins the CPU build of PyTorch; pyproject.toml only gives a range.
 TORCH_PIN := torch==2.13.0
+FLWR_PIN := flwr==1.42.0
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,6 +17,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH_PIN)"
 	$(BIN)/pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	# Flower pins protobuf<7 (and older web libraries) but runs on ours: its own requirements are in the
+	# federated extra, flwr itself goes in without its pins (pyproject.toml says more).
+	$(BIN)/pip install --quiet --no-deps "$(FLWR_PIN)"
 	touch $(STAMP)
 
 install: $(STAMP)
