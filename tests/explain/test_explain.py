@@ -14,7 +14,7 @@ import torch
 from conftest import LiveServer, make_affine_model, make_string_model, wait_until
 from leanserve import Repository
 from leanserve.explain import ExplainConfig
-from leanserve.explain.service import prepare
+from leanserve.explain.worker import prepare
 from leanserve.serve.protocol import grpc_predict_v2_pb2 as pb
 from leanserve.serve.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -68,9 +68,11 @@ def explain_repo(tmp_path_factory, digits, digits_teacher, tabular_rows):
     _register_with_source(repo, digits_teacher, digits[1][:4], "digits", "image", folder)
     repo.add(make_affine_model(folder / "affine.onnx"), "affine")
     repo.add(make_string_model(folder / "strings.onnx"), "strings")
+    threads = torch.get_num_threads()
     prepare("shap")  # SHAP's one-off Numba compilation, outside the timed requests
-    prepare("integrated_gradients")
-    return repo
+    prepare("integrated_gradients")  # sets PyTorch's process-wide threads for explanations
+    yield repo
+    torch.set_num_threads(threads)  # as the tests after these expect
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from leanserve.explain.methods import (
     ExplanationTimeout,
     ExplanationUnavailable,
 )
-from leanserve.explain.service import ATTRIBUTION_SUFFIX, ExplainConfig, ExplanationService
+from leanserve.explain.service import ATTRIBUTION_SUFFIX, ExplanationService
+from leanserve.explain.settings import ExplainConfig
 
 __all__ = [
     "ATTRIBUTION_SUFFIX", "INTEGRATED_GRADIENTS", "METHODS", "SHAP", "Attribution", "ExplainConfig",

@@ -19,16 +19,15 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from leanserve.errors import InferenceError, InvalidInput, LeanserveError, Overloaded
+from leanserve.errors import InvalidInput, LeanserveError, Overloaded
 from leanserve.explain.importance import VersionImportance
 from leanserve.explain.methods import (
     INTEGRATED_GRADIENTS,
@@ -38,101 +37,14 @@ from leanserve.explain.methods import (
     Deadline,
     ExplanationTimeout,
     ExplanationUnavailable,
-    Target,
-    background_rows,
     explain_target,
-    integrated_gradients,
-    shap_permutation,
 )
+from leanserve.explain.settings import ExplainConfig, ExplainPlan
+from leanserve.explain.worker import VersionTools, prepare, run_plan
 
 log = logging.getLogger(__name__)
 ATTRIBUTION_SUFFIX = "__attribution"
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-@dataclass(frozen=True)
-class ExplainConfig:
-    """How the server explains. Durations carry their unit in the name."""
-
-    workers: int = 1  # explanation threads
-    max_queue: int = 4  # explanations admitted beyond those running; more get 503 + Retry-After
-    timeout_ms: float = 5000.0  # default and largest per-request budget (queue wait included)
-    engine_threads: int = 1  # intra-op threads of the explanation session (ONNX Runtime versions)
-    shap_max_evals: int = 500  # SHAP model evaluations per row when explain_permutations is not given
-    max_permutations: int = 32
-    ig_steps: int = 50
-    background_rows: int = 32  # rows of the reference profile used as SHAP's background
-    sample_interval_s: float | None = 10.0  # live importance: one request per version this often; None: off
-    reference_samples: int = 20  # explanations that fix a version's reference importance
-    window_samples: int = 50  # latest explanations compared with the reference
-    drift_threshold: float = 0.2  # total variation distance above which attributions have drifted
-    retry_after_s: float = 1.0
-    preload: bool = False  # import SHAP/Captum and compile SHAP's kernels at start (seconds), not at the first explanation
-
-    def __post_init__(self) -> None:
-        for name in ("workers", "shap_max_evals", "max_permutations", "ig_steps", "background_rows",
-                     "reference_samples", "window_samples"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise InvalidInput(f"explain.{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.max_queue < 0 or self.engine_threads < 0 or self.timeout_ms <= 0:
-            raise InvalidInput("explain.max_queue and explain.engine_threads must be >= 0 and explain.timeout_ms > 0")
-
-
-@dataclass(frozen=True)
-class ExplainPlan:
-    """One explanation to run, parsed and checked before inference: method, tensors, budget."""
-
-    method: str
-    target: Target
-    column: int | None  # explain_target
-    timeout_ms: float
-    permutations: int | None
-    origin: str = "request"  # or "sample" (live importance)
-
-
-class _VersionTools:
-    """What explaining one loaded version needs, loaded on first use in the pool's threads."""
-
-    def __init__(self, handle, repo, config: ExplainConfig) -> None:
-        self.artifact = handle.artifact
-        self.ref = handle.ref
-        self.runtime = handle.config.runtime
-        self.repo, self.config = repo, config
-        self._lock = threading.Lock()
-        self._session = self._module = None
-        self._profile: Any = False  # False: not read yet; None: the version has none
-
-    def session(self):
-        from leanserve.runtime import load_session
-
-        with self._lock:
-            if self._session is None:
-                options = self.runtime
-                engine = options.engine or self.artifact.manifest.default_runtime
-                if engine == "onnxruntime":  # other engines' thread settings are process-wide (PyTorch)
-                    options = replace(options, intra_op_threads=self.config.engine_threads, inter_op_threads=1)
-                self._session = load_session(self.artifact, options)
-            return self._session
-
-    def module(self):
-        from leanserve.torch_source import load_source
-
-        with self._lock:
-            if self._module is None:
-                self._module = load_source(self.artifact)
-            return self._module
-
-    def background(self, target: Target, row_shape: tuple[int, ...]) -> np.ndarray:
-        from leanserve.monitor.reference import load_reference
-
-        with self._lock:
-            if self._profile is False:
-                self._profile = load_reference(self.repo, self.ref.name, self.ref.version)
-        return background_rows(self._profile, target, row_shape, self.config.background_rows)
-
-    def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
 
 
 class ExplanationService:
@@ -143,7 +55,7 @@ class ExplanationService:
         self.config = config or ExplainConfig()
         self._pool = ThreadPoolExecutor(self.config.workers, thread_name_prefix="leanserve-explain")
         self._pending = 0
-        self._tools: dict[tuple[str, int], _VersionTools] = {}
+        self._tools: dict[tuple[str, int], VersionTools] = {}
         self._importance: dict[tuple[str, int], VersionImportance] = {}
         self._last_sample: dict[tuple[str, int], float] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -151,7 +63,7 @@ class ExplanationService:
         self._has_captum = importlib.util.find_spec("captum") is not None
         for method, present in ((SHAP, self._has_shap), (INTEGRATED_GRADIENTS, self._has_captum)):
             if self.config.preload and present:
-                self._pool.submit(prepare, method)
+                self._pool.submit(prepare, method, self.config.engine_threads)
         r = registry
         self.m_explanations = Counter("leanserve_explanations", "Explanations by method, origin and outcome",
                                       ("model", "version", "method", "origin", "outcome"), registry=r)
@@ -213,7 +125,7 @@ class ExplanationService:
         tools = self._tools_for(handle)
         started = time.perf_counter()
         self._admit()
-        future = asyncio.get_running_loop().run_in_executor(self._pool, _run, tools, plan, inputs, deadline, self.config)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, run_plan, tools, plan, inputs, deadline, self.config)
         future.add_done_callback(self._release)
         outcome = "error"
         try:
@@ -310,11 +222,11 @@ class ExplanationService:
             if not self._has_captum:
                 raise ExplanationUnavailable("Captum is not installed on this server (pip install 'leanserve[explain]')")
 
-    def _tools_for(self, handle) -> _VersionTools:
+    def _tools_for(self, handle) -> VersionTools:
         key = (handle.ref.name, handle.ref.version)
         tools = self._tools.get(key)
         if tools is None or tools.artifact is not handle.artifact:  # first use, or the version was reloaded
-            tools = self._tools[key] = _VersionTools(handle, self.repo, self.config)
+            tools = self._tools[key] = VersionTools(handle, self.repo, self.config)
         return tools
 
     def _admit(self) -> None:
@@ -333,47 +245,6 @@ class ExplanationService:
         self._pool.shutdown(wait=False)
         for tools in self._tools.values():
             tools.close()
-
-
-def _run(tools: _VersionTools, plan: ExplainPlan, inputs: dict[str, np.ndarray], deadline: Deadline,
-         config: ExplainConfig) -> Attribution:
-    """The explanation itself, on a pool thread."""
-    deadline.check()  # it may have waited in the queue past its budget
-    deadline = deadline.extended(prepare(plan.method))  # a one-off server cost, not the request's
-    spec, output = plan.target.input, plan.target.output.name
-    x = np.asarray(inputs[spec.name])
-    row_shape = tuple(x.shape[1:])
-    try:
-        if plan.method == SHAP:
-            session = tools.session()
-            background = tools.background(plan.target, row_shape)
-            return shap_permutation(lambda batch: session.run({spec.name: batch}, [output])[output], x, background, deadline,
-                                    target=plan.column, max_evals=config.shap_max_evals, permutations=plan.permutations)
-        baseline = tools.background(plan.target, row_shape).mean(axis=0, keepdims=True)
-        return integrated_gradients(tools.module(), x, baseline, deadline, output_index=plan.target.output_index,
-                                    target=plan.column, steps=config.ig_steps)
-    except (RuntimeError, ValueError, TypeError) as exc:  # raised inside SHAP, Captum or PyTorch
-        raise InferenceError(f"{plan.method} failed on {tools.ref}: {exc}") from exc
-
-
-_prepared: set[str] = set()
-_prepare_lock = threading.Lock()
-
-
-def prepare(method: str) -> float:
-    """Import the method's library and, for SHAP, compile its Numba kernels on a toy problem; returns the
-    seconds it took (0 once done in this process). Both take seconds, once per process."""
-    with _prepare_lock:
-        if method in _prepared:
-            return 0.0
-        started = time.monotonic()
-        if method == SHAP:
-            toy = np.array([[1.0, 2.0]])
-            shap_permutation(lambda rows: rows.sum(axis=1), toy, np.zeros((1, 2)), Deadline.after(600_000, "warm-up"))
-        else:
-            importlib.import_module("captum.attr")
-        _prepared.add(method)
-        return time.monotonic() - started
 
 
 def _describe(plan: ExplainPlan, result: Attribution) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import numpy as np
 
 from leanserve import __version__
 from leanserve.errors import InvalidInput, LeanserveError, NotReady
-from leanserve.explain.service import ExplainConfig, ExplanationService
+from leanserve.explain.service import ExplanationService
+from leanserve.explain.settings import ExplainConfig
 from leanserve.monitor.live import LiveStats
 from leanserve.monitor.quality import rolling_quality
 from leanserve.monitor.store import PredictionLog
