@@ -91,12 +91,16 @@ def test_optimize_command_takes_an_engine_list(capsys, cnn_repo, digits_data, tm
     assert code != 0 and "unknown engine 'bogus'" in capsys.readouterr().err
 
 
-def test_a_float_winner_carries_a_tensorrt_calibration_table_for_gpu_machines(cnn_repo, digits_data):
+def test_a_float_winner_carries_a_tensorrt_calibration_table_and_an_int8_one_does_not(digits_cnn_onnx, digits, tmp_path):
+    from leanserve.formats import read_model
     from leanserve.optimize.quantize import TRT_CALIBRATION_TABLE
+    from leanserve.optimize.run import _trt_calibration
+    from leanserve.optimize.search import Budget, Candidate, SearchResult
 
-    outcome = optimize(cnn_repo, "cnn", eval_path=digits_data / "eval.npz", max_drop="1%",
-                       recipes=[parse_recipe("graph:level=extended")], time_budget_s=120, progress=False)
-    if outcome.ref is None:
-        pytest.skip("the graph-optimized variant was not faster here; nothing registered")
-    manifest = cnn_repo.get("cnn", outcome.ref.version).manifest
-    assert TRT_CALIBRATION_TABLE in manifest.files
+    calib = {"image": digits[0][:64]}
+    signature = read_model(digits_cnn_onnx).signature
+    for recipe, expected in [("graph:level=extended", [TRT_CALIBRATION_TABLE]), ("static_int8", [])]:
+        chosen = Candidate(parse_recipe(recipe), path=digits_cnn_onnx)
+        result = SearchResult(chosen, [], chosen, "top1", Budget(0.01), 0.0)
+        files = _trt_calibration(result, signature, calib, tmp_path / recipe)
+        assert [f.name for f in files][:1] == expected, recipe
