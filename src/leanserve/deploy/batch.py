@@ -398,14 +398,20 @@ def run_job(session, model: str, version: int, input_path: str | Path, output: s
     finally:
         writer.close()
     bar.close()
+    finish_job(output, manifest, summary)
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def finish_job(output: Path, manifest: dict[str, Any], summary: JobSummary) -> None:
+    """Every chunk is recorded: write the rejects file, mark the job finished, total the summary
+    (whichever executor ran the chunks)."""
     _write_rejects(output, manifest)
     manifest["finished"] = True
     _save_manifest(output, manifest)
     summary.written = sum(int(c["rows"]) for c in manifest["chunks"].values())
     summary.rejected = sum(int(c["rejected"]) for c in manifest["chunks"].values())
     summary.rows = summary.written + summary.rejected
-    summary.elapsed_s = time.perf_counter() - started
-    return summary
 
 
 class _Writer:

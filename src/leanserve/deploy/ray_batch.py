@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from leanserve.deploy.batch import (JobSummary, _open_manifest, _run, _save_manifest, _write_part, _write_rejects,
+from leanserve.deploy.batch import (JobSummary, _open_manifest, _run, _save_manifest, _write_part, finish_job,
                                     count_rows, job_fingerprint, read_chunks)
 from leanserve.deploy.ray_cluster import RayUnavailable, connect
 from leanserve.errors import InferenceError, InvalidInput, LeanserveError
@@ -99,12 +99,7 @@ def run_job_ray(repo: Repository | str | Path, model: str, version: int | str | 
     finally:
         bar.close()
         cluster.shutdown()
-    _write_rejects(output, manifest)
-    manifest["finished"] = True
-    _save_manifest(output, manifest)
-    summary.written = sum(int(c["rows"]) for c in manifest["chunks"].values())
-    summary.rejected = sum(int(c["rejected"]) for c in manifest["chunks"].values())
-    summary.rows = summary.written + summary.rejected
+    finish_job(output, manifest, summary)
     return summary
 
 
