@@ -57,6 +57,52 @@ def rss_bytes() -> int | None:
         return None
 
 
+class PeakMemory:
+    """The most memory a stretch of work added to this process: resident memory at its high-water mark
+    minus resident memory at the start. Linux resets the high-water mark (VmHWM) on writing 5 to
+    /proc/self/clear_refs, so each measured stretch gets its own peak, not the process's lifetime one;
+    elsewhere (or where the reset is refused) it falls back to the growth from start to end.
+
+        with PeakMemory() as peak:
+            ...load and run...
+        peak.bytes   # None where /proc is unavailable
+    """
+
+    def __enter__(self) -> PeakMemory:
+        return self.begin()
+
+    def __exit__(self, *exc) -> None:
+        self.end()
+
+    def begin(self) -> PeakMemory:
+        self.start = rss_bytes()
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")
+            self._hwm = True
+        except OSError:
+            self._hwm = False
+        self.bytes: int | None = None
+        return self
+
+    def end(self) -> int | None:
+        end = _vm_hwm() if self._hwm else rss_bytes()
+        if self.start is not None and end is not None:
+            self.bytes = max(0, end - self.start)
+        return self.bytes
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss_bytes()
+
+
 def file_size(path: Path) -> int:
     """Size of a model: the file, or every file in a folder."""
     path = Path(path)

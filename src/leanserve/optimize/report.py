@@ -50,7 +50,7 @@ def report_markdown(data: dict[str, Any]) -> str:
         "# Optimization report", "",
         f"CPU: {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX2/VNNI'}). "
         f"Metric: {data['metric']}; budget: drop ≤ {data['budget']}; search took {data['elapsed_s']} s.", "",
-        f"| recipe | engine | size (KB) | p50 ms (b=1) | p99 ms | rows/s (b={data['batch_size']}) | memory (MB) "
+        f"| recipe | engine | size (KB) | p50 ms (b=1) | p99 ms | rows/s (b={data['batch_size']}) | peak memory (MB) "
         f"| {data['metric']} | drop | within | chosen |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|",
     ]

@@ -18,7 +18,7 @@ import numpy as np
 from leanserve.artifact import Manifest, ModelArtifact, Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, LeanserveError
-from leanserve.measure import METRICS, Measurement, Speed, file_size, measure_speed, quality_drop, rss_bytes, run_all
+from leanserve.measure import METRICS, Measurement, PeakMemory, Speed, file_size, measure_speed, quality_drop, run_all
 from leanserve.optimize import quantize
 from leanserve.optimize.recipe import QUANTIZING, Recipe, apply_recipe
 from leanserve.optimize.steps import PassContext
@@ -161,7 +161,7 @@ class Searcher:
     def evaluate(self, recipe: Recipe, path: Path, baseline: Candidate | None = None, exclude: Sequence[str] = ()) -> Candidate:
         """Load ``path`` with the recipe's engine and measure size, memory, speed and quality; outputs of
         an engine other than ONNX Runtime must first match ONNX Runtime's on the same recipe."""
-        before = rss_bytes()
+        peak = PeakMemory().begin()  # the most memory loading and running this candidate took
         try:
             source = read_model(path)
             artifact = ModelArtifact(path.parent, Manifest(source.format, path.name, source.signature, {}, runtime=recipe.engine))
@@ -184,9 +184,7 @@ class Searcher:
         quality = METRICS[self.metric](outputs, self.eval_data, self.reference)
         speed = (Speed(math.nan, math.nan, math.nan, self.batch_size) if self.skip_speed else
                  measure_speed(session, self.eval_data, batch_size=self.batch_size, min_time_s=self.speed_time_s))
-        after = rss_bytes()
-        measurement = Measurement(file_size(path), speed, quality, self.metric,
-                                  None if before is None or after is None else max(0, after - before))
+        measurement = Measurement(file_size(path), speed, quality, self.metric, peak.end())
         session.close()
         candidate = Candidate(recipe, path, measurement)
         if baseline is not None:

@@ -17,7 +17,7 @@ from leanserve.artifact import Manifest, ModelArtifact, Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
 from leanserve.formats import read_model
-from leanserve.measure import Speed, measure_speed, rss_bytes, run_all
+from leanserve.measure import PeakMemory, Speed, measure_speed, run_all
 from leanserve.runtime import load_session, prepare
 
 
@@ -90,7 +90,7 @@ def _measure(artifact: ModelArtifact, engine: str, data, batch_size: int, option
         path = prepare(engine, artifact.model_path, workdir, artifact.signature, options, time_budget_s)
         result.prepare_s = time.perf_counter() - started if path != artifact.model_path else 0.0
         source = read_model(path)
-        before = rss_bytes()
+        peak = PeakMemory().begin()
         started = time.perf_counter()
         session = load_session(ModelArtifact(path.parent, Manifest(source.format, path.name, source.signature, {},
                                                                    runtime=engine)), options)
@@ -98,8 +98,7 @@ def _measure(artifact: ModelArtifact, engine: str, data, batch_size: int, option
         try:
             result.outputs = run_all(session, data, batch_size)
             result.speed = measure_speed(session, data, batch_size=batch_size, min_time_s=speed_time_s)
-            after = rss_bytes()
-            result.memory_bytes = None if before is None or after is None else max(0, after - before)
+            result.memory_bytes = peak.end()
         finally:
             session.close()
     except (LeanserveError, RuntimeError, ValueError, OSError) as exc:
@@ -120,7 +119,7 @@ def format_table(results: Sequence[EngineResult], batch_size: int) -> str:
     """The comparison as a text table, ratios against ONNX Runtime's latency when it was measured."""
     base = next((r.speed for r in results if r.engine == "onnxruntime" and r.speed), None)
     lines = [f"{'engine':<12} {'compile s':>9} {'load s':>7} {'p50 ms':>8} {'p99 ms':>8} {'vs ORT':>7} "
-             f"{f'rows/s (b={batch_size})':>16} {'memory MB':>9}  outputs"]
+             f"{f'rows/s (b={batch_size})':>16} {'peak MB':>9}  outputs"]
     for r in results:
         if r.error:
             lines.append(f"{r.engine:<12} failed: {r.error}")
