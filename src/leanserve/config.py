@@ -86,7 +86,9 @@ class RuntimeOptions:
     # throughput when the version is dynamically batched, latency otherwise.
     performance_hint: str = "auto"
     device: str = "auto"  # OpenVINO/TVM device: auto (best present), cpu, gpu, npu
-    precision: str = "fp32"  # TensorRT: fp32, fp16 or int8 (int8 needs a calibration table with the version)
+    # Engine precision: fp32, fp16, bf16 (OpenVINO on CPUs with AVX-512 BF16/AMX, TensorRT), or int8
+    # (TensorRT; needs the version's calibration table or a QDQ model)
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         _check(isinstance(self.spin_wait, bool), "runtime.spin_wait", "expected true or false")
@@ -94,8 +96,8 @@ class RuntimeOptions:
                f"expected auto, latency or throughput, got {self.performance_hint!r}")
         _check(self.device in ("auto", "cpu", "gpu", "npu"), "runtime.device",
                f"expected auto, cpu, gpu or npu, got {self.device!r}")
-        _check(self.precision in ("fp32", "fp16", "int8"), "runtime.precision",
-               f"expected fp32, fp16 or int8, got {self.precision!r}")
+        _check(self.precision in ("fp32", "fp16", "bf16", "int8"), "runtime.precision",
+               f"expected fp32, fp16, bf16 or int8, got {self.precision!r}")
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 0, f"runtime.{name}", f"expected an integer >= 0, got {value!r}")

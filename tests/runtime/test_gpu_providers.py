@@ -90,3 +90,8 @@ def test_a_gpu_provider_asked_for_by_name_does_not_fall_back(affine_repo, gpu_ma
 def test_a_gpu_provider_absent_from_this_build_is_refused_by_name(affine_repo):
     with pytest.raises(UnsupportedFormat, match="TensorrtExecutionProvider is not available here; available: .*CPU"):
         load_session(affine_repo.get("affine"), RuntimeOptions(providers=("TensorrtExecutionProvider",)))
+
+
+def test_bf16_is_an_engine_precision_for_tensorrt(affine_repo):
+    settings = trt_settings(ort_engine.provider_options(GPU, RuntimeOptions(precision="bf16"), affine_repo.get("affine")))
+    assert settings["trt_bf16_enable"] == "True" and "trt_fp16_enable" not in settings

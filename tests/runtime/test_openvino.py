@@ -178,3 +178,15 @@ def test_the_auto_hint_follows_the_serving_mode(affine_onnx, tmp_path, batching,
     config = ModelConfig(batching=BatchingConfig(enabled=batching), warmup=False)
     _, sessions = ModelRegistry(repo, ServerMetrics())._load_blocking(ref, config)
     assert str(sessions[0].compiled.get_property("PERFORMANCE_HINT")) == hint
+
+
+def test_bf16_precision_reaches_openvino(affine_repo):
+    from leanserve.config import RuntimeOptions
+    from leanserve.runtime import load_session
+
+    import openvino as ov
+
+    session = load_session(affine_repo.get("affine"), RuntimeOptions(engine="openvino", precision="bf16"))
+    hint = str(session.compiled.get_property("INFERENCE_PRECISION_HINT"))
+    bf16_cpu = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert ("bfloat16" in hint) if bf16_cpu else ("f32" in hint or "float32" in hint)  # no bf16: f32, not a failure

@@ -111,6 +111,8 @@ def provider_options(providers: Sequence[str], options: RuntimeOptions, artifact
                         "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache)}
             if options.precision == "fp16":
                 settings["trt_fp16_enable"] = "True"
+            elif options.precision == "bf16":
+                settings["trt_bf16_enable"] = "True"
             elif options.precision == "int8":
                 settings.update(_trt_int8(artifact, cache))
             chosen.append((provider, settings))
