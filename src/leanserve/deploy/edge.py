@@ -192,11 +192,14 @@ def build_edge(
 # --- int8 -------------------------------------------------------------------------------------------
 
 def int8_recipes() -> list:
-    """The optimizer's recipes that make int8 models any ONNX Runtime build runs (no GPU, no int4)."""
+    """The optimizer's recipes that make small models any ONNX Runtime CPU build runs: int8, and 4-bit
+    weights for the linear layers with int8 for the rest (MatMulNBits is a CPU kernel of every build that
+    keeps the com.microsoft operators; the required-operators config lists it)."""
     from leanserve.optimize.recipe import Recipe, Step
 
     return [Recipe("dynamic int8", (Step("dynamic_int8"),)),
-            Recipe("static int8 (minmax)", (Step("static_int8", {"method": "minmax"}),))]
+            Recipe("static int8 (minmax)", (Step("static_int8", {"method": "minmax"}),)),
+            Recipe("int4 linear weights + dynamic int8", (Step("int4_weights"), Step("dynamic_int8")))]
 
 
 

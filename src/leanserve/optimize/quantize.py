@@ -11,6 +11,7 @@ import contextlib
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -129,15 +130,58 @@ def to_fp16(src: Path, dst: Path, ctx: PassContext, bf16: bool = False) -> StepR
 
 
 def weight_only_int4(src: Path, dst: Path, ctx: PassContext, block_size: int = 32) -> StepResult:
-    """4-bit weights (blockwise, symmetric) for MatMuls with constant weights; activations stay float."""
+    """4-bit weights (blockwise, symmetric) for MatMuls with constant weights; activations stay float.
+    Linear layers exported as Gemm (PyTorch's TorchScript exporter writes them so) become MatMul + Add
+    first, since the 4-bit kernel is a MatMul."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=block_size, is_symmetric=True,
+    model = onnx.load(str(src))
+    rewritten = gemm_to_matmul(model, exclude=ctx.exclude_nodes)
+    quantizer = MatMulNBitsQuantizer(model, block_size=block_size, is_symmetric=True,
                                      nodes_to_exclude=list(ctx.exclude_nodes))
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst))
     count = sum(1 for n in onnx.load(str(dst), load_external_data=False).graph.node if n.op_type == "MatMulNBits")
-    return StepResult([f"weight-only int4 (block {block_size}) on {count} MatMul(s)"])
+    notes = [f"weight-only int4 (block {block_size}) on {count} MatMul(s)"]
+    if rewritten:
+        notes.append(f"{rewritten} Gemm(s) with constant weights rewritten as MatMul + Add for the 4-bit kernel")
+    return StepResult(notes)
+
+
+def gemm_to_matmul(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> int:
+    """Rewrite, in place, each Gemm with a constant 2-D weight (alpha = beta = 1, A not transposed) as
+    MatMul(A, B') + Add(C), B' being B transposed when transB is set. Returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    nodes, count = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.name in exclude or node.input[1] not in weights
+                or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(weights[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = np.ascontiguousarray(weight.T)
+        name = node.name or f"gemm{count}"
+        transposed = numpy_helper.from_array(weight, f"{node.input[1]}__matmul")
+        graph.initializer.append(transposed)
+        has_bias = len(node.input) > 2 and node.input[2]
+        product = f"{node.output[0]}__matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], transposed.name], [product], name=f"{name}_MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{name}_Add"))
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {i for n in graph.node for i in n.input}
+        kept = [init for init in graph.initializer if init.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return count
 
 
 TRT_CALIBRATION_TABLE = "calibration.flatbuffers"  # the name ONNX Runtime's TensorRT provider is given
