@@ -197,9 +197,10 @@ def int8_recipes() -> list:
     keeps the com.microsoft operators; the required-operators config lists it)."""
     from leanserve.optimize.recipe import Recipe, Step
 
-    return [Recipe("dynamic int8", (Step("dynamic_int8"),)),
-            Recipe("static int8 (minmax)", (Step("static_int8", {"method": "minmax"}),)),
-            Recipe("int4 linear weights + dynamic int8", (Step("int4_weights"), Step("dynamic_int8")))]
+    # smallest first: on a device, size is what the search is for
+    return [Recipe("int4 linear weights + dynamic int8", (Step("int4_weights"), Step("dynamic_int8"))),
+            Recipe("dynamic int8", (Step("dynamic_int8"),)),
+            Recipe("static int8 (minmax)", (Step("static_int8", {"method": "minmax"}),))]
 
 
 
@@ -237,7 +238,7 @@ def _dynamic_int8(artifact: ModelArtifact, work: Path) -> _Int8:
 
     path = work / "int8" / "model.onnx"
     path.parent.mkdir()
-    notes = apply_recipe(int8_recipes()[0], artifact.model_path, path, PassContext(artifact.signature))
+    notes = apply_recipe(int8_recipes()[1], artifact.model_path, path, PassContext(artifact.signature))
     return _Int8(path, "dynamic int8", True, notes=(
         *notes, "accuracy was not checked: dynamic int8 was applied without evaluation data (pass --eval DATA)"))
 
