@@ -42,13 +42,10 @@ def build_models(work: Path, epochs: int) -> tuple[Path, Path, list[str], tuple]
 
 def sessions(fp32: Path, int8: Path, threads: int) -> dict:
     from leanserve import RuntimeOptions
-    from leanserve.artifact import Manifest, ModelArtifact
-    from leanserve.formats import read_model
-    from leanserve.runtime import load_session
+    from leanserve.runtime import load_file
 
     def load(path: Path, engine: str):
-        artifact = ModelArtifact(path.parent, Manifest("onnx", path.name, read_model(path).signature, {}))
-        return load_session(artifact, RuntimeOptions(engine=engine, intra_op_threads=threads))
+        return load_file(path, RuntimeOptions(engine=engine, intra_op_threads=threads))
 
     return {
         "ONNX Runtime fp32": load(fp32, "onnxruntime"),

@@ -47,13 +47,9 @@ def compile_tvm(onnx_path: Path, work: Path, budget_s: float) -> tuple[Path, dic
 
 def load(path: Path, engine: str, threads: int):
     from leanserve import RuntimeOptions
-    from leanserve.artifact import Manifest, ModelArtifact
-    from leanserve.formats import read_model
-    from leanserve.runtime import load_session
+    from leanserve.runtime import load_file
 
-    source = read_model(path)
-    artifact = ModelArtifact(path.parent, Manifest(source.format, path.name, source.signature, {}))
-    return load_session(artifact, RuntimeOptions(engine=engine, intra_op_threads=threads))
+    return load_file(path, RuntimeOptions(engine=engine, intra_op_threads=threads))
 
 
 def main() -> None:

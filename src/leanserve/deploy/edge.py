@@ -257,11 +257,9 @@ def _accuracy(artifact: ModelArtifact, ort_file: Path, data, max_drop: str) -> A
 
 
 def _outputs(path: Path, inputs) -> dict[str, np.ndarray]:
-    from leanserve.artifact import Manifest
-    from leanserve.runtime import load_session
+    from leanserve.runtime import load_file
 
-    source = read_model(path)
-    session = load_session(ModelArtifact(path.parent, Manifest(source.format, path.name, source.signature, {})))
+    session = load_file(path)
     try:
         return run_all(session, inputs)
     finally:

@@ -15,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from leanserve.artifact import Manifest, ModelArtifact, Signature
+from leanserve.artifact import Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.measure import METRICS, Measurement, PeakMemory, Speed, file_size, measure_speed, quality_drop, run_all
 from leanserve.optimize import quantize
 from leanserve.optimize.recipe import QUANTIZING, Recipe, apply_recipe
 from leanserve.optimize.steps import PassContext
-from leanserve.formats import read_model
-from leanserve.runtime import load_session, prepare
+from leanserve.runtime import load_file, prepare
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +162,7 @@ class Searcher:
         an engine other than ONNX Runtime must first match ONNX Runtime's on the same recipe."""
         peak = PeakMemory().begin()  # the most memory loading and running this candidate took
         try:
-            source = read_model(path)
-            artifact = ModelArtifact(path.parent, Manifest(source.format, path.name, source.signature, {}, runtime=recipe.engine))
-            session = load_session(artifact, self._engine_options(recipe))
+            session = load_file(path, self._engine_options(recipe))
             outputs = run_all(session, self.eval_data, self.batch_size)
         except (LeanserveError, RuntimeError, ValueError) as exc:
             return Candidate(recipe, path, error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")

@@ -76,6 +76,18 @@ def load_session(artifact: ModelArtifact, options: RuntimeOptions | None = None)
     return engine_module(engine).load(artifact, options)
 
 
+def load_file(path: str | Path, options: RuntimeOptions | None = None) -> Session:
+    """Load a model file that is not (yet) a repository version: a candidate being measured, a compiled
+    artifact. Its format and signature are read from the file; the engine is ``options.engine`` or the
+    format's own. Raises what ``read_model`` and ``load_session`` raise."""
+    from leanserve.artifact import Manifest
+    from leanserve.formats import read_model
+
+    path = Path(path)
+    source = read_model(path)
+    return load_session(ModelArtifact(path.parent, Manifest(source.format, path.name, source.signature, {})), options)
+
+
 def example_inputs(signature: Signature, batch_size: int = 1, dynamic_size: int = 1) -> dict[str, np.ndarray]:
     """Zero-filled inputs matching ``signature`` (dynamic dims: ``batch_size`` first, then ``dynamic_size``).
 

@@ -13,12 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from leanserve.artifact import Manifest, ModelArtifact, Signature
+from leanserve.artifact import ModelArtifact, Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
-from leanserve.formats import read_model
 from leanserve.measure import PeakMemory, Speed, measure_speed, run_all
-from leanserve.runtime import load_session, prepare
+from leanserve.runtime import load_file, prepare
 
 
 @dataclass
@@ -89,11 +88,9 @@ def _measure(artifact: ModelArtifact, engine: str, data, batch_size: int, option
         started = time.perf_counter()
         path = prepare(engine, artifact.model_path, workdir, artifact.signature, options, time_budget_s)
         result.prepare_s = time.perf_counter() - started if path != artifact.model_path else 0.0
-        source = read_model(path)
         peak = PeakMemory().begin()
         started = time.perf_counter()
-        session = load_session(ModelArtifact(path.parent, Manifest(source.format, path.name, source.signature, {},
-                                                                   runtime=engine)), options)
+        session = load_file(path, options)  # options.engine is this engine
         result.load_s = time.perf_counter() - started
         try:
             result.outputs = run_all(session, data, batch_size)
