@@ -243,6 +243,26 @@ def digits():
 
 
 @pytest.fixture(scope="session")
+def digits_data(tmp_path_factory, digits):
+    """A folder with eval.npz (200 held-out digits with labels) and calib.npz (128 training images)."""
+    x_train, x_test, _, y_test = digits
+    folder = tmp_path_factory.mktemp("data")
+    np.savez(folder / "eval.npz", image=x_test[:200], labels=y_test[:200])
+    np.savez(folder / "calib.npz", image=x_train[:128])
+    return folder
+
+
+@pytest.fixture
+def cnn_repo(tmp_path, digits_cnn_onnx):
+    """A repository holding the trained digits CNN as cnn:1."""
+    from leanserve import Repository
+
+    repo = Repository(tmp_path / "repo")
+    repo.add(digits_cnn_onnx, "cnn")
+    return repo
+
+
+@pytest.fixture(scope="session")
 def digits_teacher(digits):
     """The demo CNN (16/32 conv channels) trained 5 epochs on the real digits: about 0.97 held-out accuracy.
     Passes copy what they change, so one trained model serves every test."""

@@ -5,28 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from leanserve import Repository
 from leanserve.cli import main
 from leanserve.errors import InvalidInput, UnsupportedFormat
 from leanserve.optimize.recipe import Recipe, parse_engines, parse_recipe
 from leanserve.optimize.run import optimize
 from leanserve.optimize.search import outputs_mismatch
 from leanserve.runtime import ENGINES, load_session
-
-
-@pytest.fixture(scope="module")
-def digits_data(tmp_path_factory, digits):
-    _, x_test, _, y_test = digits
-    folder = tmp_path_factory.mktemp("data")
-    np.savez(folder / "eval.npz", image=x_test[:150], labels=y_test[:150])
-    return folder
-
-
-@pytest.fixture
-def cnn_repo(tmp_path, digits_cnn_onnx):
-    repo = Repository(tmp_path / "repo")
-    repo.add(digits_cnn_onnx, "cnn")
-    return repo
 
 
 def test_engine_lists_and_recipe_engines_parse_with_short_forms():

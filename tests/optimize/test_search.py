@@ -15,24 +15,6 @@ from leanserve.optimize.run import optimize
 from leanserve.optimize.search import Budget, parse_budget
 
 
-@pytest.fixture(scope="module")
-def digits_data(tmp_path_factory):
-    from leanserve.demo import digits_dataset
-
-    x_train, x_test, y_train, y_test = digits_dataset()
-    folder = tmp_path_factory.mktemp("data")
-    np.savez(folder / "eval.npz", image=x_test[:200], labels=y_test[:200])
-    np.savez(folder / "calib.npz", image=x_train[:128])
-    return folder
-
-
-@pytest.fixture
-def cnn_repo(tmp_path, digits_cnn_onnx):
-    repo = Repository(tmp_path / "repo")
-    repo.add(digits_cnn_onnx, "cnn")
-    return repo
-
-
 @pytest.mark.parametrize("text, budget", [("0.5%", Budget(0.005)), ("1%rel", Budget(0.01, True)), ("0.02", Budget(0.02))])
 def test_budget_forms(text, budget):
     assert parse_budget(text) == budget
