@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import wait_until
-from leanserve import Repository
 from leanserve.cli import main
 from leanserve.deploy.batch import read_output, run_job
 from leanserve.errors import InvalidInput

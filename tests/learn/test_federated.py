@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from leanserve.errors import InvalidInput, LeanserveError  # noqa: E402
 from leanserve.learn import federated  # noqa: E402
 from leanserve.learn.federated_client import build_client_app, load_client_data, train_locally  # noqa: E402
-from leanserve.learn.federated_server import RoundSettings, RoundsOutcome, ScreenedStrategy, build_strategy  # noqa: E402
+from leanserve.learn.federated_server import RoundSettings, RoundsOutcome, build_strategy  # noqa: E402
 from leanserve.learn.partition import by_class, dirichlet, iid, parse_partition  # noqa: E402
 from leanserve.repository import VersionRef  # noqa: E402
 
