@@ -11,7 +11,9 @@ Two kinds of tensor profile:
   the others are numeric (mean, std, quantiles, PSI bins from reference deciles, and a uniform sample
   of values for KS).
 - **reduced** (images, sequences, embeddings): each row is flattened and sent through a fixed, seeded
-  random projection to ``REDUCED_DIMS`` dimensions; a sample of reduced rows is kept for MMD.
+  random projection to ``REDUCED_DIMS`` dimensions; a sample of reduced rows is kept for MMD. Floating-point
+  tensors of at most ``MEAN_MAX_VALUES`` values per row also keep their mean row, unprojected: the
+  background that explanations hide pixels behind (``leanserve.explain``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ TABULAR_MAX_COLUMNS = 64
 REDUCED_DIMS = 32
 QUANTILE_LEVELS = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 PSI_BINS = 10  # the customary PSI binning: reference deciles
+MEAN_MAX_VALUES = 1 << 16  # a 256x256 grey image; larger rows keep no mean (the JSON would grow by megabytes)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class ReducedProfile:
     rows: int
     projection_seed: int
     sample: tuple[tuple[float, ...], ...]
+    mean: tuple[float, ...] = ()  # the mean row, flattened; empty for integer data, large rows and older profiles
 
     @property
     def flat_size(self) -> int:
@@ -170,7 +174,7 @@ def build_profile(
             reduced = project(as_float64(name, array[rows]).reshape(len(rows), -1), seed)
             finite = reduced[np.isfinite(reduced).all(axis=1)]
             sample = tuple(tuple(float(v) for v in row) for row in finite)
-            tensors.append(ReducedProfile(name, tuple(array.shape[1:]), len(array), seed, sample))
+            tensors.append(ReducedProfile(name, tuple(array.shape[1:]), len(array), seed, sample, _mean_row(array)))
     return Profile(tuple(tensors))
 
 
@@ -207,6 +211,18 @@ def as_float64(name: str, array: np.ndarray) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise InvalidInput(f"tensor {name!r}: drift profiles need numeric data, got dtype {array.dtype}")
     return array.astype(np.float64)
+
+
+def _mean_row(array: np.ndarray) -> tuple[float, ...]:
+    """The mean of the rows without non-finite values, flattened; empty when the data is not floating-point,
+    a row is over ``MEAN_MAX_VALUES`` values or no row is finite."""
+    flat = array.reshape(len(array), -1)
+    if not np.issubdtype(array.dtype, np.floating) or flat.shape[1] > MEAN_MAX_VALUES:
+        return ()
+    finite = np.isfinite(flat).all(axis=1)
+    if not finite.any():
+        return ()
+    return tuple(float(v) for v in np.mean(flat[finite], axis=0, dtype=np.float64))
 
 
 def _tabular(name: str, values: np.ndarray, rows: np.ndarray, categorical_max_unique: int) -> TabularProfile:
@@ -247,7 +263,9 @@ def _numeric(name: str, column: np.ndarray, sample: np.ndarray) -> NumericFeatur
 def _tensor_to_dict(t: TensorProfile) -> dict[str, Any]:
     head = {"name": t.name, "row_shape": list(t.row_shape), "rows": t.rows}
     if isinstance(t, ReducedProfile):
-        return {**head, "kind": "reduced", "projection_seed": t.projection_seed, "sample": [list(r) for r in t.sample]}
+        mean = {"mean": list(t.mean)} if t.mean else {}
+        return {**head, "kind": "reduced", "projection_seed": t.projection_seed, "sample": [list(r) for r in t.sample],
+                **mean}
     features = [
         {"kind": "categorical", "name": f.name, "categories": list(f.categories), "counts": list(f.counts)}
         if isinstance(f, CategoricalFeature)
@@ -262,7 +280,7 @@ def _tensor_from_dict(d: Mapping[str, Any]) -> TensorProfile:
     name, row_shape, rows = str(d["name"]), tuple(int(s) for s in d["row_shape"]), int(d["rows"])
     if d["kind"] == "reduced":
         sample = tuple(tuple(float(v) for v in r) for r in d["sample"])
-        return ReducedProfile(name, row_shape, rows, int(d["projection_seed"]), sample)
+        return ReducedProfile(name, row_shape, rows, int(d["projection_seed"]), sample, _floats(d.get("mean", ())))
     if d["kind"] != "tabular":
         raise ValueError(f"tensor {name!r}: unknown kind {d['kind']!r}")
     return TabularProfile(name, row_shape, rows, tuple(_feature_from_dict(f) for f in d["features"]))
