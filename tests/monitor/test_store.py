@@ -50,13 +50,37 @@ def test_sampling_rate_keeps_about_that_share(tmp_path):
     assert 300 < kept < 500
 
 
-def test_retention_bounds_the_table(tmp_path):
+def test_retention_drops_whole_segments_and_keeps_the_newest_samples_in_order(tmp_path):
     log = PredictionLog(LogConfig(tmp_path / "r.db", max_rows=100, flush_interval_s=0.02))
     for i in range(400):
         log.record("m", 1, str(i), *sample(i), latency_ms=1.0)
     log.flush()
+    assert log.feedback("m", [("399", 1), ("300", 0)]).accepted == 2  # ids found in the newest and an older segment
+    assert log.feedback("m", [("10", 1)]).unknown == ["10"]  # retention dropped it
     log.close()
-    assert log.count() <= 150
+    assert 100 <= log.count() < 100 + 13  # frames of 64 split where a segment (100 / 8 rows) fills up
+    files = sorted(p.name for p in (tmp_path / "r.db").iterdir())
+    assert len([f for f in files if f.endswith(".db")]) == 8 and len([f for f in files if f.endswith(".bin")]) == 8
+    ids = [int(r["request_id"]) for r in log.rows("m", limit=1000)]
+    assert ids == list(range(400 - len(ids), 400))
+    assert [int(r["inputs"]["x"][0, 0]) for r in log.rows("m", limit=3)] == [397, 398, 399]
+
+
+def test_a_log_reopened_continues_its_newest_segment(tmp_path):
+    for start in (0, 5):
+        log = PredictionLog(LogConfig(tmp_path / "o.db", flush_interval_s=0.02))
+        for i in range(start, start + 5):
+            log.record("m", 1, str(i), *sample(i), latency_ms=1.0)
+        log.close()
+    assert [r["request_id"] for r in log.rows("m")] == [str(i) for i in range(10)]
+    assert len(list((tmp_path / "o.db").glob("seg-*.db"))) == 1
+
+
+def test_a_single_file_log_of_an_older_version_is_refused_untouched(tmp_path):
+    (tmp_path / "old.db").write_bytes(b"SQLite format 3\x00")
+    with pytest.raises(InvalidInput, match="older leanserve.*move the file away"):
+        PredictionLog(LogConfig(tmp_path / "old.db"))
+    assert (tmp_path / "old.db").read_bytes() == b"SQLite format 3\x00"
 
 
 def test_a_stuck_writer_costs_samples_beyond_queue_size_never_a_blocked_caller(tmp_path):
@@ -74,7 +98,7 @@ def test_a_stuck_writer_costs_samples_beyond_queue_size_never_a_blocked_caller(t
 
 def test_a_locked_database_loses_samples_but_never_raises(tmp_path):
     log = PredictionLog(LogConfig(tmp_path / "l.db", flush_interval_s=0.02))
-    blocker = sqlite3.connect(tmp_path / "l.db")
+    blocker = sqlite3.connect(tmp_path / "l.db" / "seg-00000001.db")
     blocker.execute("BEGIN EXCLUSIVE")
     try:
         for i in range(10):

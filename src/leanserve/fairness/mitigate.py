@@ -130,9 +130,9 @@ def _pair(before: float | None, after: float | None) -> str:
 def read_feedback(db: Path, model: str, version: int, limit: int = 100_000) -> Feedback:
     """The labelled predictions of one version from the prediction log at ``db``. Raises InvalidInput
     when there is no log or no usable feedback."""
-    from leanserve.monitor.store import LogConfig, PredictionLog
+    from leanserve.monitor.store import LogConfig, PredictionLog, log_exists
 
-    if not Path(db).is_file():
+    if not log_exists(Path(db)):
         raise InvalidInput(f"no prediction log at {db}: serve the model with monitoring on and send labels to "
                            f"POST /v2/models/{model}/feedback (or give --db)")
     log = PredictionLog(LogConfig(Path(db)), read_only=True)

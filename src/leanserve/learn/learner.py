@@ -31,7 +31,7 @@ from leanserve.artifact import ModelArtifact, Provenance
 from leanserve.errors import InvalidInput, UnsupportedFormat
 from leanserve.learn.online import Diverged, OnlineConfig, OnlineLearner, Prequential
 from leanserve.monitor.rollout import start_rollout
-from leanserve.monitor.store import LogConfig, PredictionLog, stack
+from leanserve.monitor.store import LogConfig, PredictionLog, log_exists, stack
 from leanserve.repository import Repository, VersionRef
 from leanserve.serve.routing import primary as primary_of
 from leanserve.torch_source import has_source, load_source, save_source
@@ -93,7 +93,7 @@ class Learner:
 
     def __init__(self, repo: Repository, name: str, log_path: str | Path, config: LearnerConfig = LearnerConfig()) -> None:
         log_path = Path(log_path)
-        if not log_path.is_file():
+        if not log_exists(log_path):
             raise InvalidInput(f"no prediction log at {log_path}: serve the model with monitoring on (the default) "
                                "and send feedback labels first, or pass --db")
         repo.versions(name)  # ModelNotFound for an unknown model

@@ -1,5 +1,6 @@
-"""The prediction log: a sample of requests (inputs, outputs, version, latency, request id, group) in an
-embedded SQLite database (WAL mode), written off the request path, with bounded retention.
+"""The prediction log: a sample of requests (inputs, outputs, version, latency, request id, group) in a
+folder of segments (SQLite in WAL mode for the rows, an append-only file for their tensors: see
+``writer.py``), written off the request path, with bounded retention.
 
 Serving never waits for it: ``record`` packs the sample on the caller's thread (microseconds) and
 hands frames of samples to a writer process with non-blocking pipe writes (``writer.py``); when the
@@ -78,13 +79,26 @@ def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
     Not np.savez: its zip container costs ten times more, and this runs for every logged request.
     BYTES (object) arrays are stored as fixed-width byte strings; nothing is pickled.
     """
-    layout, blobs = [], []
+    out = bytearray()
+    pack_into(out, arrays)
+    return bytes(out)
+
+
+def pack_into(out: bytearray, arrays: Mapping[str, np.ndarray]) -> int:
+    """Append ``pack(arrays)`` to ``out`` (one copy of each array's data); returns the bytes appended."""
+    start = len(out)
+    layout, data = [], []
     for name, array in arrays.items():  # runs on the request path: kept to the bare minimum
         if array.dtype.hasobject:
             array = array.astype(bytes)
+        elif not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
         layout.append((name, array.dtype.str, array.shape, array.nbytes))
-        blobs.append(array.tobytes())  # C order whatever the array's layout
-    return _header(tuple(layout)) + (blobs[0] if len(blobs) == 1 else b"".join(blobs))
+        data.append(array)
+    out += _header(tuple(layout))
+    for array in data:
+        out += memoryview(array)  # the raw buffer, C order (not ``+= array``: numpy would broadcast an add)
+    return len(out) - start
 
 
 @functools.lru_cache(maxsize=256)
@@ -105,6 +119,11 @@ def unpack(blob: bytes) -> dict[str, np.ndarray]:
     return arrays
 
 
+def log_exists(path: Path) -> bool:
+    """Whether ``path`` holds a prediction log (a folder of segments, as ``PredictionLog`` writes)."""
+    return Path(path).is_dir() and bool(writer.segments(Path(path)))
+
+
 class PredictionLog:
     """Samples of live traffic in SQLite, written by a child process (``writer.py``: see there why a
     process). The caller's thread packs each sample and, every ``_FRAME_ROWS`` samples, hands a frame to
@@ -116,11 +135,17 @@ class PredictionLog:
         self.config = config
         self.read_only = read_only
         self.stats = LogStats()
-        config.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(writer.SCHEMA)
+        if config.path.is_file():
+            raise InvalidInput(f"{config.path} is a prediction log of an older leanserve (one SQLite file); the log is now "
+                               f"a folder of segments: move the file away (or give another path) and start again")
+        if read_only and not log_exists(config.path):
+            raise InvalidInput(f"no prediction log at {config.path}")
+        config.path.mkdir(parents=True, exist_ok=True)
+        if not writer.segments(config.path):
+            writer.create_segment(config.path, 1)
         self._lock = threading.Lock()  # record() may be called from several threads (gRPC, REST)
-        self._rows: list[tuple] = []  # packed samples not yet framed
+        self._meta: list[list] = []  # samples not yet framed: their metadata...
+        self._blobs = bytearray()  # ... and their packed tensors
         self._pending = bytearray()  # framed bytes the pipe has not taken yet
         self._shipped = 0  # samples framed for the current writer
         self._acked = 0  # samples the current writer has written or lost
@@ -135,9 +160,6 @@ class PredictionLog:
         self._writer = threading.Thread(target=self._timer_loop, name="prediction-log", daemon=True)
         self._writer.start()
 
-    def _connect(self) -> sqlite3.Connection:
-        return writer.connect(str(self.config.path))
-
     # --- request path: never blocks -----------------------------------------------------------------
 
     def record(self, model: str, version: int, request_id: str, inputs: Mapping[str, np.ndarray],
@@ -148,25 +170,26 @@ class PredictionLog:
             raise RuntimeError("this prediction log was opened read-only")
         if self.config.sample_rate < 1.0 and random.random() >= self.config.sample_rate:
             return False
-        if self._shipped - self._acked + len(self._rows) >= self.config.queue_size:
+        if self._shipped - self._acked + len(self._meta) >= self.config.queue_size:
             self.stats.dropped += 1
             return False
-        # Packed here, while the arrays are hot in cache (~3 us). A thread that packed and shipped later
-        # cost the event loop ~10 us of GIL time per sample (15% of the digits CNN's throughput).
-        row = (time.time(), model, version, request_id, latency_ms, group, pack(inputs), pack(outputs))
+        # Packed here, straight into the frame being built, while the arrays are hot in cache (~2 us). A
+        # thread that packed and shipped later cost the event loop ~10 us of GIL time per sample.
         with self._lock:
-            self._rows.append(row)
-            if len(self._rows) >= _FRAME_ROWS:
+            blobs = self._blobs
+            inputs_len = pack_into(blobs, inputs)
+            self._meta.append([time.time(), model, version, request_id, latency_ms, group, inputs_len, pack_into(blobs, outputs)])
+            if len(self._meta) >= _FRAME_ROWS:
                 self._ship()
         return True
 
     # --- hand-off to the writer process (called with the lock held) --------------------------------
 
     def _ship(self) -> None:
-        if self._rows:
-            self._pending += writer.encode_frame(self._rows)
-            self._shipped += len(self._rows)
-            self._rows = []
+        if self._meta:
+            self._pending += writer.encode_frame(self._meta, self._blobs)
+            self._shipped += len(self._meta)
+            self._meta, self._blobs = [], bytearray()
         if not self._pending:
             return
         try:
@@ -214,7 +237,7 @@ class PredictionLog:
 
     def _timer_loop(self) -> None:
         while not self._stop.wait(self.config.flush_interval_s):
-            if self._rows or self._pending:
+            if self._meta or self._pending:
                 with self._lock:
                     self._ship()
 
@@ -247,22 +270,45 @@ class PredictionLog:
 
     # --- reading and feedback (called from worker threads, not the event loop) ---------------------
 
+    def _segments(self, writable: bool = False):
+        """Connections to the log's segments, newest first. A segment that retention deletes meanwhile
+        is skipped (opened without create, it cannot come back as an empty file)."""
+        mode = "rw" if writable else "ro"
+        for _, path in reversed(writer.segments(self.config.path)):
+            try:
+                db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=1.0)
+            except sqlite3.OperationalError:
+                continue
+            with contextlib.closing(db):
+                yield path, db
+
     def feedback(self, model: str, labels: Iterable[tuple[str, Any]]) -> FeedbackResult:
         """Attach true labels to logged requests by request id; unknown and already-labelled ids are refused."""
-        accepted, unknown, duplicate = 0, [], []
-        with self._connect() as db:
-            for request_id, label in labels:
-                row = db.execute("SELECT id, label IS NOT NULL FROM predictions WHERE model = ? AND request_id = ? "
-                                 "ORDER BY id DESC LIMIT 1", (model, request_id)).fetchone()
-                if row is None:
-                    unknown.append(request_id)
-                elif row[1]:
-                    duplicate.append(request_id)
-                else:
-                    db.execute("UPDATE predictions SET label = ?, label_ts = ? WHERE id = ?",
-                               (pack({"label": np.asarray(label)}), time.time(), row[0]))
-                    accepted += 1
-        return FeedbackResult(accepted, unknown, duplicate)
+        wanted: dict[str, Any] = {}
+        duplicate: list[str] = []
+        for request_id, label in labels:
+            if request_id in wanted:
+                duplicate.append(request_id)  # twice in one call: the first label counts
+            else:
+                wanted[request_id] = label
+        accepted, now = 0, time.time()
+        for _, db in self._segments(writable=True):
+            if not wanted:
+                break
+            with db:
+                for request_id in list(wanted):
+                    row = db.execute("SELECT id, label IS NOT NULL FROM predictions WHERE model = ? AND request_id = ? "
+                                     "ORDER BY id DESC LIMIT 1", (model, request_id)).fetchone()
+                    if row is None:
+                        continue
+                    label = wanted.pop(request_id)
+                    if row[1]:
+                        duplicate.append(request_id)
+                    else:
+                        db.execute("UPDATE predictions SET label = ?, label_ts = ? WHERE id = ?",
+                                   (pack({"label": np.asarray(label)}), now, row[0]))
+                        accepted += 1
+        return FeedbackResult(accepted, list(wanted), duplicate)
 
     def rows(self, model: str, version: int | None = None, limit: int = 1000, labelled: bool = False) -> list[dict[str, Any]]:
         """The newest ``limit`` samples of a model (one version, or all), oldest first."""
@@ -272,19 +318,35 @@ class PredictionLog:
             args.append(version)
         if labelled:
             where.append("label IS NOT NULL")
-        with self._connect() as db:
-            found = db.execute(
-                f"SELECT ts, version, request_id, latency_ms, grp, inputs, outputs, label FROM predictions "
-                f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
-        return [{"ts": ts, "version": v, "request_id": rid, "latency_ms": lat, "group": grp, "inputs": unpack(i),
-                 "outputs": unpack(o), "label": unpack(lbl)["label"] if lbl else None}
-                for ts, v, rid, lat, grp, i, o, lbl in reversed(found)]
+        found: list[dict[str, Any]] = []
+        for path, db in self._segments():
+            if len(found) >= limit:
+                break
+            rows = db.execute(
+                f"SELECT ts, version, request_id, latency_ms, grp, offset, inputs_len, outputs_len, label FROM predictions "
+                f"WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?", (*args, limit - len(found))).fetchall()
+            if not rows:
+                continue
+            try:
+                tensors = open(writer.blob_path(path), "rb")  # noqa: SIM115 - closed below
+            except FileNotFoundError:
+                continue  # deleted by retention since the query
+            with tensors:
+                for ts, v, rid, lat, grp, offset, in_len, out_len, lbl in rows:
+                    data = os.pread(tensors.fileno(), in_len + out_len, offset)
+                    found.append({"ts": ts, "version": v, "request_id": rid, "latency_ms": lat, "group": grp,
+                                  "inputs": unpack(data[:in_len]), "outputs": unpack(data[in_len:]),
+                                  "label": unpack(lbl)["label"] if lbl else None})
+        return found[::-1]
 
     def count(self, model: str | None = None) -> int:
-        with self._connect() as db:
+        total = 0
+        for _, db in self._segments():
             if model is None:
-                return db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
-            return db.execute("SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)).fetchone()[0]
+                total += db.execute("SELECT COUNT(*) FROM predictions").fetchone()[0]
+            else:
+                total += db.execute("SELECT COUNT(*) FROM predictions WHERE model = ?", (model,)).fetchone()[0]
+        return total
 
 
 def stack(rows: Sequence[dict[str, Any]], key: str) -> dict[str, np.ndarray]:

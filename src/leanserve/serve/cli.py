@@ -174,7 +174,7 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--no-access-log", action="store_true", help="do not write JSON access log lines to stderr")
     p.add_argument("--no-monitor", action="store_true", help="do not log predictions (no drift, feedback or live quality)")
     p.add_argument("--monitor-sample-rate", type=float, default=1.0, help="share of requests logged for monitoring")
-    p.add_argument("--monitor-db", metavar="FILE", help="prediction log database (default REPO/.monitor/predictions.db; "
+    p.add_argument("--monitor-db", metavar="DIR", help="prediction log folder (default REPO/.monitor/predictions.db; "
                    "set it when the repository is read-only)")
     p.add_argument("--admin-allow-remote", action="store_true", help="accept admin calls from non-loopback clients")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
