@@ -32,3 +32,24 @@ def test_gemm_rewrite_is_exact_and_leaves_excluded_nodes_alone(digits_cnn_onnx, 
     before = ort.InferenceSession(str(digits_cnn_onnx)).run(None, {"image": x_test})[0]
     after = ort.InferenceSession(str(tmp_path / "mm.onnx")).run(None, {"image": x_test})[0]
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_pre_processing_that_gives_up_leaves_nothing_in_the_working_directory(digits_cnn_onnx, tmp_path, monkeypatch):
+    from leanserve.optimize import quantize
+
+    def symbolic_inference_gives_up(src, dst, skip_symbolic_shape=False):
+        # what ORT's symbolic shape inference does when it cannot finish: saves its partial model (with
+        # the weights as an external-data file) into the working directory, then raises
+        onnx.save_model(onnx.load(src), "sym_shape_infer_temp.onnx", save_as_external_data=True, size_threshold=0)
+        if not skip_symbolic_shape:
+            raise RuntimeError("Incomplete symbolic shape inference")
+        onnx.save_model(onnx.load(src), dst)
+
+    user_dir, work = tmp_path / "user", tmp_path / "work"
+    user_dir.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(user_dir)
+    monkeypatch.setattr(quantize, "quant_pre_process", symbolic_inference_gives_up)
+    out, note = quantize.pre_process(digits_cnn_onnx, work / "prepared.onnx")
+    assert out == work / "prepared.onnx" and "symbolic shape inference failed" in note
+    assert list(user_dir.iterdir()) == []

@@ -96,7 +96,11 @@ def pre_process(src: Path, dst: Path) -> tuple[Path, str]:
     """ORT's recommended pre-processing; symbolic shape inference fails on some graphs, so retry without it."""
     for skip_symbolic in (False, True):
         try:
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+            # When symbolic shape inference gives up, ORT saves its partial model (plus a copy of every
+            # weight, 90 MB for MiniLM) into the working directory and never deletes it: work in dst's
+            # folder, a temporary one, instead of littering the user's.
+            with contextlib.chdir(dst.parent):
+                quant_pre_process(str(src.resolve()), str(dst.resolve()), skip_symbolic_shape=skip_symbolic)
             return dst, "pre-processed" + (" (symbolic shape inference failed; skipped)" if skip_symbolic else "")
         except Exception as exc:  # the pre-processor raises assorted types from shape inference
             log.info("quantization pre-processing failed (symbolic=%s): %s", not skip_symbolic, exc)
