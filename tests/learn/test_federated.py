@@ -1,12 +1,21 @@
-"""Federated learning with Flower: a real simulation (Flower's engine on Ray, 10 clients), bad updates
-screened out of rounds with a reason, and the result registered as a guarded canary."""
+"""Federated learning with Flower: a real simulation (Flower's engine on Ray, 10 clients), a real deployment
+(`leanserve federate --listen` and `leanserve federate-client` processes on loopback), bad updates screened
+out of rounds with a reason, and the result registered as a guarded canary."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port, wait_until
 
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
@@ -212,3 +221,170 @@ def test_federate_command_refuses_a_version_without_a_pytorch_source(tmp_path, a
     code = main(["federate", "affine", "--repo", str(affine_repo.root), "--rounds", "1", "--data", str(tmp_path / "x.npz")])
     assert code != 0
     assert "has no PyTorch source" in capsys.readouterr().err
+
+
+# --- a real deployment: server and client processes on loopback ---------------------------------------------
+
+NO_PHONING_HOME = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                   "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                   "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def _leanserve(*args) -> list[str]:
+    return [sys.executable, "-m", "leanserve.cli", *map(str, args)]
+
+
+def _live_processes_mentioning(text: str) -> list[str]:
+    """Command lines of running (not zombie) processes that contain ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if text in cmdline and state != "Z" and proc.name != str(os.getpid()):
+            found.append(cmdline)
+    return found
+
+
+def _no_process_left(port: int) -> bool:
+    return not _live_processes_mentioning(f"127.0.0.1:{port}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory, digits):
+    """`leanserve federate --listen` on a loopback port and three `leanserve federate-client` processes, two
+    rounds; client 2's data has a NaN image, so its updates are NaN."""
+    root = tmp_path_factory.mktemp("deployed")
+    repo = _untrained_cnn_repo(root)
+    x_train, x_test, y_train, y_test = digits
+    files = []
+    for client, idx in enumerate(iid(y_train, 3)):
+        images = x_train[idx].copy()
+        if client == 2:
+            images[0, 0, 0, 0] = np.nan
+        files.append(root / f"client-{client}.npz")
+        np.savez(files[-1], image=images, labels=y_train[idx])
+    np.savez(root / "eval.npz", image=x_test, labels=y_test)
+    port, env = free_port(), {**os.environ, **NO_PHONING_HOME}
+    server = subprocess.Popen(_leanserve("federate", "cnn", "--repo", repo.root, "--listen", f"127.0.0.1:{port}",
+                                         "--clients", 3, "--rounds", 2, "--local-epochs", 1, "--data", root / "eval.npz",
+                                         "--join-timeout", 120, "--json"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    clients = [subprocess.Popen(_leanserve("federate-client", "--server", f"127.0.0.1:{port}", "--data", path),
+                                env={**env, "FLWR_HOME": str(root / f"home-{n}")},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for n, path in enumerate(files)]
+    try:
+        out, err = server.communicate(timeout=280)
+    finally:
+        _stop(server)
+        for client in clients:
+            _stop(client)
+    return repo, port, server.returncode, out, err
+
+
+def test_a_real_federation_registers_the_aggregate_with_its_provenance(deployed):
+    repo, _, code, out, err = deployed
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    assert (result["version"], result["parent"], result["canary"]) == ("cnn:2", "cnn:1", True)
+    provenance = repo.get("cnn", 2).manifest.provenance
+    assert provenance.source == "leanserve federate (deployment)" and provenance.parent == "cnn:1"
+    assert (provenance.recipe["rounds"], provenance.recipe["clients"]) == (2, 3)
+    assert result["accuracy"][-1] > result["accuracy"][0] + 0.1
+
+
+def test_a_real_client_sending_nans_is_dropped_with_a_logged_reason_and_the_rounds_complete(deployed):
+    _, _, code, out, err = deployed
+    assert code == 0, err[-3000:]
+    result = json.loads(out)
+    assert [d["round"] for d in result["dropped"]] == [1, 2] and result["failed_rounds"] == []
+    assert len({d["node"] for d in result["dropped"]}) == 1
+    assert all("NaN" in d["reason"] for d in result["dropped"])
+    assert f"dropped client {result['dropped'][0]['node']}: parameter" in err
+
+
+def test_a_real_federation_leaves_no_flower_process_running(deployed):
+    _, port, _, _, _ = deployed
+    wait_until(lambda: _no_process_left(port), timeout_s=20, interval_s=0.2, what="Flower processes to exit")
+
+
+def test_federate_listen_refuses_a_port_in_use(tmp_path, capsys):
+    from leanserve.cli import main
+
+    repo = _untrained_cnn_repo(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["federate", "cnn", "--repo", str(repo.root), "--listen", f"127.0.0.1:{port}", "--data",
+                     str(_eval_file(tmp_path))])
+    assert code != 0
+    assert f"--listen 127.0.0.1:{port}: cannot listen there" in capsys.readouterr().err
+
+
+def test_a_real_federation_says_how_many_clients_joined_when_too_few_do(tmp_path):
+    repo = _untrained_cnn_repo(tmp_path)
+    port = free_port()
+    held_out = federated.load_training_data(_eval_file(tmp_path), "image")
+    with pytest.raises(LeanserveError, match="only 0 of 2 clients joined within 2 s"):
+        federated.federate_deployed(repo, "cnn", RoundSettings(clients=2, rounds=1), held_out, f"127.0.0.1:{port}",
+                                    join_timeout_s=2)
+    assert repo.versions("cnn") == [1]
+    wait_until(lambda: _no_process_left(port), timeout_s=20, interval_s=0.2, what="Flower processes to exit")
+
+
+def test_ctrl_c_stops_a_waiting_federation_and_every_flower_process(tmp_path):
+    repo = _untrained_cnn_repo(tmp_path)
+    port = free_port()
+    server = subprocess.Popen(_leanserve("federate", "cnn", "--repo", repo.root, "--listen", f"127.0.0.1:{port}",
+                                         "--clients", 2, "--join-timeout", 90, "--data", _eval_file(tmp_path)),
+                              env={**os.environ, **NO_PHONING_HOME}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in server.stderr:  # the ServerApp is running once it reports who has joined
+            if "0 of 2 clients connected" in line or time.monotonic() > deadline:
+                break
+        server.send_signal(signal.SIGINT)
+        assert server.wait(60) == 130
+    finally:
+        _stop(server)
+        server.stderr.close()
+    wait_until(lambda: _no_process_left(port), timeout_s=20, interval_s=0.2, what="Flower processes to exit")
+
+
+def test_federate_client_refuses_a_data_file_that_is_not_npz(tmp_path, capsys):
+    from leanserve.cli import main
+
+    (tmp_path / "data.npz").write_text("not numpy")
+    assert main(["federate-client", "--server", "127.0.0.1:9092", "--data", str(tmp_path / "data.npz")]) != 0
+    assert "not a readable .npz file" in capsys.readouterr().err
+
+
+def test_the_supernode_command_names_its_data_and_its_own_runtime_port(tmp_path):
+    from leanserve.learn.federated_deploy import supernode_command
+
+    command = supernode_command("10.0.0.5:9092", tmp_path / "d.npz", runtime_port=9555)
+    assert command[command.index("--superlink") + 1] == "10.0.0.5:9092"
+    assert command[command.index("--node-config") + 1] == f'data-path="{tmp_path / "d.npz"}"'
+    assert command[command.index("--port") + 1] == "9555" and "--insecure" in command
+    with pytest.raises(InvalidInput, match="HOST:PORT"):
+        supernode_command("10.0.0.5", tmp_path / "d.npz")
+
+
+def _eval_file(folder: Path) -> Path:
+    path = folder / "eval.npz"
+    np.savez(path, image=np.zeros((4, 1, 28, 28), np.float32), labels=np.arange(4))
+    return path

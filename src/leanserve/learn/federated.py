@@ -9,10 +9,11 @@ with its provenance (rounds, clients, strategy, DP settings, per-round accuracy,
 source attached, and starts a guarded canary against the serving version.
 
 ``federate`` runs everything on one machine with Flower's simulation engine (Ray): K virtual clients
-over partitions of one data set. ``federated_deploy`` has the ClientApp of real SuperNodes
-(``leanserve federate-client``).
-Flower's ``run_simulation`` is deprecated in favour of ``flwr run``, which needs an app project and a
-SuperLink; for an in-process API call it is still the direct route.
+over partitions of one data set. Flower's ``run_simulation`` is deprecated in favour of ``flwr run``, which
+needs an app project and a SuperLink; for an in-process API call it is still the direct route.
+``federate_deployed`` runs the same rounds with real clients: a Flower SuperLink and ``flwr run`` of
+leanserve's Flower app (``federated_deploy``, ``federated_app``), SuperNodes joining with
+``leanserve federate-client``.
 """
 
 from __future__ import annotations
@@ -132,6 +133,35 @@ def federate(repo: Repository, name: str, settings: RoundSettings, data: Trainin
     return register_federated(repo, parent, module, outcome, settings, data.x[:2], canary=canary)
 
 
+def federate_deployed(repo: Repository, name: str, settings: RoundSettings, held_out: TrainingData, listen: str, *,
+                      version: int | None = None, join_timeout_s: float = 300.0, register: bool = True,
+                      canary: bool = True) -> FederatedResult:
+    """Run the rounds with real clients: a Flower SuperLink listens on ``listen`` (HOST:PORT), waits up to
+    ``join_timeout_s`` for ``settings.clients`` SuperNodes (``leanserve federate-client``), and the server
+    evaluates every aggregate on ``held_out``. Registers the result as ``federate`` does. Every Flower
+    process is stopped before this returns or raises. Raises InvalidInput for bad settings or an unusable
+    address, LeanserveError when too few clients joined, the run failed or no round completed (nothing is
+    registered then)."""
+    from leanserve.learn.federated_app import Job, read_outcome, write_job
+    from leanserve.learn.federated_deploy import run_federation
+    from leanserve.torch_source import load_source
+
+    check_settings(settings)
+    if not join_timeout_s > 0:
+        raise InvalidInput(f"join timeout {join_timeout_s}: must be > 0 seconds")
+    parent = repo.resolve(name, version)
+    module = load_source(repo.get(parent.name, parent.version))
+    with tempfile.TemporaryDirectory(prefix="leanserve-federate-") as tmp:
+        job_dir = Path(tmp)
+        write_job(job_dir, Job(settings, held_out.input_name, join_timeout_s), module, held_out.x, held_out.y)
+        run_federation(listen, job_dir)
+        outcome = read_outcome(job_dir)
+    if not register:
+        return FederatedResult(None, parent, outcome.accuracy, outcome.dropped, outcome.failed_rounds)
+    return register_federated(repo, parent, module, outcome, settings, held_out.x[:2], canary=canary,
+                              where="deployment")
+
+
 def _write_partitions(pool: TrainingData, parts: list[np.ndarray], folder: Path) -> list[Path]:
     files = []
     for client, idx in enumerate(parts):
@@ -230,6 +260,15 @@ def digits_training_data(input_name: str = "image") -> TrainingData:
 
     x_train, x_test, y_train, y_test = digits_dataset()
     return TrainingData(input_name, np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test]))
+
+
+def digits_held_out(input_name: str = "image") -> TrainingData:
+    """scikit-learn's digits test split at the demo CNN's 1x28x28: what a real federation's server evaluates
+    on when given no data."""
+    from leanserve.demo import digits_dataset
+
+    _, x_test, _, y_test = digits_dataset()
+    return TrainingData(input_name, x_test, y_test)
 
 
 def with_dp(settings: RoundSettings, dp: str | None) -> RoundSettings:

@@ -13,8 +13,10 @@ from leanserve.errors import InvalidInput
 def add_federate_commands(sub, command, add_repo) -> None:
     """Register ``federate`` and ``federate-client`` on the CLI's subparsers."""
     p = command(sub, "federate", cmd_federate,
-                "train a version with Flower (simulated clients on this machine); register the result as a guarded canary",
-                "leanserve federate digits-cnn --strategy fedprox --rounds 20 --clients 10 --data digits.npz")
+                "train a version with Flower (simulated clients on this machine, or real ones with --listen); "
+                "register the result as a guarded canary",
+                "leanserve federate digits-cnn --strategy fedprox --rounds 20 --clients 10 --data digits.npz\n"
+                "  leanserve federate digits-cnn --listen 10.0.0.5:9092 --clients 3 --data held-out.npz")
     p.add_argument("model", help="model whose version has a PyTorch source (leanserve demo / export --name keep one)")
     p.add_argument("--version", default=None, help="version to start from (default: latest)")
     p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg", help="Flower strategy")
@@ -23,9 +25,16 @@ def add_federate_commands(sub, command, add_repo) -> None:
     p.add_argument("--dp", metavar="CLIP,NOISE", default=None,
                    help="differential privacy: server-side clipping norm and Gaussian noise multiplier, e.g. 1.0,0.5")
     p.add_argument("--data", metavar="NPZ", default=None,
-                   help="labelled data (.npz: the model input and 'labels'), split among the simulated clients less a "
-                        "held-out 20%% the server evaluates on. Default: scikit-learn digits (the demo CNN's task)")
+                   help="labelled data (.npz: the model input and 'labels'). Simulation: split among the clients less a "
+                        "held-out 20%% the server evaluates on; --listen: the server's held-out evaluation data. "
+                        "Default: scikit-learn digits (the demo CNN's task; its test split with --listen)")
     p.add_argument("--partition", default="iid", help="simulation: iid, dirichlet:ALPHA or classes:N")
+    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+                   help="run a real federation: a Flower SuperLink on this address waits for --clients "
+                        "`leanserve federate-client` SuperNodes. Plaintext, and anyone who can reach the port can "
+                        "submit Flower runs to it: use loopback or a trusted network")
+    p.add_argument("--join-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="--listen: how long to wait for the clients to connect")
     p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round on each client")
     p.add_argument("--lr", type=float, default=0.02, help="clients' SGD learning rate")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight mu")
@@ -40,6 +49,9 @@ def add_federate_commands(sub, command, add_repo) -> None:
     p.add_argument("--data", required=True, metavar="PATH", help="local labelled data (.npz: the model input and 'labels')")
     p.add_argument("--root-certificates", default=None, metavar="PEM",
                    help="CA certificate of a TLS server (default: plaintext, for trusted networks only)")
+    p.add_argument("--runtime-port", type=int, default=None, metavar="PORT",
+                   help="loopback port of the SuperNode's own Runtime API, used by its ClientApp processes "
+                        "(default: a free one)")
 
 
 def cmd_federate(args) -> int:
@@ -57,10 +69,16 @@ def cmd_federate(args) -> int:
     if not has_source(repo.get(ref.name, ref.version)):
         load_source(repo.get(ref.name, ref.version))  # raises UnsupportedFormat saying how to get a source
     input_name = federated.single_input_name(repo, ref)
-    data = (federated.load_training_data(args.data, input_name) if args.data
-            else federated.digits_training_data(input_name))
-    result = federated.federate(repo, ref.name, settings, data, version=ref.version,
-                                partition=parse_partition(args.partition), canary=not args.no_canary)
+    if args.listen:
+        held_out = (federated.load_training_data(args.data, input_name) if args.data
+                    else federated.digits_held_out(input_name))
+        result = federated.federate_deployed(repo, ref.name, settings, held_out, args.listen, version=ref.version,
+                                             join_timeout_s=args.join_timeout, canary=not args.no_canary)
+    else:
+        data = (federated.load_training_data(args.data, input_name) if args.data
+                else federated.digits_training_data(input_name))
+        result = federated.federate(repo, ref.name, settings, data, version=ref.version,
+                                    partition=parse_partition(args.partition), canary=not args.no_canary)
     _print_result(result, args.json)
     return 0
 
@@ -86,4 +104,5 @@ def cmd_federate_client(args) -> int:
 
     if not Path(args.data).is_file():
         raise InvalidInput(f"--data {args.data}: no such file")
-    return run_client(args.server, Path(args.data), root_certificates=args.root_certificates)
+    run_client(args.server, Path(args.data), root_certificates=args.root_certificates, runtime_port=args.runtime_port)
+    return 0  # not reached: run_client replaces this process with the SuperNode

@@ -10,6 +10,7 @@ Local data is an ``.npz`` with the model's input array and ``labels``.
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,13 +29,20 @@ def load_client_data(path: str | Path, input_name: str | None = None) -> tuple[n
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"{path}: no such data file")
-    with np.load(path, allow_pickle=False) as data:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise InvalidInput(f"{path}: not a readable .npz file ({exc})") from None
+    if not hasattr(archive, "files"):
+        raise InvalidInput(f"{path}: a single array, not an .npz holding the model input and 'labels'")
+    with archive as data:
         if "labels" not in data.files:
             raise InvalidInput(f"{path}: needs a 'labels' array (has {', '.join(data.files)})")
         others = [k for k in data.files if k != "labels"]
         key = input_name if input_name in data.files else (others[0] if len(others) == 1 else None)
         if key is None:
-            raise InvalidInput(f"{path}: needs the model input {input_name!r} (has {', '.join(data.files)})")
+            wanted = repr(input_name) if input_name else "array beside 'labels'"
+            raise InvalidInput(f"{path}: needs the model input {wanted} (has {', '.join(data.files)})")
         x, y = data[key].astype(np.float32), data["labels"].astype(np.int64)
     if len(x) != len(y) or len(y) == 0:
         raise InvalidInput(f"{path}: {len(x)} inputs but {len(y)} labels")
