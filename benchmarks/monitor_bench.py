@@ -45,6 +45,28 @@ def wrk(url: str, body: Path, connections: int, duration: int) -> tuple[float, f
     return rps, float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(c) for c in text.split()]
+
+
+def measured(url: str, body: Path, connections: int, duration: int, pid: int) -> tuple[float, float, float, float]:
+    """Throughput, p99, and CPU microseconds per request of the server process and of its children (the
+    prediction log's writer) over one wrk run."""
+    kids = children(pid)
+    before = cpu_seconds(pid), sum(cpu_seconds(k) for k in kids)
+    rps, p99 = wrk(url, body, connections, duration)
+    after = cpu_seconds(pid), sum(cpu_seconds(k) for k in kids)
+    requests = max(rps * duration, 1.0)
+    return rps, p99, 1e6 * (after[0] - before[0]) / requests, 1e6 * (after[1] - before[1]) / requests
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=5)
@@ -68,7 +90,7 @@ def main() -> None:
         repo = leanserve.Repository(work / "repo")
         repo.add(work / "cnn.onnx", "cnn")
         (work / "body.json").write_bytes(encode_json_request({"image": x_test[:1]}))
-        figures: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        figures: dict[bool, list[tuple[float, float, float, float]]] = {False: [], True: []}
         port = 18500 + os.getpid() % 400
         # Both servers run for the whole benchmark (the idle one costs nothing) and are measured in
         # alternating rounds: the ratio of each adjacent pair cancels the machine's slow drifts.
@@ -78,8 +100,8 @@ def main() -> None:
                 wrk(f"http://127.0.0.1:{port + monitor}/v2/models/cnn/infer", work / "body.json", args.connections, 2)
             for round_ in range(args.rounds):
                 for monitor in ((False, True) if round_ % 2 == 0 else (True, False)):
-                    figures[monitor].append(wrk(f"http://127.0.0.1:{port + monitor}/v2/models/cnn/infer",
-                                                work / "body.json", args.connections, args.duration))
+                    figures[monitor].append(measured(f"http://127.0.0.1:{port + monitor}/v2/models/cnn/infer",
+                                                     work / "body.json", args.connections, args.duration, servers[monitor].pid))
                 print(f"  round {round_ + 1}: off {figures[False][-1][0]:,.0f} req/s (p99 {figures[False][-1][1]:.2f} ms), "
                       f"on (100%) {figures[True][-1][0]:,.0f} req/s (p99 {figures[True][-1][1]:.2f} ms)")
             logged = httpx.get(f"http://127.0.0.1:{port + 1}/metrics").text
@@ -93,6 +115,9 @@ def main() -> None:
     cost = 1 - float(np.median(ratios))
     off = float(np.median([f[0] for f in figures[False]]))
     on = float(np.median([f[0] for f in figures[True]]))
+    cpu = {m: [float(np.median([f[i] for f in figures[m]])) for i in (2, 3)] for m in figures}
+    print(f"  CPU per request (medians): server {cpu[False][0]:.0f} us without monitoring, {cpu[True][0]:.0f} us with it; "
+          f"prediction log writer process {cpu[True][1]:.1f} us")
     print(f"\nmonitoring at 100% costs {cost:.1%} of throughput (median of {len(ratios)} paired rounds; medians "
           f"{on:,.0f} vs {off:,.0f} req/s, {args.connections} clients)   target < 10%   {'PASS' if cost < 0.10 else 'FAIL'}")
 
