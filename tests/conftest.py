@@ -191,16 +191,19 @@ def live_server_factory():
 
 @pytest.fixture(scope="session")
 def digits_cnn_onnx(tmp_path_factory) -> Path:
-    """The demo CNN, trained briefly on real digits and exported (once per test session)."""
+    """The demo CNN, trained briefly on real digits and exported (once per test session); its torch.export
+    program lies beside it (``torch_source.PROGRAM_FILE``) for tests that attach it."""
     import torch
 
     from leanserve.demo import digits_dataset, train_cnn
     from leanserve.from_torch import export
+    from leanserve.torch_source import save_program
 
     x_train, x_test, y_train, _ = digits_dataset()
     module = train_cnn(x_train, y_train, epochs=3, progress=False)
     path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
     export(module, torch.from_numpy(x_test[:2]), path, input_names=["image"], output_names=["logits"])
+    save_program(module, torch.from_numpy(x_test[:2]), path.parent)
     return path
 
 

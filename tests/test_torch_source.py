@@ -1,4 +1,5 @@
-"""A version keeps its PyTorch source (TorchScript) for learning and explanations."""
+"""A version keeps its PyTorch source: TorchScript for learning and explanations, a torch.export program for
+device compilers."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 from leanserve import Repository
 from leanserve.cli import main
 from leanserve.errors import UnsupportedFormat
-from leanserve.torch_source import has_source, load_source
+from leanserve.torch_source import has_program, has_source, load_program, load_source
 
 
 def test_demo_and_export_keep_a_trainable_source_that_matches_the_served_model(tmp_path, capsys):
@@ -20,6 +21,8 @@ def test_demo_and_export_keep_a_trainable_source_that_matches_the_served_model(t
 
     served = load_session(artifact).run({"image": x})["logits"]
     assert np.allclose(module(torch.from_numpy(x)).detach().numpy(), served, atol=1e-4)
+    assert has_program(artifact)  # with a dynamic batch axis: three rows here, four when it was exported
+    assert np.allclose(load_program(artifact).module()(torch.from_numpy(x)).detach().numpy(), served, atol=1e-4)
     module.train()
     loss = module(torch.from_numpy(x)).sum()
     loss.backward()
@@ -31,3 +34,6 @@ def test_a_version_without_source_says_how_to_get_one(affine_repo):
     assert not has_source(artifact)
     with pytest.raises(UnsupportedFormat, match="no PyTorch source.*leanserve export"):
         load_source(artifact)
+    assert not has_program(artifact)
+    with pytest.raises(UnsupportedFormat, match="no torch.export program.*leanserve export"):
+        load_program(artifact)

@@ -105,12 +105,14 @@ def cmd_export(args) -> int:
 
         import tempfile
 
-        from leanserve.torch_source import save_source
+        from leanserve.torch_source import save_program, save_source
 
-        with tempfile.TemporaryDirectory() as tmp:  # the module itself, kept for learning and explanations
-            source = save_source(module, example, tmp)
+        # the module itself: TorchScript for learning and explanations, torch.export for device compilers
+        with tempfile.TemporaryDirectory() as tmp:
+            sources = [save_source(module, example, tmp), save_program(module, example, tmp)]
             ref = Repository(args.repo).add(out, args.name, provenance=Provenance(source=args.factory, exporter=result.exporter),
-                                            metrics={"export_max_abs_diff": result.max_abs_diff}, attachments=[source])
+                                            metrics={"export_max_abs_diff": result.max_abs_diff},
+                                            attachments=[s for s in sources if s])
         print(f"imported as {ref}")
     return 0
 

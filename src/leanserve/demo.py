@@ -95,7 +95,7 @@ def run_demo(repo: Repository, name: str = "digits-cnn", epochs: int = 15, progr
 
     from leanserve.from_torch import export
     from leanserve.model import load
-    from leanserve.torch_source import save_source
+    from leanserve.torch_source import save_program, save_source
 
     x_train, x_test, y_train, y_test = digits_dataset()
     module = train_cnn(x_train, y_train, epochs=epochs, progress=progress)
@@ -103,10 +103,11 @@ def run_demo(repo: Repository, name: str = "digits-cnn", epochs: int = 15, progr
         onnx_path = Path(tmp) / "digits_cnn.onnx"
         result = export(module, torch.from_numpy(x_test[:4]), onnx_path, input_names=["image"], output_names=["logits"])
         source = save_source(module, torch.from_numpy(x_test[:4]), tmp)  # for learning and explanations
+        program = save_program(module, torch.from_numpy(x_test[:4]), tmp)  # for device compilers (ExecuTorch)
         ref = repo.add(
             onnx_path, name,
             provenance=Provenance(source="leanserve demo: CNN trained on sklearn digits", exporter=result.exporter),
-            attachments=[source],
+            attachments=[source] + ([program] if program else []),
         )
     from leanserve.monitor.reference import build_reference
 
