@@ -31,6 +31,7 @@ FORMATS: dict[str, str] = {
     "openvino": "openvino",
     "tvm": "tvm",
     "ort": "onnxruntime",  # ONNX Runtime's flatbuffer format for mobile and embedded builds
+    "executorch": "executorch",  # an ExecuTorch program (.pte) for PyTorch's on-device runtime
     "postprocessed": "postprocessed",  # a base model + a per-group decision rule (fairness mitigation)
 }
 

@@ -17,7 +17,7 @@ from leanserve.dtypes import v2_datatype
 from leanserve.errors import InvalidInput, ModelLoadError, UnsupportedFormat
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript",
-            ".pt2": "torch_export", ".xml": "openvino", ".so": "tvm", ".ort": "ort",
+            ".pt2": "torch_export", ".xml": "openvino", ".so": "tvm", ".ort": "ort", ".pte": "executorch",
             ".json": "postprocessed"}
 
 
@@ -262,6 +262,30 @@ def _ort_spec(path: Path, arg) -> TensorSpec:
     return TensorSpec(arg.name, _ORT_TYPES[element], shape)
 
 
+# --- ExecuTorch -------------------------------------------------------------------------------------
+
+def pte_sidecar(program: Path) -> Path:
+    """The JSON beside an ExecuTorch program that records its signature: ``model.pte`` -> ``model.pte.json``
+    (a .pte keeps tensor types and sizes but not names)."""
+    return program.with_name(program.name + ".json")
+
+
+def _read_executorch(path: Path) -> tuple[list[Path], Signature | None]:
+    # The file is a flatbuffer with identifier "ET" + a two-digit schema version at bytes 4-8; the engine
+    # checks the rest when it loads the program, so reading needs no ExecuTorch install.
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[4:6] != b"ET" or not head[6:8].isdigit():
+        raise ModelLoadError(f"{path.name}: not an ExecuTorch program (.pte); the file may be corrupt or truncated")
+    sidecar = pte_sidecar(path)
+    if not sidecar.is_file():
+        return [], None  # the caller gives the signature (--input/--output)
+    try:
+        return [sidecar.resolve()], Signature.from_dict(json.loads(sidecar.read_text(encoding="utf-8"))["signature"])
+    except (OSError, ValueError, KeyError, TypeError, InvalidInput) as exc:
+        raise ModelLoadError(f"{path.name}: unreadable signature file {sidecar.name} ({exc})") from exc
+
+
 # --- TVM --------------------------------------------------------------------------------------------
 
 def tvm_sidecar(library: Path) -> Path:
@@ -302,5 +326,6 @@ _READERS = {
     "openvino": _read_openvino,
     "tvm": _read_tvm,
     "ort": _read_ort,
+    "executorch": _read_executorch,
     "postprocessed": _read_postprocessed,
 }

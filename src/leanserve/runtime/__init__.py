@@ -23,6 +23,7 @@ ENGINES: dict[str, tuple[str, str | None]] = {
     "torch": ("leanserve.runtime.torch", "torch"),
     "openvino": ("leanserve.runtime.openvino", "openvino"),
     "tvm": ("leanserve.runtime.tvm", "tvm"),
+    "executorch": ("leanserve.runtime.executorch", "edge"),
     "postprocessed": ("leanserve.runtime.postprocessed", None),
 }
 
