@@ -1,7 +1,8 @@
-"""`leanserve edge`: int8 ORT-format artifacts of a version, tested in a child process under a device
-profile's threads and memory cap, registered as new versions with their operator config and report."""
+"""`leanserve edge`: int8 ORT-format artifacts and ExecuTorch programs of a version, tested in a child process
+under a device profile's threads and memory cap, registered as new versions with their report."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from leanserve import Repository
 from leanserve.cli import main
 from leanserve.deploy.edge import OPERATORS_FILE, REPORT_JSON, REPORT_MD, convert_to_ort
 from leanserve.deploy.edge_device import PROFILES, DeviceProfile, run_on_device
-from leanserve.errors import ModelLoadError
+from leanserve.errors import ModelLoadError, UnsupportedFormat
 from leanserve.formats import read_model
 from leanserve.model import load
 
@@ -123,7 +124,6 @@ def test_run_on_device_sets_the_profile_threads_and_reports_peak_memory(tmp_path
 @pytest.mark.parametrize("argv, message", [
     (["--target", "coreml"], "unknown edge target 'coreml'; choose one of ort, executorch"),
     (["--profile", "watch"], "unknown device profile 'watch'; choose one of phone, pi4, tiny"),
-    (["--target", "executorch"], "needs ExecuTorch, which is not installed here"),
 ])
 def test_bad_targets_and_profiles_fail_with_one_line_and_change_nothing(affine_repo, capsys, argv, message):
     status, _, err = _edge(capsys, "affine", *argv, "--repo", str(affine_repo.root))
@@ -143,3 +143,129 @@ def test_a_version_that_is_not_onnx_is_refused(tmp_path, affine_onnx, capsys):
 def test_profiles_match_the_issue():
     assert {(p.name, p.threads, p.memory_mb) for p in PROFILES.values()} == {
         ("phone", 1, 512), ("pi4", 4, 1024), ("tiny", 1, 256)}
+
+
+# --- ExecuTorch -------------------------------------------------------------------------------------
+
+def _with_program(repo, onnx_path):
+    from leanserve.torch_source import PROGRAM_FILE
+
+    return repo.add(onnx_path, "cnn", attachments=[onnx_path.parent / PROGRAM_FILE])
+
+
+@pytest.fixture(scope="module")
+def pte_edge(tmp_path_factory, digits_cnn_onnx, digits):
+    """cnn:1 (ONNX, with its torch.export program), then `leanserve edge --target executorch` with evaluation data."""
+    pytest.importorskip("executorch")
+    folder = tmp_path_factory.mktemp("pte")
+    _, x_test, _, y_test = digits
+    np.savez(folder / "eval.npz", image=x_test, labels=y_test)
+    repo = Repository(folder / "repo")
+    _with_program(repo, digits_cnn_onnx)
+    status = main(["edge", "cnn:1", "--target", "executorch", "--eval", str(folder / "eval.npz"), "--seconds", "0.2",
+                   "--repo", str(repo.root)])
+    return repo, status, folder
+
+
+def test_executorch_edge_version_is_an_int8_pte_lowered_to_xnnpack_within_budget(pte_edge):
+    repo, status, _ = pte_edge
+    assert status == 0
+    artifact = repo.get("cnn", 2)
+    assert artifact.manifest.format == "executorch" and artifact.manifest.default_runtime == "executorch"
+    assert {"model.pte", "model.pte.json", REPORT_MD, REPORT_JSON} <= set(artifact.manifest.files)
+    report = json.loads((artifact.path / REPORT_JSON).read_text())
+    assert report["target"] == "executorch" and report["int8"] and report["recipe"].startswith("static int8")
+    assert report["accuracy"]["drop"] <= report["accuracy"]["allowed_drop"] == pytest.approx(0.01)
+    # int8 weights are a quarter of fp32; the program's graph and scales add about 2 points
+    assert report["artifact_bytes"] == artifact.model_path.stat().st_size and report["size_ratio"] <= 0.30
+    assert report["operators"] and all(op.endswith("delegated") for op in report["operators"])
+    assert any(op.startswith("aten_convolution") for op in report["operators"])
+
+
+def test_executorch_edge_report_has_the_programs_memory_and_latency_under_the_profile(pte_edge):
+    repo, _, _ = pte_edge
+    report = json.loads((repo.get("cnn", 2).path / REPORT_JSON).read_text())
+    device = report["device"]
+    assert device["fits"] and 0 < device["runtime_rss_mb"] < device["peak_rss_mb"]
+    assert 0 < device["latency_p50_ms"] <= device["latency_p99_ms"] and device["runs"] >= 50
+    markdown = (repo.get("cnn", 2).path / REPORT_MD).read_text()
+    assert "peak memory of the program" in markdown and "of 512 MB" in markdown and "libtorch" in markdown
+
+
+def test_executorch_version_runs_in_its_engine_and_agrees_with_the_onnx_version(pte_edge, digits):
+    from leanserve.runtime import load_session
+
+    repo, _, _ = pte_edge
+    x = digits[1][:50]
+    pte = load_session(repo.get("cnn", 2))
+    assert pte.engine == "executorch"
+    int8 = pte.run({"image": x})["logits"]
+    fp32 = load_session(repo.get("cnn", 1)).run({"image": x})["logits"]
+    assert int8.shape == fp32.shape == (50, 10)
+    assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.96
+    assert np.abs(int8 - fp32).max() < 0.1 * np.abs(fp32).max()
+
+
+def test_predict_runs_the_executorch_version(pte_edge, capsys, digits):
+    repo, _, folder = pte_edge
+    np.savez(folder / "request.npz", image=digits[1][:3])
+    assert main(["predict", "cnn:2", "--input", str(folder / "request.npz"), "--repo", str(repo.root)]) == 0
+    assert json.loads(capsys.readouterr().out)["logits"]["shape"] == [3, 10]
+
+
+def test_without_an_int8_program_in_budget_the_fp32_program_is_chosen_and_matches_onnx(cnn_repo, digits_cnn_onnx,
+                                                                                        digits, tmp_path):
+    pytest.importorskip("executorch")
+    from leanserve.deploy.edge_executorch import choose_program
+    from leanserve.deploy.edge_report import Accuracy
+    from leanserve.runtime import load_file
+
+    ref = _with_program(cnn_repo, digits_cnn_onnx)
+    artifact = cnn_repo.get("cnn", ref.version)
+    data = {"image": digits[1][:64], "labels": digits[3][:64]}
+    program = choose_program(artifact, tmp_path, data=data, calib=None,
+                             check=lambda path: Accuracy("top1", 0.9, 0.5, 0.4, 0.01))  # every int8 program too lossy
+    assert not program.recipe.int8 and "no int8 program stayed within the budget" in program.notes[-1]
+    fp32 = load_file(program.path).run({"image": data["image"]})["logits"]
+    onnx = load_file(digits_cnn_onnx).run({"image": data["image"]})["logits"]
+    assert np.allclose(fp32, onnx, atol=1e-4)
+
+
+def test_executorch_target_without_a_pytorch_program_says_how_to_get_one(cnn_repo, capsys):
+    pytest.importorskip("executorch")
+    status, _, err = _edge(capsys, "cnn", "--target", "executorch", "--repo", str(cnn_repo.root))
+    assert status == 1 and "cnn:1 (onnx) has none" in err and "leanserve export FILE.py:FUNC --name NAME" in err
+    assert "--target ort" in err and cnn_repo.versions("cnn") == [1]
+
+
+def test_a_program_executorch_cannot_lower_fails_with_what_to_do(tmp_path, capsys):
+    pytest.importorskip("executorch")
+    import torch
+
+    class Positions(torch.nn.Module):  # a data-dependent output size: no memory plan can hold it
+        def forward(self, x):
+            return torch.nonzero(x > 0).to(torch.float32)
+
+    torch.export.save(torch.export.export(Positions(), (torch.ones(1, 4),)), str(tmp_path / "positions.pt2"))
+    repo = Repository(tmp_path / "repo")
+    repo.add(tmp_path / "positions.pt2", "positions")
+    status, _, err = _edge(capsys, "positions", "--target", "executorch", "--repo", str(repo.root))
+    assert status == 1 and "ExecuTorch cannot lower this model" in err and "use --target ort" in err
+    assert repo.versions("positions") == [1]
+
+
+def test_without_executorch_installed_the_target_and_the_engine_name_the_edge_extra(pte_edge, monkeypatch, capsys):
+    import importlib.util
+
+    from leanserve.runtime import load_session
+
+    repo, _, _ = pte_edge
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "executorch" else find_spec(name, *a))
+    status, _, err = _edge(capsys, "cnn:1", "--target", "executorch", "--repo", str(repo.root))
+    assert status == 1 and "needs ExecuTorch, which is not installed here: pip install 'leanserve[edge]'" in err
+    monkeypatch.setitem(sys.modules, "executorch.runtime", None)  # an import of it now raises ImportError
+    monkeypatch.delitem(sys.modules, "leanserve.runtime.executorch", raising=False)
+    with pytest.raises(UnsupportedFormat, match=r"pip install 'leanserve\[edge\]'"):
+        load_session(repo.get("cnn", 2))
+    assert repo.versions("cnn") == [1, 2]

@@ -1,112 +1,42 @@
 """Edge artifacts: a version turned into a small file for a device runtime, tested under a device profile.
 
-``build_edge`` quantizes an ONNX version to int8 within an accuracy budget (the optimizer's search, int8
-recipes only), converts it to ONNX Runtime's ORT format with the operator list that a reduced-size
-ONNX Runtime build needs, runs it in a child process held to a profile's threads and memory
-(``edge_device``), and registers it as a new version with a Markdown + JSON device report. Nothing is
-registered when any step fails, including a run that does not fit the profile's memory.
+``build_edge`` makes one of two artifacts. ``--target ort``: the ONNX version quantized to int8 within an
+accuracy budget (the optimizer's search, int8 recipes only) and converted to ONNX Runtime's ORT format
+with the operator list that a reduced-size ONNX Runtime build needs. ``--target executorch``: the
+version's torch.export program lowered to an ExecuTorch program with the XNNPACK delegate, int8 (PT2E)
+when within budget (``edge_executorch``). Either runs in a child process held to a profile's threads and
+memory (``edge_device``) and is registered as a new version with a Markdown + JSON device report
+(``edge_report``). Nothing is registered when any step fails, including a run that does not fit the
+profile's memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import json
 import logging
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from leanserve.artifact import ModelArtifact, Provenance, Signature
-from leanserve.deploy.edge_device import PROFILES, DeviceProfile, DeviceRun, host_notes, run_on_device
+from leanserve.deploy.edge_device import PROFILES, DeviceProfile, host_notes, run_on_device
+from leanserve.deploy.edge_report import REPORT_JSON, REPORT_MD, Accuracy, EdgeReport, measure_accuracy, write_report
 from leanserve.errors import InvalidInput, LeanserveError, ModelLoadError, UnsupportedFormat
 from leanserve.formats import read_model
-from leanserve.measure import METRICS, choose_metric, cpu_description, file_size, quality_drop, run_all
+from leanserve.measure import file_size
 from leanserve.repository import Repository, VersionRef
 
 log = logging.getLogger(__name__)
 
+__all__ = ["REPORT_JSON", "REPORT_MD", "TARGETS", "DoesNotFit", "EdgeOutcome", "build_edge", "convert_to_ort"]
+
 TARGETS = ("ort", "executorch")
 MODEL_FILE = "model.ort"
 OPERATORS_FILE = "model.required_operators.config"  # the name ONNX Runtime's converter gives it
-REPORT_MD = "edge-report.md"
-REPORT_JSON = "edge-report.json"
-EXECUTORCH_PIN = "executorch==1.4.1"
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """The artifact's quality next to the original's on the same evaluation data."""
-
-    metric: str
-    original: float
-    artifact: float
-    drop: float
-    allowed_drop: float
-
-
-@dataclass(frozen=True)
-class EdgeReport:
-    """Everything the device report says; ``to_dict`` is the JSON, ``to_markdown`` the Markdown."""
-
-    source: str
-    target: str
-    recipe: str
-    int8: bool
-    original_bytes: int
-    artifact_bytes: int
-    operators: tuple[str, ...]
-    profile: DeviceProfile
-    device: DeviceRun
-    accuracy: Accuracy | None
-    kept_float: tuple[str, ...] = ()
-    notes: tuple[str, ...] = ()
-    host: dict[str, Any] = field(default_factory=cpu_description)
-
-    @property
-    def size_ratio(self) -> float:
-        return self.artifact_bytes / self.original_bytes
-
-    def to_dict(self) -> dict[str, Any]:
-        import onnxruntime
-
-        return {**asdict(self), "size_ratio": round(self.size_ratio, 4), "accuracy_checked": self.accuracy is not None,
-                "onnxruntime_version": onnxruntime.__version__}
-
-    def to_markdown(self) -> str:
-        run, acc = self.device, self.accuracy
-        lines = [f"# Edge artifact: {self.source} for {self.target}", "",
-                 f"- artifact: {MODEL_FILE} ({self.recipe}{', int8' if self.int8 else ', fp32'})",
-                 f"- size: {self.artifact_bytes:,} bytes, {self.size_ratio:.1%} of the fp32 original "
-                 f"({self.original_bytes:,} bytes)"]
-        if acc is None:
-            lines.append("- accuracy: **not checked** (no evaluation data given; pass --eval DATA to check it)")
-        else:
-            verdict = "within" if acc.drop <= acc.allowed_drop + 1e-12 else "OUTSIDE"
-            lines.append(f"- accuracy ({acc.metric}): {acc.artifact:.4f} vs {acc.original:.4f} for the original "
-                         f"(drop {acc.drop:+.4f}, {verdict} the allowed {acc.allowed_drop:.4f})")
-        if self.kept_float:
-            lines.append(f"- kept in float for accuracy: {', '.join(self.kept_float)}")
-        lines += ["", f"## Under the {self.profile.describe()} profile", ""]
-        if run.fits:
-            lines += [f"- peak memory (resident, of the child process): {run.peak_rss_mb:.1f} MB "
-                      f"of {self.profile.memory_mb} MB",
-                      f"- latency at batch 1: p50 {run.latency_p50_ms:.3f} ms, p99 {run.latency_p99_ms:.3f} ms "
-                      f"({run.runs} runs, {self.profile.threads} intra-op thread(s)); load {run.load_ms:.1f} ms"]
-        else:
-            lines.append(f"- **did not run within the profile's {self.profile.memory_mb} MB memory cap "
-                         f"({self.profile.threads} thread(s))**: {run.error}")
-        lines.append(f"- measured on this machine: {self.host['model']} ({self.host['cores']} cores; "
-                     f"{', '.join(self.host['flags']) or 'no AVX2/VNNI'}), not on the device itself")
-        lines += ["", f"## Operators ({len(self.operators)}; {OPERATORS_FILE} configures a reduced-size "
-                  "ONNX Runtime build with exactly these)", "", *(f"- {op}" for op in self.operators)]
-        if self.notes:
-            lines += ["", "## Notes", "", *(f"- {note}" for note in self.notes)]
-        return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -128,13 +58,30 @@ class DoesNotFit(LeanserveError):
 
 @dataclass(frozen=True)
 class _Int8:
-    """The variant chosen for conversion: its ONNX file, recipe and what the search said of it."""
+    """The ONNX variant chosen for ORT conversion: its file, recipe and what the search said of it."""
 
     path: Path
     recipe: str
     int8: bool
     kept_float: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Built:
+    """A target's artifact before it is tested and registered: the file, the files that go with it, what
+    it is and how accurate it is."""
+
+    path: Path
+    attachments: tuple[Path, ...]
+    runtime: str
+    recipe: str
+    int8: bool
+    operators: tuple[str, ...]
+    accuracy: Accuracy | None
+    kept_float: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    converter: str = ""
 
 
 def build_edge(
@@ -146,36 +93,39 @@ def build_edge(
     """Build ``target``'s artifact of ``name:version``, test it under ``profile`` and register it.
 
     With ``eval_path`` the int8 variants are searched within ``max_drop`` and the artifact's own accuracy
-    is measured; without it, dynamic int8 is used and the report says accuracy was not checked. The
-    report is also written to ``report_dir`` when given. Raises InvalidInput (unknown target, bad data),
-    UnsupportedFormat (a version or target that cannot be built here), DoesNotFit (the run under the
-    profile failed); the repository is unchanged whenever it raises.
+    is measured; without it, int8 is used unchecked (ORT: dynamic int8; ExecuTorch: static int8 calibrated
+    on ``calib_path``, else dynamic) and the report says so. The report is also written to ``report_dir``
+    when given. Raises InvalidInput (unknown target, bad data), UnsupportedFormat (a version or target that
+    cannot be built here, saying what to do), DoesNotFit (the run under the profile failed); the
+    repository is unchanged whenever it raises.
     """
     if target not in TARGETS:
         raise InvalidInput(f"unknown edge target {target!r}; choose one of {', '.join(TARGETS)}")
+    from leanserve.optimize.run import load_data
+
     artifact = repo.get(name, version)
     source = f"{name}:{artifact.path.name}"
     if target == "executorch":
-        raise UnsupportedFormat(executorch_missing(artifact))
-    if artifact.manifest.format != "onnx":
+        from leanserve.deploy.edge_executorch import require_executorch
+
+        require_executorch(artifact)
+    elif artifact.manifest.format != "onnx":
         raise UnsupportedFormat(f"--target ort converts ONNX versions; {source} is {artifact.manifest.format} "
                                 "(give an ONNX version, or export the model with leanserve export first)")
-    from leanserve.optimize.run import load_data
-
     data = load_data(eval_path, artifact.signature, "evaluation") if eval_path else None
     with tempfile.TemporaryDirectory(prefix="leanserve-edge-") as tmp:
         work = Path(tmp)
-        variant = (_search_int8(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work)
-                   if data is not None else _dynamic_int8(artifact, work))
-        ort_file, operators_file = convert_to_ort(variant.path, work / "ort")
-        accuracy = _accuracy(artifact, ort_file, data, max_drop) if data is not None else None
-        samples = _samples(artifact.signature, data)
-        run = run_on_device(ort_file, samples, profile, min_time_s=probe_time_s)
+        if target == "ort":
+            built = _build_ort(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work)
+        else:
+            calib = load_data(calib_path, artifact.signature, "calibration") if calib_path else None
+            built = _build_pte(artifact, data, calib, max_drop, work)
+        run = run_on_device(built.path, _samples(artifact.signature, data), profile, min_time_s=probe_time_s)
         report = EdgeReport(
-            source=source, target=target, recipe=variant.recipe, int8=variant.int8,
-            original_bytes=_model_bytes(artifact), artifact_bytes=file_size(ort_file),
-            operators=tuple(read_operators(operators_file)), profile=profile, device=run, accuracy=accuracy,
-            kept_float=variant.kept_float, notes=variant.notes + host_notes(profile))
+            source=source, target=target, artifact_file=built.path.name, recipe=built.recipe, int8=built.int8,
+            original_bytes=_model_bytes(artifact), artifact_bytes=file_size(built.path), operators=built.operators,
+            profile=profile, device=run, accuracy=built.accuracy, kept_float=built.kept_float,
+            notes=built.notes + host_notes(profile))
         files = write_report(report, work / "report")
         if report_dir:
             files_out = write_report(report, Path(report_dir))
@@ -183,10 +133,32 @@ def build_edge(
         if not run.fits:
             raise DoesNotFit(f"{source} as {target} did not run within the {profile.describe()} profile: {run.error}; "
                              "choose a larger profile or raise --memory-mb (nothing was registered)", report)
-        ref = repo.add(ort_file, name, provenance=_provenance(source, variant), metrics=_metrics(report),
-                       attachments=[operators_file, *files], runtime="onnxruntime")
+        ref = repo.add(built.path, name, provenance=_provenance(source, target, built), metrics=_metrics(report),
+                       attachments=[*built.attachments, *files], runtime=built.runtime)
         stored = repo.get(ref.name, ref.version, verify=False).path
     return EdgeOutcome(ref, report, tuple(stored / f.name for f in files))
+
+
+def _build_ort(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work) -> _Built:
+    variant = (_search_int8(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work)
+               if data is not None else _dynamic_int8(artifact, work))
+    ort_file, operators_file = convert_to_ort(variant.path, work / "ort")
+    accuracy = measure_accuracy(artifact, ort_file, data, max_drop) if data is not None else None
+    return _Built(ort_file, (operators_file,), "onnxruntime", variant.recipe, variant.int8,
+                  tuple(read_operators(operators_file)), accuracy, variant.kept_float, variant.notes,
+                  "onnxruntime.tools.convert_onnx_models_to_ort (fixed optimizations)")
+
+
+def _build_pte(artifact: ModelArtifact, data, calib, max_drop: str, work: Path) -> _Built:
+    from leanserve.deploy.edge_executorch import choose_program
+
+    program = choose_program(artifact, work / "pte", data=data, calib=calib,
+                             check=lambda path: measure_accuracy(artifact, path, data, max_drop))
+    notes = (*program.notes, "the device run uses ExecuTorch's Python runtime, which links libtorch; a device links "
+             "only the C++ runtime and the XNNPACK delegate, so its memory is the program's share")
+    return _Built(program.path, (), "executorch", program.recipe.name, program.recipe.int8, program.operators,
+                  program.accuracy, notes=notes,
+                  converter="torch.export + executorch.exir.to_edge_transform_and_lower (XnnpackPartitioner)")
 
 
 # --- int8 -------------------------------------------------------------------------------------------
@@ -201,8 +173,6 @@ def int8_recipes() -> list:
     return [Recipe("int4 linear weights + dynamic int8", (Step("int4_weights"), Step("dynamic_int8"))),
             Recipe("dynamic int8", (Step("dynamic_int8"),)),
             Recipe("static int8 (minmax)", (Step("static_int8", {"method": "minmax"}),))]
-
-
 
 
 def _search_int8(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work) -> _Int8:
@@ -241,29 +211,6 @@ def _dynamic_int8(artifact: ModelArtifact, work: Path) -> _Int8:
     notes = apply_recipe(int8_recipes()[1], artifact.model_path, path, PassContext(artifact.signature))
     return _Int8(path, "dynamic int8", True, notes=(
         *notes, "accuracy was not checked: dynamic int8 was applied without evaluation data (pass --eval DATA)"))
-
-
-def _accuracy(artifact: ModelArtifact, ort_file: Path, data, max_drop: str) -> Accuracy:
-    """The original's and the ORT file's quality on the evaluation data, each run by leanserve's engine."""
-    from leanserve.optimize.search import parse_budget
-
-    metric = choose_metric(data)
-    inputs = {n: data[n] for n in artifact.signature.input_names}
-    original = _outputs(artifact.model_path, inputs)
-    converted = _outputs(ort_file, inputs)
-    base = METRICS[metric](original, data, original)
-    mine = METRICS[metric](converted, data, original)
-    return Accuracy(metric, base, mine, quality_drop(metric, base, mine), parse_budget(max_drop).allowed(base))
-
-
-def _outputs(path: Path, inputs) -> dict[str, np.ndarray]:
-    from leanserve.runtime import load_file
-
-    session = load_file(path)
-    try:
-        return run_all(session, inputs)
-    finally:
-        session.close()
 
 
 # --- ORT format -------------------------------------------------------------------------------------
@@ -325,44 +272,20 @@ def _samples(signature: Signature, data) -> dict[str, np.ndarray]:
 
 # --- registering ------------------------------------------------------------------------------------
 
-def write_report(report: EdgeReport, folder: Path) -> list[Path]:
-    """Write the report as Markdown and JSON into ``folder``; returns both paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / REPORT_MD).write_text(report.to_markdown(), encoding="utf-8")
-    (folder / REPORT_JSON).write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
-    return [folder / REPORT_MD, folder / REPORT_JSON]
-
-
-def _provenance(source: str, variant: _Int8) -> Provenance:
-    return Provenance(source=f"leanserve edge {source} --target ort", parent=source,
-                      recipe={"name": variant.recipe, "target": "ort", "kept_float": list(variant.kept_float),
-                              "converter": "onnxruntime.tools.convert_onnx_models_to_ort (fixed optimizations)"})
+def _provenance(source: str, target: str, built: _Built) -> Provenance:
+    return Provenance(source=f"leanserve edge {source} --target {target}", parent=source,
+                      recipe={"name": built.recipe, "target": target, "kept_float": list(built.kept_float),
+                              "converter": built.converter})
 
 
 def _metrics(report: EdgeReport) -> dict[str, Any]:
     metrics: dict[str, Any] = {"edge_target": report.target, "edge_profile": report.profile.name,
                                "size_ratio_vs_fp32": round(report.size_ratio, 4),
                                "device_peak_rss_mb": report.device.peak_rss_mb,
+                               "device_runtime_rss_mb": report.device.runtime_rss_mb,
                                "device_latency_p50_ms": report.device.latency_p50_ms,
                                "device_latency_p99_ms": report.device.latency_p99_ms}
     if report.accuracy:
         metrics[report.accuracy.metric] = round(report.accuracy.artifact, 6)
         metrics[f"{report.accuracy.metric}_drop"] = round(report.accuracy.drop, 6)
     return metrics
-
-
-# --- ExecuTorch -------------------------------------------------------------------------------------
-
-def executorch_missing(artifact: ModelArtifact) -> str:
-    """Why ``--target executorch`` cannot be built here, and what to do about it."""
-    needs_source = artifact.manifest.format != "torch_export"
-    if importlib.util.find_spec("executorch") is None:
-        why = (f"--target executorch needs ExecuTorch, which is not installed here: install {EXECUTORCH_PIN} with "
-               "torch pinned by a constraint (echo torch==2.13.0 > c.txt; pip install "
-               f"{EXECUTORCH_PIN} -c c.txt)")
-    else:
-        why = "--target executorch (a .pte with the XNNPACK delegate) is not built by this leanserve yet"
-    if needs_source:
-        why += (f"; it also needs a version with a PyTorch source (a torch.export .pt2), and "
-                f"{artifact.path.parent.name}:{artifact.path.name} is {artifact.manifest.format}")
-    return why + "; use --target ort meanwhile"

@@ -29,23 +29,29 @@ def cmd_edge(args) -> int:
 
 def add_edge_command(sub, command, add_repo) -> None:
     p = command(sub, "edge", cmd_edge,
-                "build a device artifact (int8, ORT format) of a version, test it under a device profile, register it",
+                "build a device artifact (int8 ORT format, or an ExecuTorch .pte) of a version, test it under a device "
+                "profile, register it",
                 "leanserve edge cnn:1 --target ort --profile phone --eval eval.npz --max-accuracy-drop 1%\n"
+                "leanserve edge cnn:1 --target executorch --eval eval.npz   (needs a torch.export program: "
+                "leanserve export/demo keep one; pip install 'leanserve[edge]')\n"
                 "  profiles: phone (1 thread, 512 MB), pi4 (4 threads, 1024 MB), tiny (1 thread, 256 MB)\n"
                 "  (exit status 1, nothing registered, when the artifact does not run within the profile)")
-    p.add_argument("model", help="MODEL or MODEL:VERSION (an ONNX version)")
+    p.add_argument("model", help="MODEL or MODEL:VERSION (ort: an ONNX version; executorch: one with a PyTorch program)")
     p.add_argument("--target", default="ort", metavar="NAME",
-                   help="ort (ONNX Runtime's ORT format, for its mobile and minimal builds) or executorch")
+                   help="ort (ONNX Runtime's ORT format, for its mobile and minimal builds) or executorch "
+                        "(a .pte with the XNNPACK delegate, for PyTorch's on-device runtime)")
     p.add_argument("--profile", default="phone", help="device profile: phone, pi4 or tiny")
     p.add_argument("--threads", type=int, help="intra-op threads (instead of the profile's)")
     p.add_argument("--memory-mb", type=int, help="memory cap of the test process in MB (instead of the profile's)")
     p.add_argument("--eval", metavar="NPZ", help="evaluation data (.npz, one array per input, plus labels): int8 variants "
-                   "are searched within the budget; without it, dynamic int8 is used unchecked")
+                   "are searched within the budget; without it, int8 is used unchecked (dynamic; executorch: static "
+                   "when --calib is given)")
     p.add_argument("--calib", metavar="NPZ", help="calibration data for static int8 (default: the evaluation inputs)")
     p.add_argument("--max-accuracy-drop", default="1%",
                    help="largest quality drop accepted: 1%% = 1 point, 1%%rel = 1%% of the original, 0.01 as is")
     p.add_argument("--report-dir", metavar="DIR", help="also write the device report here (kept when nothing is registered)")
     p.add_argument("--seconds", type=float, default=1.0, help="at least this long timing latency under the profile")
-    p.add_argument("--time-budget", type=float, default=300.0, metavar="S", help="seconds the int8 search may take")
+    p.add_argument("--time-budget", type=float, default=300.0, metavar="S",
+                   help="seconds the int8 search may take (ort; executorch tries at most two int8 programs)")
     p.add_argument("--progress", action="store_true", help="show the int8 search's progress")
     add_repo(p)

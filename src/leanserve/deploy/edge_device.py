@@ -1,6 +1,9 @@
 """A model run the way a device would run it: in a child process held to a device profile's intra-op
-threads and memory cap (RLIMIT_AS over the whole process), timed at batch 1, with its peak memory.
+threads and memory cap (RLIMIT_AS), timed at batch 1, with its peak memory.
 
+ONNX Runtime's cap covers the whole process, set before anything loads. ExecuTorch's Python runtime links
+libtorch (hundreds of MB that a device's C++ runtime does not have), so its cap is what the process has
+mapped once the runtime is imported plus the profile's memory: the program gets the profile's budget.
 What is measured is this machine's CPU under the device's limits, not the device itself; the report
 that uses it says so.
 """
@@ -66,61 +69,90 @@ class DeviceRun:
     latency_p99_ms: float | None = None
     runs: int = 0
     error: str | None = None
+    runtime_rss_mb: float | None = None  # resident once the runtime is imported, before the model loads
 
 
-# Run in a fresh interpreter: the cap is set before numpy and ONNX Runtime load, so it covers the whole
-# process as it would on the device. Prints one JSON line; exit status 3 when anything failed.
+# Run in a fresh interpreter, so the cap and the thread count hold before the runtime starts. Prints one
+# JSON line; exit status 3 when anything failed.
 _PROBE = r"""
-import json, resource, sys, time
+import json, logging, resource, sys, time
 args = json.loads(sys.argv[1])
-cap = args["memory_mb"] << 20
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-try:
-    import numpy as np
+
+def status_kb(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+def cap(limit):
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+def onnxruntime_runner():
+    cap(args["memory_mb"] << 20)  # before numpy and ONNX Runtime load: the whole process, as on the device
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = args["threads"]
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    start = time.perf_counter()
+    base_kb, start = status_kb("VmRSS"), time.perf_counter()
     session = ort.InferenceSession(args["model"], options, providers=["CPUExecutionProvider"])
-    load_ms = (time.perf_counter() - start) * 1000
+    return (lambda feed: session.run(None, feed)), time.perf_counter() - start, base_kb
+
+def executorch_runner():
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    import torch
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+    portable_lib._unsafe_reset_threadpool(args["threads"])
+    base_kb = status_kb("VmRSS")
+    cap((status_kb("VmSize") << 10) + (args["memory_mb"] << 20))
+    start = time.perf_counter()
+    method = Runtime.get().load_program(args["model"]).load_method("forward")
+    names = args["names"]
+    return (lambda feed: method.execute([torch.from_numpy(feed[n]) for n in names])), time.perf_counter() - start, base_kb
+
+try:
+    run, load_s, base_kb = {"onnxruntime": onnxruntime_runner, "executorch": executorch_runner}[args["engine"]]()
+    import numpy as np
     with np.load(args["inputs"]) as npz:
         data = {k: npz[k] for k in npz.files}
     rows = len(next(iter(data.values())))
     singles = [{k: v[i:i + 1] for k, v in data.items()} for i in range(rows)]
     for i in range(10):
-        session.run(None, singles[i % rows])
+        run(singles[i % rows])
     times, deadline = [], time.perf_counter() + args["min_time_s"]
     while len(times) < 50 or time.perf_counter() < deadline:
         start = time.perf_counter()
-        session.run(None, singles[len(times) % rows])
+        run(singles[len(times) % rows])
         times.append((time.perf_counter() - start) * 1000)
     times.sort()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:  # ru_maxrss keeps the parent's high-water mark across fork and exec; VmHWM is this image's own
-        with open("/proc/self/status") as status:
-            peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+        peak_kb = status_kb("VmHWM")
     except (OSError, StopIteration, ValueError):
-        pass
-    print(json.dumps({"load_ms": load_ms, "p50": times[len(times) // 2], "p99": times[int(len(times) * 0.99)],
-                      "runs": len(times), "peak_rss_mb": peak_kb / 1024}))
+        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"load_ms": load_s * 1000, "p50": times[len(times) // 2], "p99": times[int(len(times) * 0.99)],
+                      "runs": len(times), "peak_rss_mb": peak_kb / 1024, "runtime_rss_mb": base_kb / 1024}))
 except BaseException as exc:
     print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
     sys.exit(3)
 """
 
+# the engine that runs each device format in the probe
+_PROBE_ENGINES = {".ort": "onnxruntime", ".onnx": "onnxruntime", ".pte": "executorch"}
+
 
 def run_on_device(model: Path, inputs: dict[str, np.ndarray], profile: DeviceProfile, *, min_time_s: float = 1.0,
                   timeout_s: float = 300.0) -> DeviceRun:
-    """Run ``model`` at batch 1 on rows of ``inputs`` in a child process limited to the profile's memory
-    (RLIMIT_AS) and threads; returns what it measured, or ``fits=False`` with the child's last words."""
+    """Run ``model`` (.ort, .onnx or .pte) at batch 1 on rows of ``inputs`` (in the model's input order) in a
+    child process limited to the profile's memory (RLIMIT_AS) and threads; returns what it measured, or
+    ``fits=False`` with the child's last words."""
+    engine = _PROBE_ENGINES.get(Path(model).suffix)
+    if engine is None:
+        raise InvalidInput(f"{Path(model).name}: the device probe runs {', '.join(_PROBE_ENGINES)} files")
     with tempfile.TemporaryDirectory(prefix="leanserve-probe-") as tmp:
         samples = Path(tmp) / "inputs.npz"
         np.savez(samples, **inputs)
-        args = {"model": str(Path(model).resolve()), "inputs": str(samples), "threads": profile.threads,
-                "memory_mb": profile.memory_mb, "min_time_s": min_time_s}
+        args = {"model": str(Path(model).resolve()), "engine": engine, "names": list(inputs), "inputs": str(samples),
+                "threads": profile.threads, "memory_mb": profile.memory_mb, "min_time_s": min_time_s}
         # One malloc arena and single-threaded BLAS: the host's Python stack, not the model, would
         # otherwise reserve hundreds of MB of address space that a device runtime never maps.
         env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(profile.threads),
@@ -133,7 +165,7 @@ def run_on_device(model: Path, inputs: dict[str, np.ndarray], profile: DevicePro
     result = _last_json(done.stdout)
     if done.returncode == 0 and result and "error" not in result:
         return DeviceRun(True, round(result["peak_rss_mb"], 2), round(result["load_ms"], 2), round(result["p50"], 4),
-                         round(result["p99"], 4), int(result["runs"]))
+                         round(result["p99"], 4), int(result["runs"]), runtime_rss_mb=round(result["runtime_rss_mb"], 2))
     reason = (result or {}).get("error") or _last_line(done.stderr) or f"exit status {done.returncode}"
     return DeviceRun(False, error=reason)
 
