@@ -8,10 +8,9 @@ run on their own threads (``ExplainConfig.workers``) with their own engine sessi
 every ``sample_interval_s`` when the pool is idle, feeds the version's global importance and its
 attribution drift (``importance.py``), which the monitor shows.
 
-Request parameters (REST body ``parameters`` or gRPC request parameters): ``explain`` (true),
-``explain_method`` (``shap`` or ``integrated_gradients``; default Integrated Gradients when the version
-has a PyTorch source, else SHAP), ``explain_output``, ``explain_target`` (class column; default the
-predicted one), ``explain_timeout_ms``, ``explain_permutations`` (SHAP).
+The request parameters are read in ``settings.py``; the attribution output's parameters name the
+method, the explained output and score, the background (and any fallback to zeros), and per row the
+target column, the score and the baseline's score.
 """
 
 from __future__ import annotations
@@ -27,19 +26,21 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from leanserve.errors import InvalidInput, LeanserveError, Overloaded
+from leanserve.errors import LeanserveError, Overloaded
 from leanserve.explain.importance import VersionImportance
 from leanserve.explain.methods import (
     INTEGRATED_GRADIENTS,
-    METHODS,
-    SHAP,
+    PERMUTATION,
+    SHAP_METHODS,
+    SIMILARITY,
     Attribution,
     Deadline,
     ExplanationTimeout,
     ExplanationUnavailable,
-    explain_target,
 )
-from leanserve.explain.settings import ExplainConfig, ExplainPlan
+from leanserve.explain.settings import ExplainConfig, ExplainPlan, read_plan
+from leanserve.explain.targets import Target
+from leanserve.explain.tokens import check_lengths
 from leanserve.explain.worker import VersionTools, prepare, run_plan
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ class ExplanationService:
         self._tasks: set[asyncio.Task] = set()
         self._has_shap = importlib.util.find_spec("shap") is not None
         self._has_captum = importlib.util.find_spec("captum") is not None
-        for method, present in ((SHAP, self._has_shap), (INTEGRATED_GRADIENTS, self._has_captum)):
-            if self.config.preload and present:
+        for methods, present in ((SHAP_METHODS, self._has_shap), ((INTEGRATED_GRADIENTS,), self._has_captum)):
+            for method in methods if self.config.preload and present else ():
                 self._pool.submit(prepare, method, self.config.engine_threads)
         r = registry
         self.m_explanations = Counter("leanserve_explanations", "Explanations by method, origin and outcome",
@@ -94,7 +95,7 @@ class ExplanationService:
         params = request.parameters
         if not _truthy(params.get("explain")):
             return None
-        plan = self._plan(handle, params)
+        plan = self._plan(handle, params, request.inputs)
         if self._pending >= self.capacity:
             self.m_rejected.labels(handle.ref.name).inc()
             raise Overloaded(f"the explanation pool is full ({self._pending} running or queued); retry shortly, "
@@ -154,7 +155,7 @@ class ExplanationService:
         importance = self._importance.get(key)
         if importance is None:
             importance = self._importance[key] = VersionImportance(
-                plan.target.input.name, self.default_method(handle), tuple(result.values.shape[1:]),
+                plan.target.input.name, self.default_method(handle, plan.target), tuple(result.values.shape[1:]),
                 self.config.reference_samples, self.config.window_samples)
         if result.method != importance.method or tuple(result.values.shape[1:]) != importance.row_shape:
             return  # shares from another method or input shape are not comparable
@@ -172,7 +173,7 @@ class ExplanationService:
             return
         self._last_sample[key] = now
         try:
-            plan = self._plan(handle, {})
+            plan = self._plan(handle, {}, request.inputs)
         except LeanserveError:
             return  # this version cannot be explained: nothing to sample
         inputs = {n: a[:1] for n, a in request.inputs.items()}  # one row bounds the cost
@@ -190,35 +191,33 @@ class ExplanationService:
 
     # --- helpers ----------------------------------------------------------------------------------
 
-    def default_method(self, handle) -> str:
+    def default_method(self, handle, target: Target) -> str:
+        """Integrated Gradients where it applies (a PyTorch source, Captum, a floating-point input), else
+        SHAP's permutation explainer."""
         from leanserve.torch_source import has_source
 
-        return INTEGRATED_GRADIENTS if self._has_captum and has_source(handle.artifact) else SHAP
+        if target.tokens is None and self._has_captum and has_source(handle.artifact):
+            return INTEGRATED_GRADIENTS
+        return PERMUTATION
 
-    def _plan(self, handle, params: dict[str, Any]) -> ExplainPlan:
-        method = params.get("explain_method") or self.default_method(handle)
-        if method not in METHODS:
-            raise InvalidInput(f"explain_method must be one of {', '.join(METHODS)}, got {method!r}")
-        target = explain_target(handle.signature, _optional(params, "explain_output", str))
-        self._check_method(handle, method)
-        timeout_ms = _optional(params, "explain_timeout_ms", (int, float)) or self.config.timeout_ms
-        if not 0 < timeout_ms <= self.config.timeout_ms:
-            raise InvalidInput(f"explain_timeout_ms must be in (0, {self.config.timeout_ms:g}], got {timeout_ms}")
-        permutations = _optional(params, "explain_permutations", int)
-        if permutations is not None and not 1 <= permutations <= self.config.max_permutations:
-            raise InvalidInput(f"explain_permutations must be in [1, {self.config.max_permutations}], got {permutations}")
-        return ExplainPlan(method, target, _optional(params, "explain_target", int), float(timeout_ms), permutations)
+    def _plan(self, handle, params: dict[str, Any], inputs: dict[str, np.ndarray]) -> ExplainPlan:
+        plan = read_plan(params, handle.signature, self.config, lambda target: self.default_method(handle, target))
+        self._check_method(handle, plan.method)
+        if plan.target.tokens is not None:
+            check_lengths(inputs, plan.target.tokens, self.config.max_tokens)
+        return plan
 
     def _check_method(self, handle, method: str) -> None:
         from leanserve.torch_source import has_source
 
-        if method == SHAP and not self._has_shap:
+        if method in SHAP_METHODS and not self._has_shap:
             raise ExplanationUnavailable("SHAP is not installed on this server (pip install 'leanserve[explain]')")
         if method == INTEGRATED_GRADIENTS:
             if not has_source(handle.artifact):
                 raise ExplanationUnavailable(
                     f"integrated_gradients needs the PyTorch source of {handle.ref.name}:{handle.ref.version}, which it "
-                    "does not have (register it with `leanserve export FILE.py:FUNC --name NAME`); use explain_method shap")
+                    "does not have (register it with `leanserve export FILE.py:FUNC --name NAME`); use one of "
+                    f"{', '.join(SHAP_METHODS)}")
             if not self._has_captum:
                 raise ExplanationUnavailable("Captum is not installed on this server (pip install 'leanserve[explain]')")
 
@@ -249,26 +248,22 @@ class ExplanationService:
 
 def _describe(plan: ExplainPlan, result: Attribution) -> dict[str, Any]:
     """Parameters of the attribution output: per-row values as comma-separated strings (V2 parameters are scalars)."""
-    return {
+    described = {
         "explain_method": result.method,
         "explained_output": plan.target.output.name,
+        "explained_score": "cosine_similarity" if result.score == SIMILARITY else "column",
         "explained_target": ",".join(str(int(t)) for t in result.targets),
         "output_value": ",".join(f"{v:.7g}" for v in result.outputs),
         "baseline_output": ",".join(f"{v:.7g}" for v in result.baseline_outputs),
         "completeness_gap": float(f"{result.completeness_gap:.6g}"),
+        "explain_background": result.background,
     }
+    if result.fallback:
+        described["explain_background_fallback"] = result.fallback
+    return described
 
 
 def _truthy(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("true", "1", "yes")
     return value is True or (isinstance(value, int) and value == 1)
-
-
-def _optional(params: dict[str, Any], name: str, kind):
-    value = params.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise InvalidInput(f"{name} has the wrong type: {value!r}")
-    return value

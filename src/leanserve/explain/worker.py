@@ -1,5 +1,5 @@
 """What runs on the explanation pool's threads: each version's tools (an engine session of its own, its
-PyTorch source, its SHAP background), the one-off preparation of SHAP and Captum, and one explanation."""
+PyTorch source, its reference background), the one-off preparation of SHAP and Captum, and one explanation."""
 
 from __future__ import annotations
 
@@ -13,16 +13,12 @@ from typing import Any
 import numpy as np
 
 from leanserve.errors import InferenceError
-from leanserve.explain.methods import (
-    SHAP,
-    Attribution,
-    Deadline,
-    Target,
-    background_rows,
-    integrated_gradients,
-    shap_permutation,
-)
+from leanserve.explain.background import ZEROS, Background, reference_background, zeros
+from leanserve.explain.gradients import integrated_gradients
+from leanserve.explain.methods import ALIASES, INTEGRATED_GRADIENTS, PARTITION, SHAP_METHODS, Attribution, Deadline
 from leanserve.explain.settings import ExplainConfig, ExplainPlan
+from leanserve.explain.shap_values import explain_features, explain_tokens, grid_tree, shap_row
+from leanserve.explain.tokens import masking_name, token_rows
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +55,14 @@ class VersionTools:
                 self._module = load_source(self.artifact)
             return self._module
 
-    def background(self, target: Target, row_shape: tuple[int, ...]) -> np.ndarray:
+    def background(self, name: str, row_shape: tuple[int, ...]) -> Background:
+        """Background rows for input ``name`` from the version's reference profile, or zeros saying why."""
         from leanserve.monitor.reference import load_reference
 
         with self._lock:
             if self._profile is False:
                 self._profile = load_reference(self.repo, self.ref.name, self.ref.version)
-        return background_rows(self._profile, target, row_shape, self.config.background_rows)
+        return reference_background(self._profile, name, row_shape, self.config.background_rows)
 
     def close(self) -> None:
         if self._session is not None:
@@ -73,24 +70,45 @@ class VersionTools:
 
 
 def run_plan(tools: VersionTools, plan: ExplainPlan, inputs: dict[str, np.ndarray], deadline: Deadline,
-         config: ExplainConfig) -> Attribution:
+             config: ExplainConfig) -> Attribution:
     """The explanation itself, on a pool thread."""
     deadline.check()  # it may have waited in the queue past its budget
     deadline = deadline.extended(prepare(plan.method, config.engine_threads))  # once per process, not the request's
+    try:
+        if plan.target.tokens is not None:
+            return _explain_tokens(tools, plan, inputs, deadline, config)
+        return _explain_features(tools, plan, inputs, deadline, config)
+    except (RuntimeError, ValueError, TypeError) as exc:  # raised inside SHAP, Captum or PyTorch
+        raise InferenceError(f"{plan.method} failed on {tools.ref}: {exc}") from exc
+
+
+def _explain_features(tools: VersionTools, plan: ExplainPlan, inputs: dict[str, np.ndarray], deadline: Deadline,
+                      config: ExplainConfig) -> Attribution:
     spec, output = plan.target.input, plan.target.output.name
     x = np.asarray(inputs[spec.name])
     row_shape = tuple(x.shape[1:])
-    try:
-        if plan.method == SHAP:
-            session = tools.session()
-            background = tools.background(plan.target, row_shape)
-            return shap_permutation(lambda batch: session.run({spec.name: batch}, [output])[output], x, background, deadline,
-                                    target=plan.column, max_evals=config.shap_max_evals, permutations=plan.permutations)
-        baseline = tools.background(plan.target, row_shape).mean(axis=0, keepdims=True)
-        return integrated_gradients(tools.module(), x, baseline, deadline, output_index=plan.target.output_index,
-                                    target=plan.column, steps=config.ig_steps)
-    except (RuntimeError, ValueError, TypeError) as exc:  # raised inside SHAP, Captum or PyTorch
-        raise InferenceError(f"{plan.method} failed on {tools.ref}: {exc}") from exc
+    background = zeros(row_shape) if plan.background == ZEROS else tools.background(spec.name, row_shape)
+    if plan.method == INTEGRATED_GRADIENTS:
+        background = background.mean()
+        result = integrated_gradients(tools.module(), x, background.rows, deadline,
+                                      output_index=plan.target.output_index, target=plan.column, steps=config.ig_steps)
+    else:
+        session = tools.session()
+        result = explain_features(plan.method, lambda batch: session.run({spec.name: batch}, [output])[output], x,
+                                  background.rows, deadline, target=plan.column, score=plan.score,
+                                  max_evals=config.shap_max_evals, permutations=plan.permutations)
+    return replace(result, background=background.source, fallback=background.fallback)
+
+
+def _explain_tokens(tools: VersionTools, plan: ExplainPlan, inputs: dict[str, np.ndarray], deadline: Deadline,
+                    config: ExplainConfig) -> Attribution:
+    output = plan.target.output.name
+    session = tools.session()
+    rows = token_rows(inputs, plan.target.tokens, plan.mask_id)
+    result = explain_tokens(plan.method, lambda batch: session.run(batch, [output])[output], rows, deadline,
+                            target=plan.column, score=plan.score, max_evals=config.shap_max_evals,
+                            permutations=plan.permutations)
+    return replace(result, background=masking_name(plan.mask_id))
 
 
 _prepared: set[str] = set()
@@ -101,14 +119,16 @@ def prepare(method: str, threads: int = 1) -> float:
     """Import the method's library and, for SHAP, compile its Numba kernels on a toy problem; returns the
     seconds it took (0 once done in this process). Both take seconds, once per process. For Integrated
     Gradients, PyTorch's process-wide intra-op threads become ``threads`` (0: left as they are)."""
+    method = ALIASES.get(method, method)
     with _prepare_lock:
         if method in _prepared:
             return 0.0
         started = time.monotonic()
-        if method == SHAP:
-            toy = np.array([[1.0, 2.0]])
-            shap_permutation(lambda rows: rows.sum(axis=1), toy, np.zeros((1, 2)), Deadline.after(600_000, "warm-up"))
-        else:
+        if method in SHAP_METHODS:
+            toy = np.array([1.0, 2.0, 3.0])
+            shap_row(method, lambda rows: rows.sum(axis=1), toy, np.zeros((1, 3)), Deadline.after(600_000, "warm-up"),
+                     clustering=grid_tree((3,)) if method == PARTITION else None)
+        elif method == INTEGRATED_GRADIENTS:
             importlib.import_module("captum.attr")
             if threads:
                 import torch

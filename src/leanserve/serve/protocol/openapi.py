@@ -57,7 +57,8 @@ def _infer(params: list) -> dict[str, Any]:
 def _explain(infer: dict[str, Any]) -> dict[str, Any]:
     """The infer operation, answered with attributions too (an extra ``<input>__attribution`` output)."""
     infer["post"]["summary"] = ("Run inference and explain it: the outputs plus <input>__attribution, shaped like the "
-                                "input, its method in the tensor's parameters (explain_method shap|integrated_gradients)")
+                                "input (per feature, pixel or token), its method in the tensor's parameters (explain_method "
+                                "permutation|partition|kernel|integrated_gradients)")
     return infer
 
 
