@@ -213,6 +213,26 @@ def test_predict_runs_the_executorch_version(pte_edge, capsys, digits):
     assert json.loads(capsys.readouterr().out)["logits"]["shape"] == [3, 10]
 
 
+def test_the_server_answers_with_the_executorch_version(pte_edge, live_server_factory, digits):
+    import httpx
+
+    repo, _, _ = pte_edge
+    server = live_server_factory(repo.root)
+    image = digits[1][:2]
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
+    response = httpx.post(server.url + "/v2/models/cnn/versions/2/infer", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    output = response.json()["outputs"][0]
+    assert output["name"] == "logits" and output["shape"] == [2, 10]
+
+
+def test_a_file_that_is_not_an_executorch_program_is_refused_with_a_reason(tmp_path):
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="not an ExecuTorch program"):
+        read_model(bad)
+
+
 def test_without_an_int8_program_in_budget_the_fp32_program_is_chosen_and_matches_onnx(cnn_repo, digits_cnn_onnx,
                                                                                         digits, tmp_path):
     pytest.importorskip("executorch")
