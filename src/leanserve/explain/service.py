@@ -177,7 +177,11 @@ class ExplanationService:
         except LeanserveError:
             return  # this version cannot be explained: nothing to sample
         inputs = {n: a[:1] for n, a in request.inputs.items()}  # one row bounds the cost
-        task = asyncio.get_running_loop().create_task(self._sample(handle, replace(plan, origin="sample"), inputs))
+        # One antithetic permutation: still an unbiased estimate, and the importance averages many samples,
+        # while a sample holds an explanation thread (500 evaluations of a sentence encoder took seconds,
+        # and a request arriving meanwhile waited past its budget behind it).
+        plan = replace(plan, origin="sample", permutations=1 if plan.method == PERMUTATION else None)
+        task = asyncio.get_running_loop().create_task(self._sample(handle, plan, inputs))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
