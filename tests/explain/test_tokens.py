@@ -161,6 +161,13 @@ def test_what_a_token_model_cannot_do_is_a_clear_client_error(server, parameters
     assert message in response.json()["error"]
 
 
+def test_a_token_request_without_its_attention_mask_is_refused_by_validation(server):
+    arrays = sentences(ROWS[:1], 8)
+    del arrays["attention_mask"]
+    response = httpx.post(f"{server.url}/v2/models/bag/explain", json=_body(arrays), timeout=30)
+    assert response.status_code == 400 and "attention_mask" in response.json()["error"]
+
+
 # --- a real sentence encoder -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -68,12 +68,14 @@ def token_rows(inputs: dict[str, np.ndarray], tokens: TokenInputs, mask_id: int 
 
 
 def check_lengths(inputs: dict[str, np.ndarray], tokens: TokenInputs, max_tokens: int) -> None:
-    """Raise SequenceTooLong when a row has more than ``max_tokens`` tokens to explain."""
-    ids = np.asarray(inputs[tokens.ids])
+    """Raise SequenceTooLong when a row has more than ``max_tokens`` tokens to explain. Runs before the
+    request's inputs are validated: malformed ones are left to the validation that follows."""
+    ids = np.asarray(inputs.get(tokens.ids))
+    mask = np.asarray(inputs.get(tokens.attention_mask)) if tokens.attention_mask else None
     if ids.ndim != 2:
-        return  # the codec's shape check answers this one
-    if tokens.attention_mask is not None and tokens.attention_mask in inputs:
-        longest = int((np.asarray(inputs[tokens.attention_mask]) != 0).sum(axis=1).max(initial=0))
+        return
+    if mask is not None and mask.shape == ids.shape:
+        longest = int((mask != 0).sum(axis=1).max(initial=0))
     else:
         longest = ids.shape[1]
     if longest > max_tokens:
