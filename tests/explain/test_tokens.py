@@ -168,6 +168,28 @@ def test_a_token_request_without_its_attention_mask_is_refused_by_validation(ser
     assert response.status_code == 400 and "attention_mask" in response.json()["error"]
 
 
+def test_grpc_asks_for_token_attributions_through_request_parameters(server):
+    import grpc
+
+    from leanserve.serve.protocol import grpc_predict_v2_pb2 as pb
+    from leanserve.serve.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    arrays = sentences(ROWS[:2], 10)
+    request = pb.ModelInferRequest(model_name="bag")
+    for name, array in arrays.items():
+        request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
+        request.raw_input_contents.append(array.tobytes())
+    request.parameters["explain"].bool_param = True
+    request.parameters["explain_method"].string_param = "partition"
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert [o.name for o in reply.outputs] == ["logits", "input_ids__attribution"]
+    tensor = reply.outputs[1]
+    assert list(tensor.shape) == [2, 10] and tensor.parameters["explain_method"].string_param == "partition"
+    values = np.frombuffer(reply.raw_output_contents[1], dtype=np.float32).reshape(2, 10)
+    assert [row[np.argmax(np.abs(v))] for row, v in zip(arrays["input_ids"], values, strict=True)] == [DRIVER_TOKEN] * 2
+
+
 # --- a real sentence encoder -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
