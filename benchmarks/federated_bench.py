@@ -2,8 +2,9 @@
 same CNN trained centrally, FedAvg beside FedProx, and what differential privacy costs in accuracy.
 
 10 simulated clients (Flower's simulation engine), partitions Dirichlet(alpha 0.5) and two classes per
-client, the default settings of ``leanserve federate``. Goals: <= 25 rounds (Dirichlet), <= 40 (two
-classes). Prints the CPU with the figures and writes a per-round accuracy plot (PNG) and JSON.
+client, the default settings of ``leanserve federate`` (server momentum 0.9 included), and FedAvg with plain
+averaging (server momentum 0) for reference. Goals: <= 25 rounds (Dirichlet), <= 40 (two classes). Prints
+the CPU with the figures and writes a per-round accuracy plot (PNG) and JSON.
 
     python benchmarks/federated_bench.py [--out federated_bench.png] [--quick]
 """
@@ -66,11 +67,14 @@ def main() -> None:
     print(f"CPU: {cpu_description()}")
     print(f"central CNN (15 epochs, Adam): {central:.4f}; target {target:.4f}")
 
-    runs = [(p, s, None) for p in PARTITIONS for s in ("fedavg", "fedprox")] + [("dirichlet", "fedavg", args.dp)]
+    plain = {"server_momentum": 0.0}
+    runs = ([(p, s, None, {}) for p in PARTITIONS for s in ("fedavg", "fedprox")] + [("dirichlet", "fedavg", args.dp, {})]
+            + [(p, "fedavg", None, plain) for p in PARTITIONS])
     results = []
-    for partition, strategy, dp in runs:
+    for partition, strategy, dp, changes in runs:
         rounds = 3 if args.quick else GOALS[partition] + 5
-        settings = federated.with_dp(replace(RoundSettings(), strategy=strategy, rounds=rounds, clients=10), dp)
+        settings = federated.with_dp(replace(RoundSettings(), strategy=strategy, rounds=rounds, clients=10, **changes), dp)
+        label = strategy + (" (server momentum 0)" if changes else "")
         with tempfile.TemporaryDirectory() as tmp:
             repo = untrained_repo(Path(tmp))
             start = time.perf_counter()
@@ -78,10 +82,10 @@ def main() -> None:
                                         eval_fraction=eval_fraction, register=False)
             seconds = time.perf_counter() - start
         reached = rounds_to_target(result.accuracy, target)
-        results.append({"partition": partition, "strategy": strategy, "dp": dp, "rounds_to_target": reached,
+        results.append({"partition": partition, "strategy": label, "dp": dp, "rounds_to_target": reached,
                         "goal": GOALS[partition], "final_accuracy": result.accuracy[-1], "curve": result.accuracy,
                         "seconds": round(seconds, 1)})
-        print(f"{partition:<10} {strategy:<8} dp={dp or '-':<10} rounds to target: {reached or '>' + str(rounds):<5} "
+        print(f"{partition:<10} {label:<28} dp={dp or '-':<10} rounds to target: {reached or '>' + str(rounds):<5} "
               f"(goal {GOALS[partition]})  final {result.accuracy[-1]:.4f}  {seconds:.0f} s", flush=True)
     plot(results, target, Path(args.out))
     Path(args.out).with_suffix(".json").write_text(json.dumps({"cpu": cpu_description(), "central": central,

@@ -24,7 +24,7 @@ torch = pytest.importorskip("torch")
 from leanserve.errors import InvalidInput, LeanserveError  # noqa: E402
 from leanserve.learn import federated  # noqa: E402
 from leanserve.learn.federated_client import build_client_app, load_client_data, train_locally  # noqa: E402
-from leanserve.learn.federated_server import RoundSettings, RoundsOutcome, build_strategy  # noqa: E402
+from leanserve.learn.federated_server import FedProxM, RoundSettings, RoundsOutcome, build_strategy  # noqa: E402
 from leanserve.learn.partition import by_class, dirichlet, iid, parse_partition  # noqa: E402
 from leanserve.repository import VersionRef  # noqa: E402
 
@@ -161,12 +161,38 @@ def test_a_failed_client_is_dropped_with_its_error(flower_task):
 
 
 def test_dp_wraps_the_strategy_in_flowers_server_side_clipping():
-    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedProx
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
     strategy = build_strategy(federated.with_dp(RoundSettings(strategy="fedprox", clients=3), "1.5,0.3"))
     assert isinstance(strategy.inner, DifferentialPrivacyServerSideFixedClipping)
     assert (strategy.inner.clipping_norm, strategy.inner.noise_multiplier) == (1.5, 0.3)
-    assert isinstance(strategy.inner.strategy, FedProx)
+    assert isinstance(strategy.inner.strategy, FedProxM)
+
+
+def test_fedprox_tells_each_client_its_proximal_mu(flower_task):
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    strategy = build_strategy(RoundSettings(strategy="fedprox", clients=2, proximal_mu=0.3))
+    sent = strategy.configure_train(1, ArrayRecord({}), ConfigRecord(), _Grid([1, 2]))
+    assert [m.content["config"]["proximal-mu"] for m in sent] == [0.3, 0.3]
+
+
+def test_server_momentum_carries_part_of_the_last_rounds_step_into_the_next(flower_task):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    def two_rounds(momentum: float) -> np.ndarray:
+        strategy = build_strategy(RoundSettings(clients=1, server_momentum=momentum))
+        weights = np.zeros(3, np.float32)
+        for server_round, client_weights in ((1, 1.0), (2, 2.0)):
+            [sent] = strategy.configure_train(server_round, ArrayRecord({"w": Array(weights)}), ConfigRecord(), _Grid([7]))
+            reply = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, client_weights, np.float32))}),
+                                "metrics": MetricRecord({"num-examples": 5})})
+            arrays, _ = strategy.aggregate_train(server_round, [Message(reply, reply_to=sent)])
+            weights = arrays["w"].numpy()
+        return weights
+
+    assert np.allclose(two_rounds(0.0), 2.0)  # plain averaging: where the client went
+    assert np.allclose(two_rounds(0.9), 2.9)  # one step of 1, then 1 + 0.9 x 1
 
 
 # --- clients, settings and data ----------------------------------------------------------------------------
@@ -228,6 +254,17 @@ def test_federate_command_refuses_a_version_without_a_pytorch_source(tmp_path, a
 NO_PHONING_HOME = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "RAY_USAGE_STATS_ENABLED": "0",
                    "ORT_DISABLE_TELEMETRY": "1"}
+
+
+def test_flower_processes_run_without_telemetry_update_checks_or_installs(monkeypatch, tmp_path):
+    from leanserve.learn.federated_deploy import flower_env
+
+    for key in NO_PHONING_HOME:
+        monkeypatch.delenv(key, raising=False)
+    env = flower_env(tmp_path)
+    assert {k: env[k] for k in NO_PHONING_HOME} == NO_PHONING_HOME
+    assert env["FLWR_HOME"] == str(tmp_path)
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # Flower starts helpers by name
 
 
 def _leanserve(*args) -> list[str]:

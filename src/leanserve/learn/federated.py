@@ -2,10 +2,10 @@
 result registered as a new version that enters as a guarded canary.
 
 The global model is the version's PyTorch source (``torch_source.load_source``). Flower runs the rounds:
-its FedAvg or FedProx strategy, optionally inside its server-side DP clipping wrapper, behind
-``ScreenedStrategy`` (bad updates are dropped with a reason). After every round the server evaluates the
-aggregate on held-out data. At the end ``register_federated`` exports the model to ONNX, registers it
-with its provenance (rounds, clients, strategy, DP settings, per-round accuracy, dropped updates) and the
+FedAvg or FedProx with server momentum (its FedAvgM), optionally inside its server-side DP clipping
+wrapper, behind ``ScreenedStrategy`` (bad updates are dropped with a reason). After every round the server
+evaluates the aggregate on held-out data. At the end ``register_federated`` exports the model to ONNX,
+registers it with its provenance (rounds, clients, strategy, DP settings, per-round accuracy, dropped updates) and the
 source attached, and starts a guarded canary against the serving version.
 
 ``federate`` runs everything on one machine with Flower's simulation engine (Ray): K virtual clients
@@ -59,6 +59,8 @@ def check_settings(settings: RoundSettings) -> RoundSettings:
         raise InvalidInput(f"min_fraction {settings.min_fraction}: must be in (0, 1]")
     if settings.lr <= 0 or settings.proximal_mu < 0:
         raise InvalidInput("lr must be > 0 and proximal_mu >= 0")
+    if not 0 <= settings.server_momentum < 1 or settings.server_lr <= 0:
+        raise InvalidInput(f"server momentum {settings.server_momentum}: must be in [0, 1); server lr must be > 0")
     return settings
 
 
@@ -249,6 +251,7 @@ def _recipe(settings: RoundSettings, outcome: RoundsOutcome) -> dict:
         "kind": "federated", "framework": "flower", "strategy": settings.strategy, "rounds": settings.rounds,
         "clients": settings.clients, "local_epochs": settings.local_epochs, "lr": settings.lr,
         "batch_size": settings.batch_size, "proximal_mu": settings.proximal_mu if settings.strategy == "fedprox" else None,
+        "server_momentum": settings.server_momentum, "server_lr": settings.server_lr,
         "dp": dp, "per_round_accuracy": [round(a, 4) for a in outcome.accuracy],
         "failed_rounds": outcome.failed_rounds, "dropped": [asdict(d) for d in outcome.dropped],
     }

@@ -38,6 +38,8 @@ def add_federate_commands(sub, command, add_repo) -> None:
     p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round on each client")
     p.add_argument("--lr", type=float, default=0.02, help="clients' SGD learning rate")
     p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight mu")
+    p.add_argument("--server-momentum", type=float, default=0.9,
+                   help="momentum of the server's update (Flower's FedAvgM); 0 for plain averaging")
     p.add_argument("--no-canary", action="store_true", help="register without starting a guarded canary")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_repo(p)
@@ -63,7 +65,8 @@ def cmd_federate(args) -> int:
 
     repo = Repository(args.repo, create=False)
     settings = federated.with_dp(RoundSettings(strategy=args.strategy, rounds=args.rounds, clients=args.clients,
-                                               local_epochs=args.local_epochs, lr=args.lr, proximal_mu=args.mu), args.dp)
+                                               local_epochs=args.local_epochs, lr=args.lr, proximal_mu=args.mu,
+                                               server_momentum=args.server_momentum), args.dp)
     federated.check_settings(settings)
     ref = repo.resolve(args.model, args.version)
     if not has_source(repo.get(ref.name, ref.version)):

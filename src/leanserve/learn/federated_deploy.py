@@ -50,9 +50,9 @@ def parse_address(text: str, flag: str) -> tuple[str, int]:
 
 def flower_env(home: Path | None = None) -> dict[str, str]:
     """The environment of Flower's processes: this one's, with telemetry, update checks and dependency
-    installation off, this interpreter's scripts first on PATH (Flower starts its helpers by name), and
-    ``FLWR_HOME`` when ``home`` is given."""
-    env = {**os.environ, **NO_PHONING_HOME}
+    installation off unless the user set them otherwise, this interpreter's scripts first on PATH (Flower
+    starts its helpers by name), and ``FLWR_HOME`` when ``home`` is given."""
+    env = {**NO_PHONING_HOME, **os.environ}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     if home is not None:
         env["FLWR_HOME"] = str(home)
