@@ -53,3 +53,55 @@ def test_pre_processing_that_gives_up_leaves_nothing_in_the_working_directory(di
     out, note = quantize.pre_process(digits_cnn_onnx, work / "prepared.onnx")
     assert out == work / "prepared.onnx" and "symbolic shape inference failed" in note
     assert list(user_dir.iterdir()) == []
+
+
+def _embedding_model(path, rows=4096, width=256):
+    """tokens INT64 [-1, -1] -> Gather from a (rows x width) table (a vocabulary) and from a narrow rows x 8 one."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    vocabulary = numpy_helper.from_array(rng.standard_normal((rows, width)).astype(np.float32) * 0.05, "vocabulary")
+    small = numpy_helper.from_array(rng.standard_normal((rows, 8)).astype(np.float32), "small")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["vocabulary", "tokens"], ["v"], name="word"),
+         helper.make_node("Gather", ["small", "tokens"], ["s"], name="small_gather")],
+        "embed", [helper.make_tensor_value_info("tokens", TensorProto.INT64, ["b", "t"])],
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, ["b", "t", width]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, ["b", "t", 8])],
+        initializer=[vocabulary, small])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def test_int4_embeddings_store_vocabulary_rows_in_4_bits_that_the_ort_format_holds(tmp_path):
+    from leanserve.deploy.edge import convert_to_ort
+    from leanserve.optimize.quantize import has_large_embedding, int4_embeddings
+
+    src = _embedding_model(tmp_path / "embed.onnx")
+    assert has_large_embedding(src)
+    result = int4_embeddings(src, tmp_path / "int4.onnx", PassContext(read_model(src).signature))
+    assert "vocabulary [4096, 256]" in result.notes[0] and "small" not in result.notes[0]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "int4.onnx")).graph.node]
+    assert ops == ["GatherBlockQuantized", "Gather"]
+    # 4 bits a value plus one fp32 scale per 32 values: 0.625 bytes against 4 (the narrow table stays fp32)
+    narrow = 4096 * 8 * 4
+    assert (tmp_path / "int4.onnx").stat().st_size - narrow < 0.17 * (src.stat().st_size - narrow)
+    tokens = {"tokens": np.array([[0, 5, 4095], [7, 7, 1]], np.int64)}
+    before = ort.InferenceSession(str(src)).run(None, tokens)
+    ort_file, _ = convert_to_ort(tmp_path / "int4.onnx", tmp_path / "ort")
+    after = ort.InferenceSession(str(ort_file)).run(None, tokens)
+    step = np.abs(before[0]).max() / 7  # the largest block scale
+    assert np.abs(after[0] - before[0]).max() <= step / 2 + 1e-6
+    np.testing.assert_array_equal(after[1], before[1])  # the small table is untouched
+
+
+def test_int4_embeddings_leave_a_model_without_a_large_table_unchanged(digits_cnn_onnx, tmp_path):
+    from leanserve.optimize.quantize import has_large_embedding, int4_embeddings
+
+    assert not has_large_embedding(digits_cnn_onnx)
+    result = int4_embeddings(digits_cnn_onnx, tmp_path / "same.onnx", PassContext(read_model(digits_cnn_onnx).signature))
+    assert "unchanged" in result.notes[0]
+    assert [n.op_type for n in onnx.load(str(tmp_path / "same.onnx")).graph.node] == \
+        [n.op_type for n in onnx.load(str(digits_cnn_onnx)).graph.node]

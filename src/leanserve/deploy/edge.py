@@ -163,16 +163,27 @@ def _build_pte(artifact: ModelArtifact, data, calib, max_drop: str, work: Path) 
 
 # --- int8 -------------------------------------------------------------------------------------------
 
-def int8_recipes() -> list:
-    """The optimizer's recipes that make small models any ONNX Runtime CPU build runs: int8, and 4-bit
-    weights for the linear layers with int8 for the rest (MatMulNBits is a CPU kernel of every build that
-    keeps the com.microsoft operators; the required-operators config lists it)."""
+def int8_recipes(model: Path | None = None) -> list:
+    """The optimizer's recipes that make small models any ONNX Runtime CPU build runs: int8, 4-bit weights
+    for the linear layers with int8 for the rest, and for ``model``s with a vocabulary-sized embedding
+    table 4-bit rows for it with int8 for the rest (MatMulNBits and GatherBlockQuantized are CPU kernels of
+    every build that keeps the com.microsoft operators; the required-operators config lists them)."""
+    from leanserve.optimize.quantize import has_large_embedding
     from leanserve.optimize.recipe import Recipe, Step
 
     # smallest first: on a device, size is what the search is for
-    return [Recipe("int4 linear weights + dynamic int8", (Step("int4_weights"), Step("dynamic_int8"))),
-            Recipe("dynamic int8", (Step("dynamic_int8"),)),
+    embeddings = ([Recipe("int4 embeddings + dynamic int8", (Step("int4_embeddings"), Step("dynamic_int8")))]
+                  if model is not None and has_large_embedding(model) else [])
+    return [*embeddings,
+            Recipe("int4 linear weights + dynamic int8", (Step("int4_weights"), Step("dynamic_int8"))),
+            _dynamic_int8_recipe(),
             Recipe("static int8 (minmax)", (Step("static_int8", {"method": "minmax"}),))]
+
+
+def _dynamic_int8_recipe():
+    from leanserve.optimize.recipe import Recipe, Step
+
+    return Recipe("dynamic int8", (Step("dynamic_int8"),))
 
 
 def _search_int8(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work) -> _Int8:
@@ -183,7 +194,7 @@ def _search_int8(repo, name, artifact, data, eval_path, calib_path, max_drop, ti
     from leanserve.optimize.steps import PassContext
 
     outcome = optimize(repo, name, artifact.path.name, eval_path=eval_path, calib_path=calib_path, max_drop=max_drop,
-                       recipes=int8_recipes(), time_budget_s=time_budget_s,
+                       recipes=int8_recipes(artifact.model_path), time_budget_s=time_budget_s,
                        register=False, progress=progress, report_dir=work / "search")
     within = [c for c in outcome.result.candidates
               if c.within_budget and c.recipe.quantizes and c.measurement and c.error is None]
@@ -208,7 +219,7 @@ def _dynamic_int8(artifact: ModelArtifact, work: Path) -> _Int8:
 
     path = work / "int8" / "model.onnx"
     path.parent.mkdir()
-    notes = apply_recipe(int8_recipes()[1], artifact.model_path, path, PassContext(artifact.signature))
+    notes = apply_recipe(_dynamic_int8_recipe(), artifact.model_path, path, PassContext(artifact.signature))
     return _Int8(path, "dynamic int8", True, notes=(
         *notes, "accuracy was not checked: dynamic int8 was applied without evaluation data (pass --eval DATA)"))
 

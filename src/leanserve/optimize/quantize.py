@@ -1,5 +1,6 @@
 """Quantization passes on ONNX models with ONNX Runtime's quantizer: dynamic int8, static int8 (QDQ,
-calibrated on user data), fp16/bf16 conversion, and weight-only int4 for large MatMuls.
+calibrated on user data), fp16/bf16 conversion, weight-only int4 for large MatMuls, and 4-bit rows for
+large embedding tables.
 
 Robust to the known traps: symbolic shape inference that fails (retried without it), graphs already
 fused, and operators the quantizer does not handle (left in float and named in the notes).
@@ -150,6 +151,78 @@ def weight_only_int4(src: Path, dst: Path, ctx: PassContext, block_size: int = 3
     if rewritten:
         notes.append(f"{rewritten} Gemm(s) with constant weights rewritten as MatMul + Add for the 4-bit kernel")
     return StepResult(notes)
+
+
+EMBEDDING_MIN_VALUES = 1_000_000  # vocabulary tables; position and type tables are small and more sensitive
+
+
+def int4_embeddings(src: Path, dst: Path, ctx: PassContext, block_size: int = 32) -> StepResult:
+    """4-bit rows for Gathers from large constant tables (a transformer's vocabulary embedding, half of
+    MiniLM's bytes): symmetric, one scale per ``block_size`` values of a row, as ONNX Runtime's
+    GatherBlockQuantized (com.microsoft). Other Gathers and every other node are left as they are."""
+    from onnx import helper, numpy_helper
+
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InvalidInput(f"int4_embeddings: block_size must be a power of two of at least 16, got {block_size}")
+    model = onnx.load(str(src))
+    graph = model.graph
+    tables = {t.name: t for t in graph.initializer}
+    nodes, quantized = [], []
+    for node in graph.node:
+        table = tables.get(node.input[0]) if node.op_type == "Gather" and node.name not in ctx.exclude_nodes else None
+        if table is None or not _large_table(table, node):
+            nodes.append(node)
+            continue
+        packed, scales = _int4_rows(numpy_helper.to_array(table), block_size)
+        graph.initializer.extend([numpy_helper.from_array(packed, f"{table.name}_int4"),
+                                  numpy_helper.from_array(scales, f"{table.name}_scales")])
+        nodes.append(helper.make_node("GatherBlockQuantized", [f"{table.name}_int4", node.input[1], f"{table.name}_scales"],
+                                      list(node.output), name=f"{node.name}_int4", domain="com.microsoft",
+                                      gather_axis=0, quantize_axis=1, block_size=block_size, bits=4))
+        quantized.append(f"{table.name} {list(table.dims)}")
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    if quantized and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(dst))
+    if not quantized:
+        return StepResult([f"int4 embeddings: no Gather from a constant table of {EMBEDDING_MIN_VALUES:,}+ values; unchanged"])
+    return StepResult([f"int4 embeddings (block {block_size}, GatherBlockQuantized): {', '.join(quantized)}"])
+
+
+def has_large_embedding(path: Path) -> bool:
+    """Whether ``int4_embeddings`` would change the model at ``path``."""
+    model = onnx.load(str(path), load_external_data=False)
+    tables = {t.name: t for t in model.graph.initializer}
+    return any(n.op_type == "Gather" and n.input[0] in tables and _large_table(tables[n.input[0]], n)
+               for n in model.graph.node)
+
+
+def _large_table(table: onnx.TensorProto, node: onnx.NodeProto) -> bool:
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+    # an even row length: two 4-bit values share a byte, so an odd one would gain a phantom column
+    return (axis == 0 and table.data_type == onnx.TensorProto.FLOAT and len(table.dims) == 2
+            and table.dims[1] % 2 == 0 and table.dims[0] * table.dims[1] >= EMBEDDING_MIN_VALUES)
+
+
+def _int4_rows(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(packed, scales): two 4-bit values per byte, low nibble first, offset by the op's default zero point 8,
+    and one fp32 scale per block. Written here rather than by ONNX Runtime's MatMulNBitsQuantizer, which
+    can quantize Gathers too but stores INT4 tensors, a type the ORT format (edge artifacts) cannot hold."""
+    rows, cols = table.shape
+    blocks = -(-cols // block_size)
+    padded = np.zeros((rows, blocks * block_size), np.float32)
+    padded[:, :cols] = table
+    grouped = padded.reshape(rows, blocks, block_size)
+    scales = np.abs(grouped).max(axis=2) / 7.0
+    scales[scales == 0] = 1.0
+    values = np.clip(np.rint(grouped / scales[..., None]), -8, 7).astype(np.int16) + 8
+    values = values.reshape(rows, blocks * block_size)[:, :cols].astype(np.uint8)
+    return values[:, 0::2] | (values[:, 1::2] << 4), scales.astype(np.float32)
 
 
 def gemm_to_matmul(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> int:

@@ -23,9 +23,10 @@ PASSES: dict[str, PassFn] = {
     "static_int8": quantize.static_int8,
     "fp16": quantize.to_fp16,
     "int4_weights": quantize.weight_only_int4,
+    "int4_embeddings": quantize.int4_embeddings,
     "openvino_int8": openvino.nncf_int8,
 }
-QUANTIZING = {"dynamic_int8", "static_int8", "int4_weights", "openvino_int8"}
+QUANTIZING = {"dynamic_int8", "static_int8", "int4_weights", "int4_embeddings", "openvino_int8"}
 
 
 @dataclass(frozen=True)
