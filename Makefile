@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/monitor_bench.py
 	$(BIN)/python benchmarks/engine_bench.py
 	$(BIN)/python benchmarks/batch_bench.py
+	$(BIN)/python benchmarks/edge_bench.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ from leanserve.artifact import ModelArtifact, Signature, TensorSpec
 from leanserve.deploy.edge_report import Accuracy
 from leanserve.errors import UnsupportedFormat
 from leanserve.formats import pte_sidecar
-
-log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pte"
 CALIBRATION_ROWS = 256
