@@ -175,6 +175,7 @@ def test_executorch_edge_version_is_an_int8_pte_lowered_to_xnnpack_within_budget
     assert {"model.pte", "model.pte.json", REPORT_MD, REPORT_JSON} <= set(artifact.manifest.files)
     report = json.loads((artifact.path / REPORT_JSON).read_text())
     assert report["target"] == "executorch" and report["int8"] and report["recipe"].startswith("static int8")
+    assert report["executorch_version"] and artifact.manifest.provenance.parent == "cnn:1"
     assert report["accuracy"]["drop"] <= report["accuracy"]["allowed_drop"] == pytest.approx(0.01)
     # int8 weights are a quarter of fp32; the program's graph and scales add about 2 points
     assert report["artifact_bytes"] == artifact.model_path.stat().st_size and report["size_ratio"] <= 0.30

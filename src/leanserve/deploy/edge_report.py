@@ -3,7 +3,7 @@ what a run under the device profile measured; written as Markdown and JSON into 
 
 from __future__ import annotations
 
-import importlib.metadata
+import importlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +22,8 @@ OPERATORS_NOTE = {
     "ort": "model.required_operators.config configures a reduced-size ONNX Runtime build with exactly these",
     "executorch": "delegated: run by XNNPACK inside the program; portable: ExecuTorch kernels the runtime must link",
 }
-_RUNTIME_PACKAGE = {"ort": "onnxruntime", "executorch": "executorch"}
+# the report names the converter's version: module holding __version__, and the JSON key
+_RUNTIME_VERSION = {"ort": ("onnxruntime", "onnxruntime_version"), "executorch": ("executorch.version", "executorch_version")}
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,9 @@ class EdgeReport:
         return self.artifact_bytes / self.original_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        package = _RUNTIME_PACKAGE[self.target]
+        module, key = _RUNTIME_VERSION[self.target]
         return {**asdict(self), "size_ratio": round(self.size_ratio, 4), "accuracy_checked": self.accuracy is not None,
-                f"{package}_version": importlib.metadata.version(package)}
+                key: importlib.import_module(module).__version__}
 
     def to_markdown(self) -> str:
         lines = [f"# Edge artifact: {self.source} for {self.target}", "",
