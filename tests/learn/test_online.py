@@ -83,6 +83,30 @@ def test_hbp_scales_each_heads_gradient_by_its_weight_and_hedges_on_the_heads_lo
     assert net.alpha.tolist() == pytest.approx(hedge_update([0.3, 0.7], [float(v) for v in losses]), abs=1e-6)
 
 
+def test_ogd_steps_on_the_arriving_sample_plus_the_most_recent_samples_counted_as_replay_weight(mlp, small_digits):
+    xs = torch.from_numpy(small_digits[1][:4])
+    samples = [(xs[i:i + 1], label) for i, label in enumerate([3, 1, 4, 1])]
+    config = OnlineConfig(lr=0.1, replay_size=2, replay_per_step=2, replay_weight=3.0)
+    learner = OnlineLearner(copy.deepcopy(mlp), (xs[:1],), config, reference=samples[:2])
+
+    def expected_step(arriving, replayed):
+        model = copy.deepcopy(learner.module)
+
+        def loss(x, y):
+            return nn.functional.cross_entropy(model(x), torch.tensor([y]))
+
+        total = loss(*arriving) + 3.0 * sum(loss(*s) for s in replayed) / len(replayed)
+        grads = torch.autograd.grad(total, list(model.parameters()))
+        return [p - 0.1 * g for p, g in zip(model.parameters(), grads)]
+
+    # the buffer holds both reference samples; then the first of them leaves for the arriving one
+    for arriving, replayed in ((samples[2], samples[:2]), (samples[3], [samples[1], samples[2]])):
+        after = expected_step(arriving, replayed)
+        learner.learn_one(*arriving)
+        for p, q in zip(learner.module.parameters(), after):
+            assert torch.allclose(p, q, atol=1e-6)
+
+
 def _stream(small_digits, before=200, after=700, seed=0):
     _, x, _, y = small_digits
     order = np.random.default_rng(seed).permutation(np.tile(np.arange(len(x)), 2))[:before + after]
