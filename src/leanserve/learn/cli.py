@@ -56,7 +56,7 @@ def add_learn_command(sub, command, add_repo) -> None:
     p.add_argument("--once", action="store_true", help="process what is labelled now and exit")
     p.add_argument("--window", type=int, default=200, help="samples over which learner and serving version are compared")
     p.add_argument("--margin", type=float, default=0.02, help="accuracy by which the learner must beat the serving version")
-    p.add_argument("--lr", type=float, help="learning rate (default: 0.03 for ogd, 0.1 for hbp)")
+    p.add_argument("--lr", type=float, help="learning rate (default: 0.04 for ogd, 0.1 for hbp)")
     p.add_argument("--poll-interval-s", type=float, default=5.0, help="seconds between reads of the prediction log")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for learning")
     add_repo(p)
