@@ -180,12 +180,7 @@ def int4_embeddings(src: Path, dst: Path, ctx: PassContext, block_size: int = 32
                                       list(node.output), name=f"{node.name}_int4", domain="com.microsoft",
                                       gather_axis=0, quantize_axis=1, block_size=block_size, bits=4))
         quantized.append(f"{table.name} {list(table.dims)}")
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _replace_nodes(graph, nodes)
     if quantized and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     onnx.save(model, str(dst))
@@ -252,12 +247,7 @@ def gemm_to_matmul(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> int:
             nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]], name=f"{name}_Add"))
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        used = {i for n in graph.node for i in n.input}
-        kept = [init for init in graph.initializer if init.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        _replace_nodes(graph, nodes)
     return count
 
 
@@ -281,3 +271,13 @@ def write_trt_calibration(src: Path, folder: Path, ctx: PassContext, method: str
         write_calibration_table(dict(ranges.data if hasattr(ranges, "data") else ranges), dir=".")
     written = [folder / TRT_CALIBRATION_TABLE, folder / "calibration.cache", folder / "calibration.json"]
     return [path for path in written if path.is_file()]
+
+
+def _replace_nodes(graph: onnx.GraphProto, nodes: list) -> None:
+    """Give ``graph`` these nodes, and drop the initializers no node reads any more."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
