@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 from leanserve.formats import read_model
 from leanserve.optimize.quantize import gemm_to_matmul, weight_only_int4
@@ -105,3 +106,23 @@ def test_int4_embeddings_leave_a_model_without_a_large_table_unchanged(digits_cn
     assert "unchanged" in result.notes[0]
     assert [n.op_type for n in onnx.load(str(tmp_path / "same.onnx")).graph.node] == \
         [n.op_type for n in onnx.load(str(digits_cnn_onnx)).graph.node]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_static_int8_calibrates_on_a_row_count_that_is_not_a_multiple_of_the_batch(digits_cnn_onnx, digits, tmp_path, method):
+    # 29 rows = one batch of 16 and a ragged 13 before the fix; the histogram calibrators failed on it
+    from leanserve.optimize.quantize import static_int8
+
+    _, x_test, _, _ = digits
+    ctx = PassContext(read_model(digits_cnn_onnx).signature, {"image": x_test[:29]})
+    result = static_int8(digits_cnn_onnx, tmp_path / "int8.onnx", ctx, method=method)
+    assert any("29 rows (batches of 1)" in note for note in result.notes)
+    after = ort.InferenceSession(str(tmp_path / "int8.onnx")).run(None, {"image": x_test[:64]})[0]
+    before = ort.InferenceSession(str(digits_cnn_onnx)).run(None, {"image": x_test[:64]})[0]
+    assert np.mean(before.argmax(1) == after.argmax(1)) > 0.9
+
+
+def test_calibration_batches_all_have_the_same_size_and_use_every_row():
+    from leanserve.optimize.quantize import calibration_batch_size
+
+    assert [calibration_batch_size(rows, 16) for rows in (13, 29, 32, 36, 200, 1)] == [13, 1, 16, 12, 10, 1]

@@ -9,6 +9,7 @@ fused, and operators the quantizer does not handle (left in float and named in t
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import tempfile
 from collections import Counter
@@ -36,8 +37,18 @@ _METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Ent
             "percentile": CalibrationMethod.Percentile}
 
 
+def calibration_batch_size(rows: int, largest: int) -> int:
+    """The largest batch size up to ``largest`` that divides ``rows``, so every batch has the same shape.
+
+    ONNX Runtime's histogram calibrators (entropy, percentile) stack each batch's activations with
+    ``np.asarray``, which fails on a shorter last batch ("inhomogeneous shape"); equal batches that use
+    every row avoid it without dropping any calibration data.
+    """
+    return next(size for size in range(min(largest, rows), 0, -1) if rows % size == 0)
+
+
 class _Rows(CalibrationDataReader):
-    """Feeds calibration rows to the quantizer in small batches."""
+    """Feeds calibration rows to the quantizer in equal batches of at most ``ctx.calibration_batch`` rows."""
 
     def __init__(self, ctx: PassContext) -> None:
         if not ctx.calibration:
@@ -47,9 +58,12 @@ class _Rows(CalibrationDataReader):
         if missing:
             raise InvalidInput(f"calibration data has no array for input {missing[0]!r}")
         rows = min(ctx.calibration_rows, len(ctx.calibration[names[0]]))
+        if rows == 0:
+            raise InvalidInput("calibration data has 0 rows; expected at least 1")
+        self.batch = calibration_batch_size(rows, ctx.calibration_batch)
         self._batches = iter([
-            {n: np.ascontiguousarray(ctx.calibration[n][i:i + ctx.calibration_batch]) for n in names}
-            for i in range(0, rows, ctx.calibration_batch)
+            {n: np.ascontiguousarray(ctx.calibration[n][i:i + self.batch]) for n in names}
+            for i in range(0, rows, self.batch)
         ])
 
     def get_next(self):
@@ -79,13 +93,16 @@ def static_int8(src: Path, dst: Path, ctx: PassContext, method: str = "minmax", 
     reader = _Rows(ctx)
     with tempfile.TemporaryDirectory() as tmp:
         prepared, note = pre_process(src, Path(tmp) / "prepared.onnx") if preprocess else (src, "")
-        quantize_static(prepared, dst, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=_METHODS[method], nodes_to_exclude=list(ctx.exclude_nodes),
-                        # Only the compute-heavy ops: quantizing Add/Gather/Softmax costs accuracy, gains little.
-                        op_types_to_quantize=["Conv", "MatMul", "Gemm", "ConvTranspose"],
-                        extra_options={"CalibPercentile": 99.99, "WeightSymmetric": True})
-    return StepResult([f"static int8 QDQ, {method} calibration on {min(ctx.calibration_rows, _rows(ctx))} rows", note,
+        # the histogram calibrators print their progress to stdout, into the user's command output
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(prepared, dst, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=_METHODS[method], nodes_to_exclude=list(ctx.exclude_nodes),
+                            # Only the compute-heavy ops: quantizing Add/Gather/Softmax costs accuracy, gains little.
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm", "ConvTranspose"],
+                            extra_options={"CalibPercentile": 99.99, "WeightSymmetric": True})
+    return StepResult([f"static int8 QDQ, {method} calibration on {min(ctx.calibration_rows, _rows(ctx))} rows "
+                       f"(batches of {reader.batch})", note,
                        *_float_notes(src, dst, ctx)])
 
 
