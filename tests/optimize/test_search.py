@@ -117,7 +117,7 @@ def test_optimize_command_prints_candidates_and_report(capsys, cnn_repo, digits_
     code = main(["optimize", "cnn", "--eval", str(digits_data / "eval.npz"), "--recipe", "static_int8",
                  "--time-budget", "60", "--report-dir", str(tmp_path / "r"), "--dry-run", "--repo", str(cnn_repo.root)])
     out = capsys.readouterr().out
-    assert code == 0 and "baseline: top1=" in out and "static_int8" in out and "report:" in out
+    assert code == 0 and "baseline: top1 selection=" in out and "static_int8" in out and "report:" in out
     assert cnn_repo.versions("cnn") == [1]
 
 

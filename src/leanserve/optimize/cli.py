@@ -13,23 +13,15 @@ def cmd_optimize(args) -> int:
     name, _, version = args.model.partition(":")
     report_dir = args.report_dir or f"optimize-reports/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     outcome = optimize(
-        Repository(args.repo, create=False), name, version or None, eval_path=args.eval, calib_path=args.calib,
+        Repository(args.repo, create=False), name, version or None, eval_path=args.eval, holdout_path=args.holdout,
+        holdout_fraction=args.holdout_fraction, seed=args.seed, calib_path=args.calib,
         max_drop=args.max_accuracy_drop, metric=args.metric,
         recipes=[parse_recipe(r) for r in args.recipe] or None, time_budget_s=args.time_budget,
         objective=args.objective, batch_size=args.batch_size, report_dir=report_dir, register=not args.dry_run,
         engines=parse_engines(args.engines),
     )
     result = outcome.result
-    base = result.baseline.measurement
-    print(f"baseline: {result.metric}={base.quality:.4f}, p50 {base.speed.latency_p50_ms:.3f} ms, {base.size_bytes:,} bytes")
-    for c in result.candidates:
-        if c.error:
-            print(f"  {c.recipe.name:<40} failed: {c.error}")
-            continue
-        m = c.measurement
-        print(f"  {c.recipe.name:<40} {result.metric}={m.quality:.4f} (drop {c.drop:+.4f}) p50 {m.speed.latency_p50_ms:.3f} ms "
-              f"x{base.speed.latency_p50_ms / m.speed.latency_p50_ms:.2f}  {m.size_bytes:,} bytes  "
-              f"{'within budget' if c.within_budget else 'OVER budget'}")
+    print_candidates(result)
     if result.chosen is None or result.chosen is result.baseline:
         print("no variant is faster within the budget; the original stays (nothing registered)")
     elif outcome.ref:
@@ -41,6 +33,30 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+def print_candidates(result) -> None:
+    """The baseline and each candidate: selection quality (what chose) beside held-out quality (what to trust)."""
+    base, metric = result.baseline.measurement, result.metric
+    if result.holdout is not None:
+        print(f"data: {result.holdout.describe()}; chosen on selection, {metric} reported on held-out")
+    print(f"baseline: {metric} selection={base.quality:.4f} held-out={_fmt(result.baseline.holdout_quality)}, "
+          f"p50 {base.speed.latency_p50_ms:.3f} ms, {base.size_bytes:,} bytes")
+    for c in result.candidates:
+        if c.error:
+            print(f"  {c.recipe.name:<40} failed: {c.error}")
+            continue
+        m = c.measurement
+        print(f"  {c.recipe.name:<40} {metric} selection={m.quality:.4f} (drop {c.drop:+.4f}) "
+              f"held-out={_fmt(c.holdout_quality)} (drop {_fmt(c.holdout_drop, '+.4f')}) p50 {m.speed.latency_p50_ms:.3f} ms "
+              f"x{base.speed.latency_p50_ms / m.speed.latency_p50_ms:.2f}  {m.size_bytes:,} bytes  "
+              f"{'within budget' if c.within_budget else 'OVER budget'}")
+    if result.skipped:
+        print(f"not tried, the time budget (--time-budget) was spent: {', '.join(result.skipped)}")
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def add_optimize_command(sub, command, add_repo) -> None:
     """Add ``optimize`` to the main parser."""
     p = command(sub, "optimize", cmd_optimize,
@@ -50,6 +66,11 @@ def add_optimize_command(sub, command, add_repo) -> None:
                 "   without labels quality is the cosine similarity of outputs to the original model)")
     p.add_argument("model", help="MODEL or MODEL:VERSION (default: newest)")
     p.add_argument("--eval", required=True, help=".npz evaluation data (inputs, optional 'labels')")
+    p.add_argument("--holdout", metavar="NPZ",
+                   help="held-out data to report quality on (default: hold out --holdout-fraction of --eval's rows)")
+    p.add_argument("--holdout-fraction", type=float, default=0.3, metavar="F",
+                   help="share of --eval's rows held out from the choice to report quality on, when no --holdout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--calib", help=".npz calibration data for static int8 (default: the evaluation inputs)")
     p.add_argument("--max-accuracy-drop", default="0.5%", help="budget: 0.5%% = 0.5 points, 1%%rel = relative, 0.01 = metric units")
     p.add_argument("--metric", choices=["top1", "cosine", "mse"], help="quality metric (default: from the data)")

@@ -1,4 +1,7 @@
-"""The trade-off report of an optimization run: Markdown, JSON and a PNG of quality against latency."""
+"""The trade-off report of an optimization run: Markdown, JSON and a PNG of quality against latency.
+
+Each candidate has two quality figures, labelled: ``selection_<metric>`` on the rows the search chose
+on, and ``holdout_<metric>`` on rows it never saw (the one to trust; the plot shows it)."""
 
 from __future__ import annotations
 
@@ -24,8 +27,10 @@ def _row(candidate: Candidate, result: SearchResult, chosen: bool) -> dict[str, 
         "latency_p99_ms": m.speed.latency_p99_ms if m else None,
         "throughput_rows_s": m.speed.throughput_rows_s if m else None,
         "memory_bytes": m.memory_bytes if m else None,
-        result.metric: m.quality if m else None,
-        "drop": candidate.drop,
+        f"selection_{result.metric}": m.quality if m else None,
+        "selection_drop": candidate.drop,
+        f"holdout_{result.metric}": candidate.holdout_quality,
+        "holdout_drop": candidate.holdout_drop,
         "within_budget": candidate.within_budget,
         "chosen": chosen,
         "kept_float": list(candidate.kept_float),
@@ -37,7 +42,20 @@ def _row(candidate: Candidate, result: SearchResult, chosen: bool) -> dict[str, 
 def report_dict(result: SearchResult) -> dict[str, Any]:
     rows = [_row(c, result, c is result.chosen) for c in [result.baseline, *result.candidates]]
     return {"metric": result.metric, "budget": result.budget.describe(), "elapsed_s": round(result.elapsed_s, 1),
-            "cpu": cpu_description(), "batch_size": result.baseline.measurement.speed.batch_size, "candidates": rows}
+            "cpu": cpu_description(), "batch_size": result.baseline.measurement.speed.batch_size,
+            "holdout": result.holdout.to_dict() if result.holdout else None,
+            "skipped_time_budget": list(result.skipped), "candidates": rows}
+
+
+def _split_line(data: dict[str, Any]) -> str:
+    split = data["holdout"]
+    if split is None:
+        return "Quality was measured only on the rows the search chose on (no held-out rows): treat it as optimistic."
+    how = ("a separate held-out file" if split["source"] == "given" else
+           f"{split['holdout_fraction']:.0%} of the evaluation rows drawn with seed {split['seed']}"
+           + (", in proportion per label" if split["stratified"] else ""))
+    return (f"Chosen on the selection part ({split['selection_rows']} rows); quality reported on the held-out part "
+            f"({split['holdout_rows']} rows, {how}), which the choice never saw.")
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -49,18 +67,23 @@ def report_markdown(data: dict[str, Any]) -> str:
     lines = [
         "# Optimization report", "",
         f"CPU: {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX2/VNNI'}). "
-        f"Metric: {data['metric']}; budget: drop ≤ {data['budget']}; search took {data['elapsed_s']} s.", "",
+        f"Metric: {data['metric']}; budget: drop ≤ {data['budget']} (judged on the selection part); "
+        f"search took {data['elapsed_s']} s.", "", _split_line(data), "",
         f"| recipe | engine | size (KB) | p50 ms (b=1) | p99 ms | rows/s (b={data['batch_size']}) | peak memory (MB) "
-        f"| {data['metric']} | drop | within | chosen |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|",
+        f"| selection {data['metric']} | selection drop | held-out {data['metric']} | held-out drop | within | chosen |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|:---:|",
     ]
+    metric = data["metric"]
     for r in data["candidates"]:
         lines.append(
             f"| {r['recipe']} | {r['engine']} | {_fmt(r['size_bytes'] and r['size_bytes'] / 1024, '.0f')} "
             f"| {_fmt(r['latency_p50_ms'], '.3f')} | {_fmt(r['latency_p99_ms'], '.3f')} | {_fmt(r['throughput_rows_s'], ',.0f')} "
-            f"| {_fmt(r['memory_bytes'] and r['memory_bytes'] / 1e6, '.1f')} | {_fmt(r[data['metric']], '.4f')} "
-            f"| {_fmt(r['drop'], '+.4f')} | {'yes' if r['within_budget'] else 'no'} | {'**yes**' if r['chosen'] else ''} |"
+            f"| {_fmt(r['memory_bytes'] and r['memory_bytes'] / 1e6, '.1f')} | {_fmt(r[f'selection_{metric}'], '.4f')} "
+            f"| {_fmt(r['selection_drop'], '+.4f')} | {_fmt(r[f'holdout_{metric}'], '.4f')} | {_fmt(r['holdout_drop'], '+.4f')} "
+            f"| {'yes' if r['within_budget'] else 'no'} | {'**yes**' if r['chosen'] else ''} |"
         )
+    if data["skipped_time_budget"]:
+        lines += ["", f"Not tried, the time budget was spent: {', '.join(data['skipped_time_budget'])}."]
     lines += ["", "## Notes", ""]
     for r in data["candidates"]:
         details = r["notes"] + ([f"error: {r['error']}"] if r["error"] else [])
@@ -87,8 +110,11 @@ def plot(data: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["candidates"] if r["latency_p50_ms"] is not None and r[data["metric"]] is not None]
-    points = [(r["latency_p50_ms"], r[data["metric"]] if data["metric"] != "mse" else -r[data["metric"]]) for r in rows]
+    # held-out quality where the candidates were graded on it, else (said on the axis) the selection's
+    part = "holdout" if data["holdout"] else "selection"
+    key = f"{part}_{data['metric']}"
+    rows = [r for r in data["candidates"] if r["latency_p50_ms"] is not None and r[key] is not None]
+    points = [(r["latency_p50_ms"], r[key] if data["metric"] != "mse" else -r[key]) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     markers = {"onnxruntime": "o", "openvino": "s", "tvm": "^", "torch": "D"}
     for engine in sorted({r.get("engine", "onnxruntime") for r in rows}):
@@ -102,7 +128,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
         if r["chosen"]:
             ax.scatter([x], [y], s=250, facecolors="none", edgecolors="black", label="chosen")
     ax.set_xlabel("latency p50 at batch 1 (ms)")
-    ax.set_ylabel(data["metric"] if data["metric"] != "mse" else "-mse")
+    ax.set_ylabel(("held-out " if part == "holdout" else "selection ") + (data["metric"] if data["metric"] != "mse" else "-mse"))
     ax.set_title("quality vs latency (green: within budget)")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

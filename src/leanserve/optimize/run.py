@@ -1,5 +1,9 @@
 """``leanserve optimize``: from a repository version and data, search for faster variants and register
-the fastest one within the accuracy budget as a new version, with its report."""
+the fastest one within the accuracy budget as a new version, with its report.
+
+The evaluation data is split (seeded, sizes recorded) into a selection part, on which the search
+chooses, and a held-out part, on which the chosen variant's quality is reported; ``--holdout DATA``
+gives the held-out part instead. The manifest and the report carry both figures, labelled."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import onnx
 from leanserve.artifact import Provenance, Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
+from leanserve.holdout import Split, given_holdout, split_holdout
 from leanserve.measure import LABELS, choose_metric
 from leanserve.optimize.recipe import Recipe, default_recipes, engine_recipes
 from leanserve.optimize.report import write_report
@@ -53,6 +58,18 @@ def load_data(path: str | Path, signature: Signature, what: str) -> dict[str, np
     return data
 
 
+def evaluation_split(signature: Signature, eval_path: str | Path, holdout_path: str | Path | None = None,
+                     holdout_fraction: float = 0.3, seed: int = 0) -> Split:
+    """The evaluation data as selection and held-out parts: ``holdout_path``'s rows held out when given,
+    else a seeded split of ``eval_path``'s rows. Raises InvalidInput for unusable files or too few rows."""
+    keep = (*signature.input_names, LABELS)  # other arrays in the file may have other row counts
+    data = {k: v for k, v in load_data(eval_path, signature, "evaluation").items() if k in keep}
+    if holdout_path:
+        held = load_data(holdout_path, signature, "held-out")
+        return given_holdout(data, {k: v for k, v in held.items() if k in keep})
+    return split_holdout(data, holdout_fraction, seed)
+
+
 def looks_like_transformer(path: Path) -> bool:
     """A graph with attention (Softmax between MatMuls) and layer norms is treated as BERT-like."""
     ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
@@ -60,7 +77,8 @@ def looks_like_transformer(path: Path) -> bool:
 
 
 def optimize(
-    repo: Repository, name: str, version: int | str | None = None, *, eval_path: str | Path,
+    repo: Repository, name: str, version: int | str | None = None, *, eval_path: str | Path | None = None,
+    holdout_path: str | Path | None = None, holdout_fraction: float = 0.3, seed: int = 0, split: Split | None = None,
     calib_path: str | Path | None = None, max_drop: str = "0.5%", metric: str | None = None,
     recipes: Sequence[Recipe] | None = None, time_budget_s: float = 600, objective: str = "latency",
     batch_size: int = 32, report_dir: str | Path | None = None, register: bool = True, progress: bool = True,
@@ -76,7 +94,13 @@ def optimize(
     ``variants`` adds ready-made ONNX files to the candidates (see ``torch_variants``: pruned and
     distilled students of the model's PyTorch source), measured exactly like the recipes' outputs.
 
-    Raises InvalidInput for unusable data or budget, UnsupportedFormat for non-ONNX versions.
+    The search chooses on a selection part of ``eval_path`` and grades every candidate on the rest
+    (``holdout_fraction`` of the rows, drawn by ``seed``), or on ``holdout_path``'s rows when given;
+    ``split`` passes parts already made (instead of the paths). Without ``calib_path`` static int8
+    calibrates on the selection inputs, never the held-out ones.
+
+    Raises InvalidInput for unusable data or budget (including too few rows to hold some out),
+    UnsupportedFormat for non-ONNX versions.
     """
     artifact = repo.get(name, version)
     if artifact.manifest.format != "onnx":
@@ -85,10 +109,14 @@ def optimize(
     if objective not in ("latency", "throughput"):
         raise InvalidInput(f"objective must be latency or throughput, got {objective!r}")
     budget = parse_budget(max_drop)
-    eval_data = load_data(eval_path, artifact.signature, "evaluation")
+    if split is None:
+        if eval_path is None:
+            raise InvalidInput("optimize needs evaluation data: pass eval_path (--eval DATA)")
+        split = evaluation_split(artifact.signature, eval_path, holdout_path, holdout_fraction, seed)
+    eval_data = split.selection
     calib = load_data(calib_path, artifact.signature, "calibration") if calib_path else None
     if calib is None:
-        log.warning("no --calib data: static quantization calibrates on the evaluation inputs")
+        log.warning("no --calib data: static quantization calibrates on the selection part of the evaluation inputs")
         calib = {n: eval_data[n] for n in artifact.signature.input_names}
     metric = choose_metric(eval_data, metric)
     options = options or repo.config(name).runtime
@@ -107,6 +135,7 @@ def optimize(
                             options=options, batch_size=batch_size, time_budget_s=time_budget_s,
                             objective=objective, progress=progress)
         result = searcher.run(chosen_recipes, variants)
+        searcher.grade_holdout(result, split.holdout, split.info)
         folder = Path(report_dir) if report_dir else Path(tmp) / "report"
         files = write_report(result, folder)
         ref = None
@@ -115,7 +144,8 @@ def optimize(
             ref = _register(repo, name, artifact.path.name, result, attachments)
             from leanserve.monitor.reference import build_reference
 
-            build_reference(repo, ref.name, ref.version, {n: eval_data[n] for n in artifact.signature.input_names})
+            build_reference(repo, ref.name, ref.version, {n: np.concatenate([split.selection[n], split.holdout[n]])
+                                                          for n in artifact.signature.input_names})
         if not report_dir:  # the temp folder goes away: point at the copies in the new version
             files = [repo.get(ref.name, ref.version, verify=False).path / f.name for f in files] if ref else []
     return OptimizeOutcome(result, ref, files)
@@ -143,11 +173,12 @@ def _register(repo: Repository, name: str, parent: str, result: SearchResult, fi
     metrics = {
         "latency_p50_ms": round(m.speed.latency_p50_ms, 4), "latency_p99_ms": round(m.speed.latency_p99_ms, 4),
         "throughput_rows_s": round(m.speed.throughput_rows_s, 1), "batch_size": m.speed.batch_size,
-        result.metric: m.quality, f"{result.metric}_drop": chosen.drop,
         "baseline_latency_p50_ms": round(result.baseline.measurement.speed.latency_p50_ms, 4),
-        f"baseline_{result.metric}": result.baseline.measurement.quality,
+        **quality_metrics(result),
     }
     metrics["engine"] = chosen.recipe.engine
+    if result.skipped:
+        metrics["recipes_skipped_time_budget"] = list(result.skipped)
     provenance = Provenance(source=f"leanserve optimize {name}:{parent}", parent=f"{name}:{parent}",
                             recipe={**chosen.recipe.to_dict(), "kept_float": list(chosen.kept_float)})
     model_file = chosen.path
@@ -156,6 +187,19 @@ def _register(repo: Repository, name: str, parent: str, result: SearchResult, fi
         shutil.copyfile(chosen.path, model_file)
     return repo.add(model_file, name, provenance=provenance, metrics=metrics, attachments=files,
                     runtime=chosen.recipe.engine)
+
+
+def quality_metrics(result: SearchResult) -> dict:
+    """The chosen variant's and the baseline's quality, labelled by the part of the data that measured
+    it: ``selection_top1`` chose it, ``holdout_top1`` is the figure to trust; ``holdout_split`` says how
+    many rows each part had and how they were drawn."""
+    chosen, base, metric = result.chosen, result.baseline, result.metric
+    metrics = {f"selection_{metric}": chosen.measurement.quality, f"selection_{metric}_drop": chosen.drop,
+               f"baseline_selection_{metric}": base.measurement.quality}
+    if result.holdout is not None:
+        metrics |= {f"holdout_{metric}": chosen.holdout_quality, f"holdout_{metric}_drop": chosen.holdout_drop,
+                    f"baseline_holdout_{metric}": base.holdout_quality, "holdout_split": result.holdout.to_dict()}
+    return metrics
 
 
 def torch_variants(module, example_inputs, x_train, y_train, folder: str | Path, *, input_names, output_names,

@@ -1,5 +1,8 @@
 """Accuracy-aware search: try recipes in order of expected gain, measure each on the same data, keep
-sensitive layers in float when a candidate breaks the budget, and pick the fastest one within it."""
+sensitive layers in float when a candidate breaks the budget, and pick the fastest one within it.
+
+The search chooses on its evaluation data (the *selection* part); ``grade_holdout`` then measures every
+candidate's quality on rows the choice never saw (the *held-out* part), which is the figure to report."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import numpy as np
 from leanserve.artifact import Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, LeanserveError
+from leanserve.holdout import SplitInfo
 from leanserve.measure import METRICS, Measurement, PeakMemory, Speed, file_size, measure_speed, quality_drop, run_all
 from leanserve.optimize import quantize
 from leanserve.optimize.recipe import QUANTIZING, Recipe, apply_recipe
@@ -62,16 +66,24 @@ class Candidate:
     notes: list[str] = field(default_factory=list)
     error: str | None = None
     kept_float: tuple[str, ...] = ()
+    holdout_quality: float | None = None  # quality on the held-out part (``measurement.quality`` is the selection's)
+    holdout_drop: float | None = None
 
 
 @dataclass
 class SearchResult:
+    """The search's candidates and choice. ``holdout`` says how the evaluation data was split (None when
+    the candidates were not graded on held-out rows); ``skipped`` names the recipes the time budget left
+    untried."""
+
     baseline: Candidate
     candidates: list[Candidate]
     chosen: Candidate | None
     metric: str
     budget: Budget
     elapsed_s: float
+    holdout: SplitInfo | None = None
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -113,9 +125,11 @@ class Searcher:
             candidate.notes.append("a ready-made variant (trained in PyTorch and exported)")
             candidates.append(candidate)
         bar = tqdm(recipes, desc="optimizing", unit="recipe", disable=not self.progress)
+        skipped: list[str] = []
         for tried, recipe in enumerate(bar):
             if self.time_left() <= 0:
-                log.warning("time budget spent; %d recipe(s) not tried", len(recipes) - tried)
+                skipped = [r.name for r in recipes[tried:]]
+                log.warning("time budget spent; %d recipe(s) not tried: %s", len(skipped), ", ".join(skipped))
                 break
             bar.set_postfix_str(recipe.name)
             candidate = self.try_recipe(recipe, baseline)
@@ -125,7 +139,42 @@ class Searcher:
                 candidates.extend(rescued)
         within = [c for c in [baseline, *candidates] if c.within_budget and c.measurement]
         chosen = min(within, key=self._cost) if within else None
-        return SearchResult(baseline, candidates, chosen, self.metric, self.budget, time.perf_counter() - self._started)
+        return SearchResult(baseline, candidates, chosen, self.metric, self.budget, time.perf_counter() - self._started,
+                            skipped=skipped)
+
+    def grade_holdout(self, result: SearchResult, holdout: Mapping[str, np.ndarray], info: SplitInfo) -> None:
+        """Measure the quality of the baseline and of every measured candidate on ``holdout`` (rows the
+        choice never saw), setting each one's ``holdout_quality`` and ``holdout_drop``; the choice stays.
+        Candidates whose file cannot be run again keep None (their selection figure is still reported)."""
+        base = self._quality_on(result.baseline, holdout, None)
+        if base is None:
+            raise LeanserveError("the original model cannot be measured on the held-out data")
+        reference, result.baseline.holdout_quality = base
+        result.baseline.holdout_drop = 0.0
+        for candidate in result.candidates:
+            if candidate.measurement is None or candidate.path is None:
+                continue
+            graded = self._quality_on(candidate, holdout, reference)
+            if graded is not None:
+                candidate.holdout_quality = graded[1]
+                candidate.holdout_drop = quality_drop(self.metric, result.baseline.holdout_quality, graded[1])
+        result.holdout = info
+
+    def _quality_on(self, candidate: Candidate, data: Mapping[str, np.ndarray],
+                    reference: dict[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], float] | None:
+        try:
+            session = load_file(candidate.path, self._engine_options(candidate.recipe))
+        except (LeanserveError, RuntimeError, ValueError, OSError) as exc:
+            log.warning("%s could not be loaded again for the held-out data: %s", candidate.recipe.name, exc)
+            return None
+        try:
+            outputs = run_all(session, data, self.batch_size)
+        except (LeanserveError, RuntimeError, ValueError) as exc:
+            log.warning("%s failed on the held-out data: %s", candidate.recipe.name, exc)
+            return None
+        finally:
+            session.close()
+        return outputs, METRICS[self.metric](outputs, data, reference if reference is not None else outputs)
 
     def time_left(self) -> float:
         return self.time_budget_s - (time.perf_counter() - self._started)
