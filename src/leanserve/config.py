@@ -8,6 +8,7 @@ validates itself; ``from_dict`` refuses unknown keys by name so a typo never pas
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -183,34 +184,66 @@ class TrafficConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """A guarded canary: ``canary`` gets ``steps`` percent of traffic in turn, each for at least
-    ``step_interval_s`` and ``min_requests``, while its error rate, p99 latency and (from feedback)
-    quality stay within bounds of the primary's; otherwise all traffic returns to ``primary``."""
+    """A guarded canary: ``canary`` gets ``steps`` percent of traffic in turn. Each step needs a minimum
+    sample and ``step_interval_s``; the canary advances only when every judged metric is shown, with
+    ``confidence``, to be no worse than the primary's beyond its margin, and is rolled back as soon as
+    one is shown, with the same confidence, to be worse beyond it. Otherwise it holds.
+
+    Defaults were chosen with ``benchmarks/rollout_bench.py`` (tuning seeds disjoint from its reporting
+    seeds): an identical canary is promoted and a 3-point-worse one rolled back in at least 19 of 20.
+    """
 
     canary: int | None = None
     primary: int | None = None
     steps: tuple[int, ...] = (5, 25, 50, 100)
     stage: int = 0
     step_interval_s: float = 60.0
+    # canary requests in a step before its error rate and latency are judged (the primary needs as many
+    # in the rollout); a floor, since proving a zero error rate within 1 point takes ~270 by itself
     min_requests: int = 50
-    max_error_rate_increase: float = 0.01
+    # one-sided confidence of every test: a rollback or an advance is each wrong at most ~5% of the time
+    # at one look; the margins below and the minimum samples keep repeated looks from inflating it much
+    confidence: float = 0.95
+    max_error_rate_increase: float = 0.01  # margin: allowed canary error rate minus primary's (fraction)
     max_p99_ratio: float = 1.5
     p99_slack_ms: float = 2.0  # small windows are noisy: also allow this much absolute excess
-    max_quality_drop: float = 0.02
-    min_quality_samples: int = 30
+    max_quality_drop: float = 0.015  # margin: allowed primary accuracy minus canary's (fraction)
+    # labelled canary samples (cumulative over the rollout) before accuracy is judged; below it the
+    # normal approximation behind the interval is poor and one wrong answer moves accuracy by >1 point
+    min_quality_samples: int = 100
     min_shadow_agreement: float | None = 0.95  # when the canary also ran as the primary's shadow
 
     def __post_init__(self) -> None:
-        _check(bool(self.steps) and all(_is_int(p) and 0 < p <= 100 for p in self.steps) and list(self.steps) == sorted(self.steps),
-               "rollout.steps", "expected increasing percentages between 1 and 100")
-        _check(_is_int(self.stage) and 0 <= self.stage < len(self.steps), "rollout.stage", "out of range")
-        _check(self.step_interval_s > 0 and self.min_requests >= 1, "rollout", "step_interval_s and min_requests must be positive")
-        _check(self.max_p99_ratio >= 1 and self.max_error_rate_increase >= 0 and self.max_quality_drop >= 0,
-               "rollout", "bounds must be non-negative (and max_p99_ratio >= 1)")
+        for name in ("canary", "primary"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and value >= 1), f"rollout.{name}", f"expected a version number, got {value!r}")
+        _check(isinstance(self.steps, (tuple, list)) and bool(self.steps) and all(_is_int(p) and 0 < p <= 100 for p in self.steps)
+               and list(self.steps) == sorted(self.steps), "rollout.steps", f"expected increasing percentages between 1 and 100, got {self.steps!r}")
+        _check(_is_int(self.stage) and 0 <= self.stage < len(self.steps), "rollout.stage",
+               f"expected a step index from 0 to {len(self.steps) - 1}, got {self.stage!r}")
+        _check_number(self.step_interval_s, "rollout.step_interval_s", "a positive number of seconds", above=0)
+        _check(_is_int(self.min_requests) and self.min_requests >= 1, "rollout.min_requests", f"expected a positive integer, got {self.min_requests!r}")
+        _check(_is_int(self.min_quality_samples) and self.min_quality_samples >= 1, "rollout.min_quality_samples",
+               f"expected a positive integer, got {self.min_quality_samples!r}")
+        _check_number(self.confidence, "rollout.confidence", "a probability from 0.5 to 0.999", at_least=0.5, at_most=0.999)
+        _check_number(self.max_error_rate_increase, "rollout.max_error_rate_increase", "a fraction from 0 to 1", at_least=0, at_most=1)
+        _check_number(self.max_quality_drop, "rollout.max_quality_drop", "a fraction from 0 to 1", at_least=0, at_most=1)
+        _check_number(self.max_p99_ratio, "rollout.max_p99_ratio", "a ratio of at least 1", at_least=1)
+        _check_number(self.p99_slack_ms, "rollout.p99_slack_ms", "a non-negative number of milliseconds", at_least=0)
+        if self.min_shadow_agreement is not None:
+            _check_number(self.min_shadow_agreement, "rollout.min_shadow_agreement", "a fraction from 0 to 1 or null", at_least=0, at_most=1)
 
     @property
     def active(self) -> bool:
         return self.canary is not None and self.primary is not None
+
+
+def _check_number(value: Any, where: str, expected: str, *, above: float | None = None,
+                  at_least: float | None = None, at_most: float | None = None) -> None:
+    """Raise InvalidInput naming ``where`` unless ``value`` is a finite real number within the bounds."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least) and (at_most is None or value <= at_most)
+    _check(ok, where, f"expected {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 
 @dataclass(frozen=True)
 class WindowStats:
-    """Requests, error rate, latency percentiles and throughput over the last ``window_s`` seconds."""
+    """Requests, error rate, latency percentiles and throughput over the last ``window_s`` seconds.
+
+    ``latencies_ms`` holds the latency of every successful request of the window, so the rollout
+    guard can test the canary's latencies against the primary's rather than compare two percentiles.
+    """
 
     requests: int
     errors: int
@@ -24,6 +28,22 @@ class WindowStats:
     p50_ms: float
     p99_ms: float
     throughput_rps: float
+    latencies_ms: np.ndarray = field(default_factory=lambda: np.empty(0), compare=False, repr=False)
+
+
+def window_stats(latencies_ms: np.ndarray, ok: np.ndarray, span_s: float) -> WindowStats:
+    """Statistics of one window's requests: ``latencies_ms`` and ``ok`` (bool) per request, observed
+    over ``span_s`` seconds. Percentiles are over successful requests only (zeros when there are none)."""
+    latencies_ms = np.asarray(latencies_ms, dtype=np.float64)
+    ok = np.asarray(ok, dtype=bool)
+    requests = int(ok.size)
+    if not requests:
+        return WindowStats(0, 0, 0.0, 0.0, 0.0, 0.0)
+    errors = requests - int(ok.sum())
+    good = latencies_ms[ok]
+    p50, p99 = np.percentile(good, (50, 99)) if good.size else (0.0, 0.0)
+    return WindowStats(requests, errors, errors / requests, float(p50), float(p99),
+                       requests / max(span_s, 1e-3), good)
 
 
 class LiveStats:
@@ -41,15 +61,13 @@ class LiveStats:
 
     def window(self, model: str, version: int, window_s: float = 60.0) -> WindowStats:
         """Statistics of the events of the last ``window_s`` seconds (zeros when there are none)."""
-        since = time.monotonic() - window_s
+        now = time.monotonic()
+        since = now - window_s
         recent = [e for e in self._events.get((model, version), ()) if e[0] >= since]
         if not recent:
             return WindowStats(0, 0, 0.0, 0.0, 0.0, 0.0)
-        latencies = np.array([e[1] for e in recent if e[2]] or [0.0])
-        errors = sum(1 for e in recent if not e[2])
-        span = max(time.monotonic() - recent[0][0], 1e-3)
-        return WindowStats(len(recent), errors, errors / len(recent), float(np.percentile(latencies, 50)),
-                           float(np.percentile(latencies, 99)), len(recent) / min(span, window_s))
+        span = min(max(now - recent[0][0], 1e-3), window_s)
+        return window_stats(np.array([e[1] for e in recent]), np.array([e[2] for e in recent]), span)
 
     def versions(self, model: str) -> list[int]:
         return sorted(v for m, v in self._events if m == model)

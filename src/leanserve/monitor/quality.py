@@ -10,17 +10,36 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class QualityCounts:
+    """How many of a version's ``labelled`` samples it predicted correctly: what a test of two
+    accuracies needs (an accuracy alone does not say how much evidence is behind it)."""
+
+    correct: int
+    labelled: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.correct <= self.labelled:
+            raise ValueError(f"expected 0 <= correct <= labelled, got {self.correct} of {self.labelled}")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.labelled if self.labelled else 0.0
+
+
+@dataclass(frozen=True)
 class Quality:
-    """One version's quality over its newest labelled samples."""
+    """One version's quality over its newest labelled samples; ``counts`` only for accuracy."""
 
     version: int
     metric: str  # "accuracy" or "mae"
     value: float
     samples: int
+    counts: QualityCounts | None = None
 
 
 def rolling_quality(rows: Sequence[dict[str, Any]]) -> list[Quality]:
-    """Per version: accuracy of the first output's arg-max against integer labels, else mean absolute error."""
+    """Per version: accuracy of the first output's arg-max against integer labels (with the counts
+    behind it), else mean absolute error."""
     by_version: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         by_version.setdefault(row["version"], []).append(row)
@@ -30,8 +49,15 @@ def rolling_quality(rows: Sequence[dict[str, Any]]) -> list[Quality]:
         scores = [next(iter(r["outputs"].values())) for r in items]
         if np.issubdtype(labels.dtype, np.integer):
             predicted = np.array([int(np.asarray(s).reshape(-1, np.asarray(s).shape[-1])[0].argmax()) for s in scores])
-            result.append(Quality(version, "accuracy", float((predicted == labels).mean()), len(items)))
+            counts = QualityCounts(int((predicted == labels).sum()), len(items))
+            result.append(Quality(version, "accuracy", counts.accuracy, len(items), counts))
         else:
             predicted = np.array([float(np.asarray(s).reshape(-1)[0]) for s in scores])
             result.append(Quality(version, "mae", float(np.abs(predicted - labels).mean()), len(items)))
     return result
+
+
+def accuracy_counts(rows: Sequence[dict[str, Any]]) -> dict[int, QualityCounts]:
+    """Version -> correct/labelled counts of the versions whose labels are classes (regression versions
+    are left out: their error has no counts to test)."""
+    return {q.version: q.counts for q in rolling_quality(rows) if q.counts is not None}
