@@ -137,8 +137,9 @@ def federate(repo: Repository, name: str, settings: RoundSettings, data: Trainin
 
 def federate_deployed(repo: Repository, name: str, settings: RoundSettings, held_out: TrainingData, listen: str, *,
                       version: int | None = None, join_timeout_s: float = 300.0, register: bool = True,
-                      canary: bool = True) -> FederatedResult:
-    """Run the rounds with real clients: a Flower SuperLink listens on ``listen`` (HOST:PORT), waits up to
+                      canary: bool = True, tls=None) -> FederatedResult:
+    """Run the rounds with real clients: Flower's Fleet API is served on ``listen`` (HOST:PORT; in TLS with
+    ``tls``, a ``federated_proxy.TlsFiles``) in front of a SuperLink no one else can reach, which waits up to
     ``join_timeout_s`` for ``settings.clients`` SuperNodes (``leanserve federate-client``), and the server
     evaluates every aggregate on ``held_out``. Registers the result as ``federate`` does. Every Flower
     process is stopped before this returns or raises. Raises InvalidInput for bad settings or an unusable
@@ -156,7 +157,7 @@ def federate_deployed(repo: Repository, name: str, settings: RoundSettings, held
     with tempfile.TemporaryDirectory(prefix="leanserve-federate-") as tmp:
         job_dir = Path(tmp)
         write_job(job_dir, Job(settings, held_out.input_name, join_timeout_s), module, held_out.x, held_out.y)
-        run_federation(listen, job_dir)
+        run_federation(listen, job_dir, tls=tls)
         outcome = read_outcome(job_dir)
     if not register:
         return FederatedResult(None, parent, outcome.accuracy, outcome.dropped, outcome.failed_rounds)
@@ -216,7 +217,7 @@ def register_federated(repo: Repository, parent: VersionRef, module, outcome: Ro
     import torch
 
     from leanserve.from_torch import export
-    from leanserve.monitor.rollout import start_rollout
+    from leanserve.traffic import start_rollout
     from leanserve.torch_source import SOURCE_FILE
 
     completed = settings.rounds - len(outcome.failed_rounds)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,9 +32,15 @@ def add_federate_commands(sub, command, add_repo) -> None:
                         "Default: scikit-learn digits (the demo CNN's task; its test split with --listen)")
     p.add_argument("--partition", default="iid", help="simulation: iid, dirichlet:ALPHA or classes:N")
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
-                   help="run a real federation: a Flower SuperLink on this address waits for --clients "
-                        "`leanserve federate-client` SuperNodes. Plaintext, and anyone who can reach the port can "
-                        "submit Flower runs to it: use loopback or a trusted network")
+                   help="run a real federation: waits for --clients `leanserve federate-client` SuperNodes on this "
+                        "address. The port serves only Flower's Fleet API (what SuperNodes call); the SuperLink's "
+                        "Control API (which accepts runs, i.e. code) and Runtime API listen on a Unix socket in a "
+                        "folder only you can enter, so no one else can submit code, loopback included. Any "
+                        "SuperNode that reaches the port can join and train: use --tls-cert/--tls-key and a "
+                        "trusted network. Flower's SuperNode key authentication is not wired up here")
+    p.add_argument("--tls-cert", metavar="PEM", default=None,
+                   help="--listen: certificate (chain) the port presents; clients pass its CA as --root-certificates")
+    p.add_argument("--tls-key", metavar="PEM", default=None, help="--listen: the certificate's private key")
     p.add_argument("--join-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="--listen: how long to wait for the clients to connect")
     p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round on each client")
@@ -58,6 +66,7 @@ def add_federate_commands(sub, command, add_repo) -> None:
 
 def cmd_federate(args) -> int:
     from leanserve.learn import federated
+    from leanserve.learn.federated_deploy import Terminated
     from leanserve.learn.federated_server import RoundSettings
     from leanserve.learn.partition import parse_partition
     from leanserve.repository import Repository
@@ -72,11 +81,16 @@ def cmd_federate(args) -> int:
     if not has_source(repo.get(ref.name, ref.version)):
         load_source(repo.get(ref.name, ref.version))  # raises UnsupportedFormat saying how to get a source
     input_name = federated.single_input_name(repo, ref)
+    tls = _tls_files(args)
     if args.listen:
         held_out = (federated.load_training_data(args.data, input_name) if args.data
                     else federated.digits_held_out(input_name))
-        result = federated.federate_deployed(repo, ref.name, settings, held_out, args.listen, version=ref.version,
-                                             join_timeout_s=args.join_timeout, canary=not args.no_canary)
+        try:
+            result = federated.federate_deployed(repo, ref.name, settings, held_out, args.listen, version=ref.version,
+                                                 join_timeout_s=args.join_timeout, canary=not args.no_canary, tls=tls)
+        except Terminated as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 128 + signal.SIGTERM
     else:
         data = (federated.load_training_data(args.data, input_name) if args.data
                 else federated.digits_training_data(input_name))
@@ -84,6 +98,19 @@ def cmd_federate(args) -> int:
                                     partition=parse_partition(args.partition), canary=not args.no_canary)
     _print_result(result, args.json)
     return 0
+
+
+def _tls_files(args):
+    """The --tls-cert/--tls-key pair, checked, or None; InvalidInput when only one is given or without --listen."""
+    from leanserve.learn.federated_proxy import TlsFiles
+
+    if args.tls_cert is None and args.tls_key is None:
+        return None
+    if args.tls_cert is None or args.tls_key is None:
+        raise InvalidInput("--tls-cert and --tls-key: give both (the certificate and its private key) or neither")
+    if not args.listen:
+        raise InvalidInput("--tls-cert/--tls-key: only with --listen (a simulation opens no port)")
+    return TlsFiles(Path(args.tls_cert), Path(args.tls_key)).check()
 
 
 def _print_result(result, as_json: bool) -> None:

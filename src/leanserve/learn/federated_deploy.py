@@ -1,15 +1,17 @@
 """Real deployments of federated rounds: the processes behind ``leanserve federate --listen`` (a Flower
 SuperLink, and the app run on it) and ``leanserve federate-client`` (a Flower SuperNode).
 
-The server side is Flower's supported deployment route: a ``flower-superlink`` process (one port carries
-its Fleet API for the SuperNodes, its Control API for submitting runs and its Runtime API for the ServerApp
-process it starts), then ``flwr run`` of the app project of ``federated_app``, streaming the ServerApp's
-log until the run ends. Every child is stopped on the way out, on errors and Ctrl-C too. Flower's processes
-get no telemetry, no update check and no dependency installation (``flower_env``), and a ``FLWR_HOME`` of
-their own inside the federation's working folder, so nothing is left in ``~/.flwr``.
+The server side is Flower's supported deployment route, fenced in: a ``flower-superlink`` process (one HTTP
+API carries its Fleet API for the SuperNodes, its Control API for submitting runs and its Runtime API for the
+ServerApp process it starts), then ``flwr run`` of the app project of ``federated_app``, streaming the
+ServerApp's log until the run ends. The SuperLink listens only on a Unix socket in a folder only this user
+can enter (``federated_socket``); the address the user asked for is served by ``federated_proxy``, which
+forwards the Fleet API and refuses everything else. So no port this opens accepts a run (code) from anyone.
 
-Flower's SuperLink accepts runs (code) from anyone who can reach its port; without Flower's enterprise
-authentication nothing stops them. Listen on loopback or a trusted network only.
+Every Flower process is started in a session (process group) of its own and is stopped, with all its
+descendants, on the way out: on normal exit, on errors, on Ctrl-C and on SIGTERM. Flower's processes get no
+telemetry, no update check and no dependency installation (``flower_env``), and a ``FLWR_HOME`` of their own
+inside the federation's working folder, so nothing is left in ``~/.flwr``.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -30,6 +35,8 @@ from pathlib import Path
 from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.learn.federated_app import write_app_project
 from leanserve.learn.federated_client import DATA_PATH_KEY, load_client_data
+from leanserve.learn.federated_proxy import FleetFront, TlsFiles
+from leanserve.learn.federated_socket import SOCKET_ENV, sitecustomize_source
 
 log = logging.getLogger(__name__)
 
@@ -77,25 +84,6 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _check_port_free(host: str, port: int) -> None:
-    with socket.socket(_family(host), socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise InvalidInput(f"--listen {host}:{port}: cannot listen there ({exc.strerror}); "
-                               "is another federation or server using the port?") from None
-
-
-def _reachable(host: str) -> str:
-    """The address a local client dials for a server listening on ``host`` (wildcards become loopback)."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -103,22 +91,89 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-# --- the server: a SuperLink and the app run on it --------------------------------------------------------
+# --- the server: a SuperLink behind the Fleet-only front, and the app run on it -------------------------------
 
-def run_federation(listen: str, job_dir: Path, *, start_timeout_s: float = 60.0) -> None:
-    """Start a SuperLink listening on ``listen`` (HOST:PORT), run the federation app whose job folder is
-    ``job_dir`` on it, copy the ServerApp's log to stderr until the run ends, and stop every process.
-    The outcome is left in ``job_dir`` (``federated_app.read_outcome``). Raises InvalidInput when the
-    address is unusable or taken, LeanserveError when the SuperLink or the run could not start."""
+class Terminated(LeanserveError):
+    """The federation was stopped by SIGTERM (after every Flower process was stopped)."""
+
+
+def run_federation(listen: str, job_dir: Path, *, tls: TlsFiles | None = None, start_timeout_s: float = 60.0) -> None:
+    """Serve Flower's Fleet API on ``listen`` (HOST:PORT; TLS with ``tls``) in front of a SuperLink on a
+    private Unix socket, run the federation app whose job folder is ``job_dir`` on it, copy the ServerApp's
+    log to stderr until the run ends, and stop every process. The outcome is left in ``job_dir``
+    (``federated_app.read_outcome``). Raises InvalidInput when the address is unusable or taken,
+    LeanserveError when the SuperLink or the run could not start, Terminated on SIGTERM."""
     host, port = parse_address(listen, "--listen")
-    if not _is_loopback(host):
-        log.warning("the SuperLink on %s also accepts runs (code) from anyone who can reach it: "
-                    "use a trusted network only", listen)
-    work = job_dir / "flower"
-    home = _flower_home(work / "home", f"{_reachable(host)}:{port}")
-    app = write_app_project(work / "app", job_dir)
-    with _superlink(host, port, home, work / "superlink.log", start_timeout_s):
-        _flwr_run(app, home)
+    if not _is_loopback(host) and tls is None:
+        log.warning("the Fleet API on %s is plaintext: model updates cross the network unencrypted "
+                    "(give --tls-cert and --tls-key)", listen)
+    public = _bind_public(host, port)
+    try:
+        work = _private_folder(job_dir / "flower")
+        sock_path = _socket_path(work)
+        env = _superlink_env(work, sock_path)
+        app = write_app_project(work / "app", job_dir)
+        with _stopped_on_sigterm(), ProcessTree() as tree:
+            _start_superlink(tree, env, sock_path, work / "superlink.log", start_timeout_s)
+            front = FleetFront(public, sock_path, tls)
+            front.start()
+            log.info("Fleet API on %s%s (the SuperLink itself: %s)", listen, " (TLS)" if tls else "", sock_path)
+            try:
+                _flwr_run(tree, app, env)
+            finally:
+                front.stop()
+    finally:
+        public.close()
+
+
+def _bind_public(host: str, port: int) -> socket.socket:
+    """The listening socket of the public port, bound now so that a taken port fails before Flower starts."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise InvalidInput(f"--listen {host}:{port}: cannot listen there ({exc.strerror}); "
+                           "is another federation or server using the port?") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+def _private_folder(folder: Path) -> Path:
+    """``folder``, created if needed, that only this user may enter (0700), with every parent's check done:
+    the SuperLink's socket inside it is then reachable by this user alone."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, stat.S_IRWXU)
+    return folder
+
+
+def _socket_path(work: Path) -> Path:
+    path = work / "superlink.sock"
+    if len(os.fsencode(path)) > 100:  # sockaddr_un holds 108 bytes with its terminator
+        raise InvalidInput(f"the federation's working folder {work} is too long a path for a Unix socket; "
+                           "set TMPDIR to a shorter folder")
+    return path
+
+
+def _superlink_env(work: Path, sock_path: Path) -> dict[str, str]:
+    """The environment of every server-side Flower process: ``flower_env`` plus ``federated_socket``'s
+    patch, loaded by a ``sitecustomize`` on PYTHONPATH, pointing them all at ``sock_path``."""
+    site = work / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(sitecustomize_source())
+    home = _flower_home(work / "home", f"127.0.0.1:{_NOWHERE_PORT}")
+    env = flower_env(home)
+    env[SOCKET_ENV] = str(sock_path)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    # Flower's legacy gRPC Control and Fleet servers listen on TCP ports of their own: keep them off.
+    env["FLWR_INTERNAL_GRPC_CONTROL_API"] = env["FLWR_INTERNAL_GRPC_FLEET_API"] = "0"
+    return env
+
+
+# The TCP port Flower's programs are told (they insist on one); nothing binds or dials it, the socket serves.
+_NOWHERE_PORT = 9093
 
 
 def _flower_home(home: Path, address: str) -> Path:
@@ -129,43 +184,40 @@ def _flower_home(home: Path, address: str) -> Path:
     return home
 
 
-@contextmanager
-def _superlink(host: str, port: int, home: Path, log_path: Path, start_timeout_s: float):
-    _check_port_free(host, port)
-    command = [_script("flower-superlink"), "--insecure", "--host", host, "--port", str(port),
+def _start_superlink(tree: ProcessTree, env: dict[str, str], sock_path: Path, log_path: Path,
+                     start_timeout_s: float) -> subprocess.Popen:
+    command = [_script("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(_NOWHERE_PORT),
                "--disable-runtime-dependency-installation"]
     with log_path.open("wb") as out:
-        process = subprocess.Popen(command, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL)
-    try:
-        _wait_until_listening(process, _reachable(host).strip("[]"), port, log_path, start_timeout_s)
-        log.info("SuperLink listening on %s:%d (log: %s)", host, port, log_path)
-        yield process
-    finally:
-        stop_process(process, "SuperLink")
+        process = tree.start(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _wait_for_socket(process, sock_path, log_path, start_timeout_s)
+    if stat.S_IMODE(sock_path.parent.stat().st_mode) != stat.S_IRWXU:
+        raise LeanserveError(f"{sock_path.parent} is no longer private (0700); refusing to run")
+    return process
 
 
-def _wait_until_listening(process: subprocess.Popen, host: str, port: int, log_path: Path, timeout_s: float) -> None:
+def _wait_for_socket(process: subprocess.Popen, path: Path, log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         if process.poll() is not None:
             raise LeanserveError(f"the Flower SuperLink exited with status {process.returncode} at start:\n"
                                  f"{_tail(log_path)}")
         try:
-            with socket.create_connection((host, port), timeout=1.0):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(str(path))
                 return
         except OSError:
             if time.monotonic() >= deadline:
-                raise LeanserveError(f"the Flower SuperLink did not listen on port {port} within {timeout_s:g} s:\n"
+                raise LeanserveError(f"the Flower SuperLink did not listen on {path} within {timeout_s:g} s:\n"
                                      f"{_tail(log_path)}") from None
             time.sleep(0.2)
 
 
-def _flwr_run(app: Path, home: Path) -> None:
+def _flwr_run(tree: ProcessTree, app: Path, env: dict[str, str]) -> None:
     """``flwr run`` the app on the configured SuperLink and copy the run's streamed log to stderr until it ends."""
     command = [_script("flwr"), "run", str(app), _CONNECTION, "--stream"]
-    process = subprocess.Popen(command, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, text=True, errors="replace")
+    process = tree.start(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         errors="replace")
     last = deque(maxlen=20)
     try:
         for line in process.stdout:
@@ -173,23 +225,114 @@ def _flwr_run(app: Path, home: Path) -> None:
             sys.stderr.write(line)
         process.wait()
     finally:
-        stop_process(process, "flwr run")
+        process.stdout.close()
     if process.returncode != 0:
         raise LeanserveError(f"`flwr run` failed with status {process.returncode}:\n{''.join(last)}")
 
 
-def stop_process(process: subprocess.Popen, what: str, grace_s: float = 10.0) -> None:
-    """Ask ``process`` to stop (SIGTERM), kill it after ``grace_s``, and reap it."""
-    if process.poll() is None:
-        process.terminate()
+@contextmanager
+def _stopped_on_sigterm():
+    """Turn SIGTERM into Terminated while the block runs (in the main thread), so that its ``finally``
+    clauses stop the Flower processes; the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated("stopped by SIGTERM; every Flower process was stopped, nothing registered")
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class ProcessTree:
+    """Child processes, each in a session (process group) of its own, stopped with all their descendants when
+    the ``with`` block ends, however it ends. Flower detaches some of its helpers into sessions of their own
+    (``flower-superexec``, the ServerApp), so the descendants are found by parentage (psutil), before any is
+    signalled: once a parent exits its children are re-parented and could no longer be found."""
+
+    def __init__(self, grace_s: float = 10.0) -> None:
+        self.grace_s = grace_s
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, command: list[str], **popen) -> subprocess.Popen:
+        """``subprocess.Popen(command, **popen)`` in a new session, stdin closed."""
+        process = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, **popen)
+        self.processes.append(process)
+        return process
+
+    def __enter__(self) -> ProcessTree:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM every child's process group and every descendant, SIGKILL what is left after ``grace_s``."""
+        import psutil
+
+        # A second SIGTERM while stopping must not cut the stopping short.
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if in_main else None
         try:
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("%s (pid %d) did not stop within %g s; killing it", what, process.pid, grace_s)
-            process.kill()
-            process.wait()
-    if process.stdout:
-        process.stdout.close()
+            victims = _descendants_and_self([p.pid for p in self.processes if p.poll() is None])
+            for pgid in {p.pid for p in self.processes}:
+                _signal_group(pgid, signal.SIGTERM)
+            for proc in victims:
+                _signal(proc, signal.SIGTERM)
+            _, alive = psutil.wait_procs(victims, timeout=self.grace_s)
+            for proc in alive:
+                log.warning("%s (pid %d) did not stop within %g s; killing it", _name(proc), proc.pid, self.grace_s)
+                _signal(proc, signal.SIGKILL)
+            for pgid in {p.pid for p in self.processes}:
+                _signal_group(pgid, signal.SIGKILL)
+            for process in self.processes:
+                process.wait()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _descendants_and_self(pids: list[int]) -> list:
+    import psutil
+
+    found = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for proc in [root, *root.children(recursive=True)]:
+                found[proc.pid] = proc
+        except psutil.NoSuchProcess:
+            continue
+    return list(found.values())
+
+
+def _signal(proc, signum: int) -> None:
+    import psutil
+
+    try:
+        proc.send_signal(signum)
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):  # the group is gone (or its id reused by someone else's)
+        pass
+
+
+def _name(proc) -> str:
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline()[:2]) or proc.name()
+    except psutil.Error:  # gone or not ours to read: the name is only a label for a log line
+        return "process"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
