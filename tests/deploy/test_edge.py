@@ -89,6 +89,46 @@ def test_cnn_edge_report_has_what_the_child_measured_under_the_profile(cnn_edge)
     assert report["host"]["model"]
 
 
+def test_cnn_edge_version_reports_held_out_accuracy_beside_the_selection_figure(cnn_edge, digits):
+    from leanserve.holdout import split_holdout
+    from leanserve.runtime import load_file
+
+    repo, status, _ = cnn_edge
+    _, x_test, _, y_test = digits
+    artifact = repo.get("cnn", 2)
+    metrics = artifact.manifest.metrics
+    assert {"holdout_top1", "holdout_top1_drop", "baseline_holdout_top1", "selection_top1", "selection_top1_drop"} <= set(metrics)
+    held = split_holdout({"image": x_test, "labels": y_test}, 0.3, 0).holdout  # the command's default split
+    assert metrics["holdout_split"] == {"source": "split", "selection_rows": len(x_test) - len(held["labels"]),
+                                        "holdout_rows": len(held["labels"]), "seed": 0, "holdout_fraction": 0.3,
+                                        "stratified": True}
+    session = load_file(artifact.model_path)
+    logits = session.run({"image": held["image"]})["logits"]
+    session.close()
+    assert metrics["holdout_top1"] == pytest.approx(np.mean(logits.argmax(1) == held["labels"]), abs=1e-6)
+    report = json.loads((artifact.path / REPORT_JSON).read_text())
+    assert report["accuracy"]["artifact"] == pytest.approx(metrics["holdout_top1"], abs=1e-6)
+    assert "accuracy above: held-out rows the choice never saw (selection" in (artifact.path / REPORT_MD).read_text()
+
+
+def test_edge_reports_accuracy_on_the_holdout_file_when_given(affine_repo, capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "eval.npz", x=rng.normal(size=(40, 4)).astype(np.float32))
+    np.savez(tmp_path / "held.npz", x=rng.normal(size=(12, 4)).astype(np.float32))
+    status, _, err = _edge(capsys, "affine", "--eval", str(tmp_path / "eval.npz"), "--holdout", str(tmp_path / "held.npz"),
+                           "--profile", "tiny", "--seconds", "0.1", "--repo", str(affine_repo.root))
+    assert status == 0, err
+    split = affine_repo.get("affine", 2).manifest.metrics["holdout_split"]
+    assert (split["source"], split["selection_rows"], split["holdout_rows"]) == ("given", 40, 12)
+
+
+def test_edge_refuses_evaluation_data_too_small_to_hold_rows_out(affine_repo, capsys, tmp_path):
+    np.savez(tmp_path / "eval.npz", x=np.zeros((20, 4), np.float32))
+    status, _, err = _edge(capsys, "affine", "--eval", str(tmp_path / "eval.npz"), "--repo", str(affine_repo.root))
+    assert status == 1 and "evaluation data has 20 rows" in err and "at least 10" in err
+    assert affine_repo.versions("affine") == [1]
+
+
 def test_predict_runs_the_edge_version(cnn_edge, capsys, digits):
     repo, _, folder = cnn_edge
     np.savez(folder / "request.npz", image=digits[1][:3])

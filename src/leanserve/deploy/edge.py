@@ -8,6 +8,10 @@ when within budget (``edge_executorch``). Either runs in a child process held to
 memory (``edge_device``) and is registered as a new version with a Markdown + JSON device report
 (``edge_report``). Nothing is registered when any step fails, including a run that does not fit the
 profile's memory.
+
+With evaluation data, the int8 choice is made on a selection part of it and the artifact's accuracy is
+reported on the held-out rest (``leanserve.holdout``; or ``holdout_path``'s rows): both figures go into
+the report and the manifest, labelled.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from leanserve.artifact import ModelArtifact, Provenance, Signature
 from leanserve.deploy.edge_device import PROFILES, DeviceProfile, host_notes, run_on_device
 from leanserve.deploy.edge_report import REPORT_JSON, REPORT_MD, Accuracy, EdgeReport, measure_accuracy, write_report
 from leanserve.errors import InvalidInput, LeanserveError, ModelLoadError, UnsupportedFormat
+from leanserve.holdout import Split
 from leanserve.formats import read_model
 from leanserve.measure import file_size
 from leanserve.repository import Repository, VersionRef
@@ -89,19 +94,22 @@ def build_edge(
     profile: DeviceProfile = PROFILES["phone"], eval_path: str | Path | None = None,
     calib_path: str | Path | None = None, max_drop: str = "1%", report_dir: str | Path | None = None,
     time_budget_s: float = 300.0, probe_time_s: float = 1.0, progress: bool = False,
+    holdout_path: str | Path | None = None, holdout_fraction: float = 0.3, seed: int = 0,
 ) -> EdgeOutcome:
     """Build ``target``'s artifact of ``name:version``, test it under ``profile`` and register it.
 
     With ``eval_path`` the int8 variants are searched within ``max_drop`` and the artifact's own accuracy
     is measured; without it, int8 is used unchecked (ORT: dynamic int8; ExecuTorch: static int8 calibrated
     on ``calib_path``, else dynamic) and the report says so. The report is also written to ``report_dir``
-    when given. Raises InvalidInput (unknown target, bad data), UnsupportedFormat (a version or target that
-    cannot be built here, saying what to do), DoesNotFit (the run under the profile failed); the
-    repository is unchanged whenever it raises.
+    when given. The choice uses a selection part of the evaluation data; the reported accuracy is
+    measured on the held-out rest (``holdout_fraction`` of the rows drawn by ``seed``), or on
+    ``holdout_path``'s rows when given. Raises InvalidInput (unknown target, bad or too little data),
+    UnsupportedFormat (a version or target that cannot be built here, saying what to do), DoesNotFit (the
+    run under the profile failed); the repository is unchanged whenever it raises.
     """
     if target not in TARGETS:
         raise InvalidInput(f"unknown edge target {target!r}; choose one of {', '.join(TARGETS)}")
-    from leanserve.optimize.run import load_data
+    from leanserve.optimize.run import evaluation_split, load_data
 
     artifact = repo.get(name, version)
     source = f"{name}:{artifact.path.name}"
@@ -112,20 +120,22 @@ def build_edge(
     elif artifact.manifest.format != "onnx":
         raise UnsupportedFormat(f"--target ort converts ONNX versions; {source} is {artifact.manifest.format} "
                                 "(give an ONNX version, or export the model with leanserve export first)")
-    data = load_data(eval_path, artifact.signature, "evaluation") if eval_path else None
+    split = evaluation_split(artifact.signature, eval_path, holdout_path, holdout_fraction, seed) if eval_path else None
+    data = split.selection if split else None  # chooses; split.holdout grades
     with tempfile.TemporaryDirectory(prefix="leanserve-edge-") as tmp:
         work = Path(tmp)
         if target == "ort":
-            built = _build_ort(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work)
+            built = _build_ort(repo, name, artifact, split, calib_path, max_drop, time_budget_s, progress, work)
         else:
             calib = load_data(calib_path, artifact.signature, "calibration") if calib_path else None
             built = _build_pte(artifact, data, calib, max_drop, work)
+        held_out = measure_accuracy(artifact, built.path, split.holdout, max_drop) if split else None
         run = run_on_device(built.path, _samples(artifact.signature, data), profile, min_time_s=probe_time_s)
         report = EdgeReport(
             source=source, target=target, artifact_file=built.path.name, recipe=built.recipe, int8=built.int8,
             original_bytes=_model_bytes(artifact), artifact_bytes=file_size(built.path), operators=built.operators,
-            profile=profile, device=run, accuracy=built.accuracy, kept_float=built.kept_float,
-            notes=built.notes + host_notes(profile))
+            profile=profile, device=run, accuracy=held_out, kept_float=built.kept_float,
+            notes=_holdout_notes(split, built.accuracy) + built.notes + host_notes(profile))
         files = write_report(report, work / "report")
         if report_dir:
             files_out = write_report(report, Path(report_dir))
@@ -133,15 +143,16 @@ def build_edge(
         if not run.fits:
             raise DoesNotFit(f"{source} as {target} did not run within the {profile.describe()} profile: {run.error}; "
                              "choose a larger profile or raise --memory-mb (nothing was registered)", report)
-        ref = repo.add(built.path, name, provenance=_provenance(source, target, built), metrics=_metrics(report),
+        ref = repo.add(built.path, name, provenance=_provenance(source, target, built), metrics=_metrics(report, built.accuracy, split),
                        attachments=[*built.attachments, *files], runtime=built.runtime)
         stored = repo.get(ref.name, ref.version, verify=False).path
     return EdgeOutcome(ref, report, tuple(stored / f.name for f in files))
 
 
-def _build_ort(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work) -> _Built:
-    variant = (_search_int8(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work)
-               if data is not None else _dynamic_int8(artifact, work))
+def _build_ort(repo, name, artifact, split, calib_path, max_drop, time_budget_s, progress, work) -> _Built:
+    data = split.selection if split else None
+    variant = (_search_int8(repo, name, artifact, split, calib_path, max_drop, time_budget_s, progress, work)
+               if split is not None else _dynamic_int8(artifact, work))
     ort_file, operators_file = convert_to_ort(variant.path, work / "ort")
     accuracy = measure_accuracy(artifact, ort_file, data, max_drop) if data is not None else None
     return _Built(ort_file, (operators_file,), "onnxruntime", variant.recipe, variant.int8,
@@ -186,14 +197,15 @@ def _dynamic_int8_recipe():
     return Recipe("dynamic int8", (Step("dynamic_int8"),))
 
 
-def _search_int8(repo, name, artifact, data, eval_path, calib_path, max_drop, time_budget_s, progress, work) -> _Int8:
+def _search_int8(repo, name, artifact, split, calib_path, max_drop, time_budget_s, progress, work) -> _Int8:
     """The smallest int8 candidate within budget from the optimizer's search (recreated here, because the
     search keeps its files only while it runs); the fp32 original, said plainly, when none is."""
     from leanserve.optimize.recipe import apply_recipe
     from leanserve.optimize.run import load_data, optimize
     from leanserve.optimize.steps import PassContext
 
-    outcome = optimize(repo, name, artifact.path.name, eval_path=eval_path, calib_path=calib_path, max_drop=max_drop,
+    data = split.selection
+    outcome = optimize(repo, name, artifact.path.name, split=split, calib_path=calib_path, max_drop=max_drop,
                        recipes=int8_recipes(artifact.model_path), time_budget_s=time_budget_s,
                        register=False, progress=progress, report_dir=work / "search")
     within = [c for c in outcome.result.candidates
@@ -289,14 +301,30 @@ def _provenance(source: str, target: str, built: _Built) -> Provenance:
                               "converter": built.converter})
 
 
-def _metrics(report: EdgeReport) -> dict[str, Any]:
+def _holdout_notes(split: Split | None, selection: Accuracy | None) -> tuple[str, ...]:
+    """What the report's accuracy line was measured on, and the selection figure beside it."""
+    if split is None or selection is None:
+        return ()
+    return (f"accuracy above: held-out rows the choice never saw ({split.info.describe()}); on the selection rows "
+            f"that chose the artifact: {selection.metric} {selection.artifact:.4f} vs {selection.original:.4f} "
+            f"(drop {selection.drop:+.4f})",)
+
+
+def _metrics(report: EdgeReport, selection: Accuracy | None = None, split: Split | None = None) -> dict[str, Any]:
     metrics: dict[str, Any] = {"edge_target": report.target, "edge_profile": report.profile.name,
                                "size_ratio_vs_fp32": round(report.size_ratio, 4),
                                "device_peak_rss_mb": report.device.peak_rss_mb,
                                "device_runtime_rss_mb": report.device.runtime_rss_mb,
                                "device_latency_p50_ms": report.device.latency_p50_ms,
                                "device_latency_p99_ms": report.device.latency_p99_ms}
-    if report.accuracy:
-        metrics[report.accuracy.metric] = round(report.accuracy.artifact, 6)
-        metrics[f"{report.accuracy.metric}_drop"] = round(report.accuracy.drop, 6)
+    if report.accuracy:  # measured on the held-out rows; the selection figure chose the artifact
+        metric = report.accuracy.metric
+        metrics[f"holdout_{metric}"] = round(report.accuracy.artifact, 6)
+        metrics[f"holdout_{metric}_drop"] = round(report.accuracy.drop, 6)
+        metrics[f"baseline_holdout_{metric}"] = round(report.accuracy.original, 6)
+    if selection:
+        metrics[f"selection_{selection.metric}"] = round(selection.artifact, 6)
+        metrics[f"selection_{selection.metric}_drop"] = round(selection.drop, 6)
+    if split:
+        metrics["holdout_split"] = split.info.to_dict()
     return metrics

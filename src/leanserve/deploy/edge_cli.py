@@ -16,7 +16,8 @@ def cmd_edge(args) -> int:
     try:
         outcome = build_edge(repo, name, version or None, target=args.target, profile=profile, eval_path=args.eval,
                              calib_path=args.calib, max_drop=args.max_accuracy_drop, report_dir=args.report_dir,
-                             time_budget_s=args.time_budget, probe_time_s=args.seconds, progress=args.progress)
+                             time_budget_s=args.time_budget, probe_time_s=args.seconds, progress=args.progress,
+                             holdout_path=args.holdout, holdout_fraction=args.holdout_fraction, seed=args.seed)
     except DoesNotFit as exc:
         print(exc.report.to_markdown())
         print(f"error: {exc}", file=sys.stderr)
@@ -46,6 +47,11 @@ def add_edge_command(sub, command, add_repo) -> None:
     p.add_argument("--eval", metavar="NPZ", help="evaluation data (.npz, one array per input, plus labels): int8 variants "
                    "are searched within the budget; without it, int8 is used unchecked (dynamic; executorch: static "
                    "when --calib is given)")
+    p.add_argument("--holdout", metavar="NPZ", help="held-out data the artifact's accuracy is reported on (default: "
+                   "hold out --holdout-fraction of --eval's rows; the int8 choice uses the rest)")
+    p.add_argument("--holdout-fraction", type=float, default=0.3, metavar="F",
+                   help="share of --eval's rows held out from the choice to report accuracy on, when no --holdout")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     p.add_argument("--calib", metavar="NPZ", help="calibration data for static int8 (default: the evaluation inputs)")
     p.add_argument("--max-accuracy-drop", default="1%",
                    help="largest quality drop accepted: 1%% = 1 point, 1%%rel = 1%% of the original, 0.01 as is")
