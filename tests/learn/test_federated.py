@@ -272,37 +272,74 @@ def _leanserve(*args) -> list[str]:
 
 
 def _live_processes_mentioning(text: str) -> list[str]:
-    """Command lines of running (not zombie) processes that contain ``text``."""
+    """Command lines of running (not zombie) processes that contain ``text`` in their command line, or in their
+    environment (every server-side Flower process of a federation has the SuperLink's socket path there)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes().decode(errors="replace")
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             continue
-        if text in cmdline and state != "Z" and proc.name != str(os.getpid()):
+        if (text in cmdline or text in environ) and state != "Z" and proc.name != str(os.getpid()):
             found.append(cmdline)
     return found
 
 
 def _no_process_left(port: int) -> bool:
-    return not _live_processes_mentioning(f"127.0.0.1:{port}")
+    """No process of a federation on ``port`` lives: none naming the port, and no Flower process of any
+    federation (whose environment names its SuperLink's socket)."""
+    from leanserve.learn.federated_socket import SOCKET_ENV
+
+    return not _live_processes_mentioning(f"127.0.0.1:{port}") and not _live_processes_mentioning(f"{SOCKET_ENV}=")
 
 
 def _stop(process: subprocess.Popen) -> None:
+    """Stop ``process`` and its process group (every test-started process leads one: start_new_session)."""
     if process.poll() is None:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # what the leader left behind in its group
+    except ProcessLookupError:
+        pass
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(certificate, key) PEM files of a self-signed certificate for 127.0.0.1 and localhost."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
 
 
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory, digits):
-    """`leanserve federate --listen` on a loopback port and three `leanserve federate-client` processes, two
-    rounds; client 2's data has a NaN image, so its updates are NaN."""
+    """`leanserve federate --listen` on a loopback port in TLS and three `leanserve federate-client` processes
+    trusting its certificate, two rounds; client 2's data has a NaN image, so its updates are NaN."""
     root = tmp_path_factory.mktemp("deployed")
     repo = _untrained_cnn_repo(root)
     x_train, x_test, y_train, y_test = digits
@@ -314,14 +351,18 @@ def deployed(tmp_path_factory, digits):
         files.append(root / f"client-{client}.npz")
         np.savez(files[-1], image=images, labels=y_train[idx])
     np.savez(root / "eval.npz", image=x_test, labels=y_test)
+    cert, key = self_signed_certificate(root)
     port, env = free_port(), {**os.environ, **NO_PHONING_HOME}
     server = subprocess.Popen(_leanserve("federate", "cnn", "--repo", repo.root, "--listen", f"127.0.0.1:{port}",
                                          "--clients", 3, "--rounds", 2, "--local-epochs", 1, "--data", root / "eval.npz",
-                                         "--join-timeout", 120, "--json"),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    clients = [subprocess.Popen(_leanserve("federate-client", "--server", f"127.0.0.1:{port}", "--data", path),
+                                         "--join-timeout", 120, "--json",
+                                         "--tls-cert", cert, "--tls-key", key),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    clients = [subprocess.Popen(_leanserve("federate-client", "--server", f"127.0.0.1:{port}", "--data", path,
+                                           "--root-certificates", cert),
                                 env={**env, "FLWR_HOME": str(root / f"home-{n}")},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
                for n, path in enumerate(files)]
     try:
         out, err = server.communicate(timeout=280)
@@ -388,7 +429,8 @@ def test_ctrl_c_stops_a_waiting_federation_and_every_flower_process(tmp_path):
     port = free_port()
     server = subprocess.Popen(_leanserve("federate", "cnn", "--repo", repo.root, "--listen", f"127.0.0.1:{port}",
                                          "--clients", 2, "--join-timeout", 90, "--data", _eval_file(tmp_path)),
-                              env={**os.environ, **NO_PHONING_HOME}, stderr=subprocess.PIPE, text=True)
+                              env={**os.environ, **NO_PHONING_HOME}, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         for line in server.stderr:  # the ServerApp is running once it reports who has joined
@@ -400,6 +442,23 @@ def test_ctrl_c_stops_a_waiting_federation_and_every_flower_process(tmp_path):
         _stop(server)
         server.stderr.close()
     wait_until(lambda: _no_process_left(port), timeout_s=20, interval_s=0.2, what="Flower processes to exit")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tls-cert", "{cert}"], "--tls-cert and --tls-key: give both"),
+    (["--tls-cert", "{missing}", "--tls-key", "{key}"], "--tls-cert {missing}: no such file"),
+    (["--tls-cert", "{key}", "--tls-key", "{key}"], "not a PEM certificate and its private key"),
+])
+def test_federate_listen_refuses_unusable_tls_files_naming_the_flag(tmp_path, capsys, flags, message):
+    from leanserve.cli import main
+
+    repo = _untrained_cnn_repo(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
+    paths = {"cert": cert, "key": key, "missing": tmp_path / "missing.pem"}
+    code = main(["federate", "cnn", "--repo", str(repo.root), "--listen", f"127.0.0.1:{free_port()}",
+                 *[f.format(**paths) for f in flags]])
+    assert code != 0
+    assert message.format(**paths) in capsys.readouterr().err
 
 
 def test_federate_client_refuses_a_data_file_that_is_not_npz(tmp_path, capsys):
