@@ -37,3 +37,30 @@ def test_a_version_without_source_says_how_to_get_one(affine_repo):
     assert not has_program(artifact)
     with pytest.raises(UnsupportedFormat, match="no torch.export program.*leanserve export"):
         load_program(artifact)
+
+
+class _FixedBatch(torch.nn.Module):
+    """Reshapes to a batch of exactly 4: torch.export cannot give it a dynamic batch axis."""
+
+    def forward(self, x):
+        return x.reshape(4, -1).sum(1)
+
+
+def test_a_module_with_a_fixed_batch_is_kept_with_fixed_shapes_and_the_fallback_is_logged_and_recorded(tmp_path, caplog):
+    from leanserve.torch_source import program_export_info, save_program
+
+    with caplog.at_level("WARNING", logger="leanserve.torch_source"):
+        path = save_program(_FixedBatch(), torch.zeros(4, 3), tmp_path)
+    assert "dynamic batch axis failed (Constraints violated (batch)" in caplog.text and "(batch 4)" in caplog.text
+    info = program_export_info(path)
+    assert info["batch_axis"] == "fixed (4)" and info["fallback"].startswith("dynamic batch export failed: Constraints")
+    assert torch.export.load(str(path)).module()(torch.ones(4, 3)).tolist() == [3.0] * 4
+
+
+def test_a_module_with_a_free_batch_axis_is_exported_dynamic_without_a_fallback(tmp_path, caplog):
+    from leanserve.torch_source import program_export_info, save_program
+
+    with caplog.at_level("WARNING", logger="leanserve.torch_source"):
+        path = save_program(torch.nn.Linear(3, 2), torch.zeros(4, 3), tmp_path)
+    assert program_export_info(path) == {"batch_axis": "dynamic", "fallback": None}
+    assert "dynamic batch axis failed" not in caplog.text

@@ -6,12 +6,14 @@ an ONNX graph. ``leanserve export --name`` and ``leanserve demo`` attach a Torch
 keeps parameters trainable and loads without the Python class that defined the model.
 
 Device compilers (ExecuTorch) read ``torch.export`` programs, which TorchScript cannot become, so the same
-commands also attach the module as an exported program (``torch_source.pt2``, batch axis dynamic); a
-torch.export version is its own program.
+commands also attach the module as an exported program (``torch_source.pt2``, batch axis dynamic where
+the module allows it, else the example's fixed shapes: logged, and recorded inside the program, where
+``program_export_info`` reads it); a torch.export version is its own program.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_FILE = "torch_source.pt"
 PROGRAM_FILE = "torch_source.pt2"
+EXPORT_INFO = "leanserve_export.json"  # inside the .pt2 archive: how the program was exported
 
 
 def save_source(module, example_inputs, folder: str | Path) -> Path:
@@ -73,7 +76,8 @@ def save_program(module, example_inputs, folder: str | Path) -> Path | None:
     was_training = module.training
     module.eval()
     try:
-        torch.export.save(_export(module, example), str(path))
+        program, info = _export(module, example)
+        torch.export.save(program, str(path), extra_files={EXPORT_INFO: json.dumps(info)})
     except Exception as exc:  # torch.export raises many types (UserError, Unsupported, RuntimeError, ...)
         log.warning("no torch.export program kept with the version, so `leanserve edge --target executorch` "
                     "cannot use it: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
@@ -83,14 +87,33 @@ def save_program(module, example_inputs, folder: str | Path) -> Path | None:
     return path
 
 
-def _export(module, example: tuple):
+def _export(module, example: tuple) -> tuple:
+    """(program, info): exported with a dynamic batch axis, or, when the module fixes its batch size (or
+    the example has one row), with the example's shapes; ``info`` says which and why, for the version."""
     import torch
+    from torch._dynamo.exc import UserError
 
     batch = torch.export.Dim("batch")
     try:
-        return torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
-    except Exception:  # a fixed batch axis (or an example of one row): the program keeps the example's shapes
-        return torch.export.export(module, example)
+        program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
+        return program, {"batch_axis": "dynamic", "fallback": None}
+    except UserError as exc:  # "Constraints violated (batch)": the module specializes the batch axis
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    rows = int(example[0].shape[0]) if example and hasattr(example[0], "shape") and example[0].dim() else 1
+    log.warning("torch.export with a dynamic batch axis failed (%s); the program keeps the example's fixed shapes "
+                "(batch %d), so device compilers see only that batch size", reason, rows)
+    program = torch.export.export(module, example)
+    return program, {"batch_axis": f"fixed ({rows})", "fallback": f"dynamic batch export failed: {reason}"}
+
+
+def program_export_info(path: str | Path) -> dict:
+    """How the program at ``path`` was exported: ``{"batch_axis": "dynamic" or "fixed (N)", "fallback":
+    None or why the dynamic export failed}``; ``{}`` for a program leanserve did not write."""
+    import torch
+
+    extra = {EXPORT_INFO: ""}
+    torch.export.load(str(path), extra_files=extra)
+    return json.loads(extra[EXPORT_INFO]) if extra[EXPORT_INFO] else {}
 
 
 def has_program(artifact: ModelArtifact) -> bool:
