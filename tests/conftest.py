@@ -128,7 +128,7 @@ class LiveServer:
         import uvicorn
 
         from leanserve.serve.accesslog import AccessLog
-        from leanserve.serve.app import build_server
+        from leanserve.server import build_server
         from leanserve.serve.settings import ServerConfig
 
         self.port, self.grpc_port = free_port(), free_port()

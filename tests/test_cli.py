@@ -99,7 +99,7 @@ def test_predict_bad_inputs_are_clear(capsys, tmp_path, affine_repo):
     np.save(tmp_path / "wrong.npy", np.ones((2, 5), np.float32))
     (tmp_path / "broken.json").write_text("{")
     (tmp_path / "extra.json").write_text(json.dumps({"x": [[1, 2, 3, 4]], "z": [1]}))
-    cases = {"wrong.npy": "dimension 1 must be 4, got 5", "broken.json": "unreadable input file", "extra.json": "unknown input 'z'"}
+    cases = {"wrong.npy": "dimension 1 must be 4, got 5", "broken.json": "unreadable input file", "extra.json": "unexpected input 'z'"}
     for name, message in cases.items():
         code, _, err = run(capsys, "predict", "affine", "--input", tmp_path / name, "--repo", affine_repo.root)
         assert code == 1 and message in err, err

@@ -5,7 +5,7 @@ import pytest
 
 from leanserve.config import TrafficConfig
 from leanserve.errors import InvalidInput
-from leanserve.serve.routing import choose_version, rollback, set_traffic
+from leanserve.traffic import choose_version, rollback, set_traffic
 
 
 def test_without_weights_the_newest_loaded_version_serves():

@@ -109,7 +109,7 @@ class Signature:
         for spec in self.inputs:
             if spec.name == name:
                 return spec
-        raise InvalidInput(f"unknown input {name!r}; the model takes: {', '.join(self.input_names)}")
+        raise InvalidInput(f"unexpected input {name!r}; the model takes: {', '.join(self.input_names)}")
 
     @property
     def input_names(self) -> list[str]:
@@ -157,22 +157,27 @@ class Signature:
 def _check_tensor(spec: TensorSpec, array: np.ndarray, allow_nonfinite: bool) -> None:
     if not isinstance(array, np.ndarray):
         raise InvalidInput(f"input {spec.name!r}: expected a numpy array, got {type(array).__name__}")
-    got = v2_datatype(array.dtype)
-    if got != spec.datatype:
-        raise InvalidInput(f"input {spec.name!r}: expected datatype {spec.datatype}, got {got}")
-    if array.ndim != len(spec.shape):
+    check_declared(spec, v2_datatype(array.dtype), array.shape)
+    if not allow_nonfinite and array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"input {spec.name!r} contains NaN or Inf values, which this model does not accept")
+
+
+def check_declared(spec: TensorSpec, datatype: str, shape: tuple[int, ...]) -> None:
+    """Check a tensor's datatype and shape against its spec before its data is read (a request's header
+    says both, so a wrong one is refused without decoding the data). Raises InvalidInput."""
+    if datatype != spec.datatype:
+        raise InvalidInput(f"input {spec.name!r}: expected datatype {spec.datatype}, got {datatype}")
+    if len(shape) != len(spec.shape):
         raise InvalidInput(
             f"input {spec.name!r}: expected shape {_fmt_shape(spec.shape)} (rank {len(spec.shape)}), "
-            f"got {_fmt_shape(array.shape)} (rank {array.ndim})"
+            f"got {_fmt_shape(shape)} (rank {len(shape)})"
         )
-    for axis, (want, have) in enumerate(zip(spec.shape, array.shape)):
+    for axis, (want, have) in enumerate(zip(spec.shape, shape)):
         if want != -1 and want != have:
             raise InvalidInput(
                 f"input {spec.name!r}: dimension {axis} must be {want}, got {have} "
-                f"(expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(array.shape)})"
+                f"(expected shape {_fmt_shape(spec.shape)}, got {_fmt_shape(shape)})"
             )
-    if not allow_nonfinite and array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InvalidInput(f"input {spec.name!r} contains NaN or Inf values, which this model does not accept")
 
 
 @dataclass(frozen=True)

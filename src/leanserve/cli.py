@@ -351,7 +351,7 @@ def cmd_demo(args) -> int:
 
 
 def _serve_demo(args, result) -> int:
-    from leanserve.serve.app import run_server
+    from leanserve.server import run_server
     from leanserve.serve.settings import ServerConfig
 
     print(f"\nserving; from another terminal, classify a held-out digit (a {result.request_label}):\n")

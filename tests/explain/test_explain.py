@@ -240,7 +240,7 @@ def test_a_full_pool_answers_503_with_retry_after_while_inference_keeps_answerin
     worker = threading.Thread(target=lambda: results.append(
         httpx.post(f"{server.url}/v2/models/digits/explain", json=slow, timeout=60)))
     worker.start()
-    service = server.server.plane.explanations
+    service = server.server.explanations
     wait_until(lambda: service.pending == 1, what="the slow explanation to take the only slot")
     refused = httpx.post(f"{server.url}/v2/models/digits/explain", json=_body("image", image), timeout=30)
     answered = httpx.post(f"{server.url}/v2/models/digits/infer", json=_body("image", image), timeout=30)

@@ -216,7 +216,7 @@ def test_the_learner_registers_a_better_version_from_served_feedback_as_a_canary
         body = orjson.dumps({"id": f"q{i}", "inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8],
                                                         "data": xs[i].numpy().ravel().tolist()}]})
         assert httpx.post(f"{server.url}/v2/models/mlp/infer", content=body, timeout=10).status_code == 200
-    plog = server.server.plane.prediction_log
+    plog = server.server.prediction_log
     wait_until(lambda: plog.count("mlp") >= len(ys), what="requests logged")
     labels = [int(v) for v in ys] + [2.5]  # one label that is not a class index
     feedback = [{"id": f"q{i}", "label": label} for i, label in enumerate(labels[:-1])]

@@ -24,7 +24,7 @@ def traffic_with_labels(server, n=40):
     for i in range(n):
         group = "a" if i % 2 else "b"
         assert httpx.post(server.url + "/v2/models/affine/infer", content=BODY(f"r{i}", group)).status_code == 200
-    wait_until(lambda: server.server.plane.prediction_log.count("affine") >= n, what="samples logged")
+    wait_until(lambda: server.server.prediction_log.count("affine") >= n, what="samples logged")
     labels = [{"id": f"r{i}", "label": 3 if i % 2 or i % 4 == 0 else 0} for i in range(n)]
     assert httpx.post(server.url + "/v2/models/affine/feedback", content=orjson.dumps({"feedback": labels})).status_code == 200
 

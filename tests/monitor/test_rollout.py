@@ -12,7 +12,8 @@ from leanserve.config import RolloutConfig, TrafficConfig
 from leanserve.errors import InvalidInput
 from leanserve.monitor.live import window_stats
 from leanserve.monitor.quality import QualityCounts, accuracy_counts
-from leanserve.monitor.rollout import Verdict, judge, rate_difference_bounds, read_events, start_rollout
+from leanserve.monitor.rollout import Verdict, judge, rate_difference_bounds
+from leanserve.traffic import read_events, start_rollout
 
 CONFIG = RolloutConfig(canary=2, primary=1, step_interval_s=10, min_requests=50)
 

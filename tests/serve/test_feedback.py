@@ -19,7 +19,7 @@ def feedback(server, items, model="affine"):
 
 
 def logged(server, n):
-    return server.server.plane.prediction_log.count("affine") >= n
+    return server.server.prediction_log.count("affine") >= n
 
 
 def test_feedback_is_joined_and_live_accuracy_is_exported(server):

@@ -239,7 +239,7 @@ def test_serving_an_onnx_model_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, leanserve, leanserve.serve.app, leanserve.serve.protocol.grpc, leanserve.runtime.onnxruntime; "
+    code = ("import sys, leanserve, leanserve.server, leanserve.serve.protocol.grpc, leanserve.runtime.onnxruntime; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

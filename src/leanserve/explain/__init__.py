@@ -20,7 +20,7 @@ from leanserve.explain.methods import (
     ExplanationUnavailable,
 )
 from leanserve.explain.service import ATTRIBUTION_SUFFIX, ExplanationService
-from leanserve.explain.settings import ExplainConfig
+from leanserve.config import ExplainConfig
 
 __all__ = [
     "ATTRIBUTION_SUFFIX", "INTEGRATED_GRADIENTS", "KERNEL", "METHODS", "PARTITION", "PERMUTATION", "Attribution",

@@ -59,6 +59,8 @@ class ExplanationService:
         self._tools: dict[tuple[str, int], VersionTools] = {}
         self._importance: dict[tuple[str, int], VersionImportance] = {}
         self._last_sample: dict[tuple[str, int], float] = {}
+        self._sample_not_before = 0.0  # the CPU budget of live sampling (see ``sample``)
+        self.sample_cpu_s = 0.0  # CPU seconds spent on live samples
         self._tasks: set[asyncio.Task] = set()
         self._has_shap = importlib.util.find_spec("shap") is not None
         self._has_captum = importlib.util.find_spec("captum") is not None
@@ -70,6 +72,8 @@ class ExplanationService:
                                       ("model", "version", "method", "origin", "outcome"), registry=r)
         self.m_seconds = Histogram("leanserve_explanation_seconds", "Explanation time (queue + compute)",
                                    ("model", "version", "method"), buckets=_BUCKETS, registry=r)
+        self.m_cpu = Counter("leanserve_explain_cpu_seconds", "CPU time of explanations (the explaining thread)",
+                             ("origin",), registry=r)
         self.m_pending = Gauge("leanserve_explain_pending", "Explanations admitted and not finished", registry=r)
         self.m_rejected = Counter("leanserve_explain_rejected", "Explanations refused because the pool was full",
                                   ("model",), registry=r)
@@ -102,12 +106,8 @@ class ExplanationService:
                              "or send the request without explain", self.config.retry_after_s)
         return plan
 
-    async def finish(self, plan: ExplainPlan | None, handle, request, response):
-        """The response, with the attribution output added when ``plan`` asks for one; otherwise it may
-        start a background explanation of this request for the version's live importance."""
-        if plan is None:
-            self._maybe_sample(handle, request)
-            return response
+    async def finish(self, plan: ExplainPlan, handle, request, response):
+        """The response with the attribution output ``plan`` asks for added."""
         result = await self.explain(handle, plan, request.inputs)
         name = plan.target.input.name + ATTRIBUTION_SUFFIX
         response.outputs = {**response.outputs, name: result.values}
@@ -126,7 +126,9 @@ class ExplanationService:
         tools = self._tools_for(handle)
         started = time.perf_counter()
         self._admit()
-        future = asyncio.get_running_loop().run_in_executor(self._pool, run_plan, tools, plan, inputs, deadline, self.config)
+        spent: list[float] = []  # the thread's CPU seconds, whatever the outcome
+        future = asyncio.get_running_loop().run_in_executor(self._pool, _run_timed, tools, plan, inputs, deadline,
+                                                            self.config, spent)
         future.add_done_callback(self._release)
         outcome = "error"
         try:
@@ -138,6 +140,10 @@ class ExplanationService:
             outcome = "timeout"
             raise
         finally:
+            cpu_s = sum(spent)
+            self.m_cpu.labels(plan.origin).inc(cpu_s)
+            if plan.origin == "sample":
+                self.sample_cpu_s += cpu_s
             self.m_explanations.labels(*labels, plan.origin, outcome).inc()
             self.m_seconds.labels(*labels).observe(time.perf_counter() - started)
         self._record(handle, plan, result)
@@ -163,13 +169,17 @@ class ExplanationService:
         if drift is not None:
             self.m_drift.labels(key[0], str(key[1])).set(drift)
 
-    def _maybe_sample(self, handle, request) -> None:
+    def sample(self, handle, request) -> None:
+        """Maybe explain one row of this answered request in the background, for the version's live
+        importance: at most once per ``sample_interval_s`` per version, only when the pool is idle
+        (requests come first), and never above ``sample_cpu_share`` of one core: a sample that took C
+        seconds of CPU holds the next one back C / share seconds."""
         interval = self.config.sample_interval_s
-        if interval is None or self._pending:  # only an idle pool samples: requests come first
+        if interval is None or self._pending:
             return
         key = (handle.ref.name, handle.ref.version)
         now = time.monotonic()
-        if now - self._last_sample.get(key, -1e18) < interval:
+        if now < self._sample_not_before or now - self._last_sample.get(key, -1e18) < interval:
             return
         self._last_sample[key] = now
         try:
@@ -181,17 +191,30 @@ class ExplanationService:
         # while a sample holds an explanation thread (500 evaluations of a sentence encoder took seconds,
         # and a request arriving meanwhile waited past its budget behind it).
         plan = replace(plan, origin="sample", permutations=1 if plan.method == PERMUTATION else None)
+        self._sample_not_before = float("inf")  # one sample at a time; set when it ends
         task = asyncio.get_running_loop().create_task(self._sample(handle, plan, inputs))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def warm_up(self) -> None:
+        """Import SHAP (and Captum) and compile SHAP's kernels now, blocking (seconds): live sampling runs
+        this before the server reports ready, so the compilation never competes with requests."""
+        for method in (PERMUTATION,) if self._has_shap else ():
+            prepare(method, self.config.engine_threads)
+        if self._has_captum:
+            prepare(INTEGRATED_GRADIENTS, self.config.engine_threads)
+
     async def _sample(self, handle, plan: ExplainPlan, inputs: dict[str, np.ndarray]) -> None:
+        spent = self.sample_cpu_s
         try:
             await self.explain(handle, plan, inputs)
         except (Overloaded, ExplanationTimeout):
             pass  # sampling yields to requests; the next interval tries again
         except LeanserveError as exc:
             log.warning("live explanation of %s failed: %s", handle.ref, exc)
+        finally:
+            cost = self.sample_cpu_s - spent
+            self._sample_not_before = time.monotonic() + cost / self.config.sample_cpu_share
 
     # --- helpers ----------------------------------------------------------------------------------
 
@@ -248,6 +271,29 @@ class ExplanationService:
         self._pool.shutdown(wait=False)
         for tools in self._tools.values():
             tools.close()
+
+
+class ImportanceSampler:
+    """Live importance sampling as an observer on the request path: offers each answered request to
+    ``ExplanationService.sample``, which decides in microseconds (composed only when sampling is on)."""
+
+    def __init__(self, service: ExplanationService) -> None:
+        self.service = service
+
+    def after(self, call) -> None:
+        if call.outcome == "success":
+            self.service.sample(call.handle, call.request)
+
+
+def _run_timed(tools: VersionTools, plan: ExplainPlan, inputs: dict[str, np.ndarray], deadline: Deadline,
+               config: ExplainConfig, spent: list[float]) -> Attribution:
+    """``run_plan``, appending the CPU seconds this thread spent on it to ``spent`` whatever the outcome
+    (explanation sessions run on the calling thread, so this is the explanation's whole cost)."""
+    started = time.thread_time()
+    try:
+        return run_plan(tools, plan, inputs, deadline, config)
+    finally:
+        spent.append(time.thread_time() - started)
 
 
 def _describe(plan: ExplainPlan, result: Attribution) -> dict[str, Any]:

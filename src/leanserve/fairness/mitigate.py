@@ -279,7 +279,7 @@ def mitigate(repo: Repository, name: str, *, group_parameter: str = "group", con
     little feedback (naming the groups short of it); ModelNotFound for an unknown model or version.
     """
     from leanserve.runtime import load_session
-    from leanserve.serve.routing import primary
+    from leanserve.traffic import primary
 
     if constraint not in CONSTRAINTS:
         raise InvalidInput(f"unknown constraint {constraint!r}; expected one of {', '.join(CONSTRAINTS)}")
@@ -310,7 +310,7 @@ def mitigate(repo: Repository, name: str, *, group_parameter: str = "group", con
                               before, after, {g: r.to_dict() for g, r in rules.items()})
     new_version = _register(repo, name, base, spec, report)
     if canary:
-        from leanserve.monitor.rollout import start_rollout
+        from leanserve.traffic import start_rollout
 
         start_rollout(repo, name, new_version)
     return MitigationReport(**{**report.__dict__, "version": new_version, "canary": canary})

@@ -30,10 +30,10 @@ import torch
 from leanserve.artifact import ModelArtifact, Provenance
 from leanserve.errors import InvalidInput, UnsupportedFormat
 from leanserve.learn.online import Diverged, OnlineConfig, OnlineLearner, Prequential
-from leanserve.monitor.rollout import start_rollout
+from leanserve.traffic import start_rollout
 from leanserve.monitor.store import LogConfig, PredictionLog, log_exists, stack
 from leanserve.repository import Repository, VersionRef
-from leanserve.serve.routing import primary as primary_of
+from leanserve.traffic import primary as primary_of
 from leanserve.torch_source import has_source, load_source, save_source
 
 log = logging.getLogger(__name__)

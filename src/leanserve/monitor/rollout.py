@@ -8,7 +8,6 @@ resumes where it was) and appends each decision to ``REPO/<model>/.rollout-event
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -17,16 +16,14 @@ from dataclasses import dataclass, replace
 from scipy.stats import binomtest, norm
 
 from leanserve.config import RolloutConfig
-from leanserve.errors import InvalidInput, LeanserveError
+from leanserve.errors import LeanserveError
 from leanserve.monitor.live import WindowStats
+from leanserve.monitor.observers import LiveSignals
 from leanserve.monitor.periodic import Periodic
 from leanserve.monitor.quality import QualityCounts
-from leanserve.repository import Repository
-from leanserve.serve.routing import primary as primary_of
-from leanserve.serve.routing import set_traffic
+from leanserve.traffic import record_event, set_traffic, weights_of
 
 log = logging.getLogger(__name__)
-EVENTS_FILE = ".rollout-events.jsonl"
 
 
 @dataclass(frozen=True)
@@ -153,47 +150,12 @@ def _compare_latency(config: RolloutConfig, canary: WindowStats, primary: Window
     return Finding("worse" if p_value < 1 - config.confidence else "not worse", text)
 
 
-def start_rollout(repo: Repository, name: str, canary: int, **settings) -> RolloutConfig:
-    """Begin a guarded canary of version ``canary`` against the current primary; persisted in the repository."""
-    available = repo.versions(name)
-    if canary not in available:
-        raise InvalidInput(f"model {name!r} has no version {canary}")
-    current = repo.config(name)
-    primary = primary_of(current.traffic.weights) or max((v for v in available if v != canary), default=None)
-    if primary is None or primary == canary:
-        raise InvalidInput(f"a canary needs another version serving as primary; model {name!r} has only version {canary}")
-    rollout = RolloutConfig(canary=canary, primary=primary, **{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
-    traffic = set_traffic(current.traffic, _weights(rollout))
-    repo.update_config(name, rollout=rollout, traffic=traffic)
-    record_event(repo, name, "start", f"canary {canary} against primary {primary}, steps {list(rollout.steps)}")
-    return rollout
-
-
-def _weights(rollout: RolloutConfig) -> dict[int, int]:
-    share = rollout.steps[rollout.stage]
-    return {rollout.canary: share} if share >= 100 else {rollout.primary: 100 - share, rollout.canary: share}
-
-
-def record_event(repo: Repository, name: str, action: str, reason: str) -> None:
-    """Append a decision to the model's rollout event log (JSON lines)."""
-    line = json.dumps({"ts": round(time.time(), 3), "action": action, "reason": reason})
-    with open(repo.root / name / EVENTS_FILE, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-
-
-def read_events(repo: Repository, name: str, limit: int = 50) -> list[dict]:
-    path = repo.root / name / EVENTS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[-limit:] if line.strip()]
-
-
 class RolloutGuard(Periodic):
     """Applies ``judge`` to every model with an active rollout, every ``interval_s`` seconds."""
 
-    def __init__(self, registry, plane, metrics, interval_s: float = 1.0) -> None:
+    def __init__(self, registry, signals: LiveSignals, metrics, interval_s: float = 1.0) -> None:
         self.registry = registry
-        self.plane = plane
+        self.signals = signals
         self.metrics = metrics
         self.interval_s = interval_s
         self._stage_started: dict[tuple[str, int, int], float] = {}
@@ -215,15 +177,15 @@ class RolloutGuard(Periodic):
         now = time.monotonic()
         stage_started = self._stage_started.setdefault((name, rollout.canary, rollout.stage), now)
         rollout_started = self._rollout_started.setdefault((name, rollout.canary), now)
-        stats = self.plane.live_stats
+        stats = self.signals.live_stats
         # The canary is judged on everything it answered at this step; the primary on everything since
         # the rollout began, so a step that sends it no traffic (100%) still has something to compare with.
         canary_window = stats.window(name, rollout.canary, now - stage_started + self.interval_s)
         primary_window = stats.window(name, rollout.primary, now - rollout_started + self.interval_s)
-        quality = self.plane.live_quality.get(name, {})
+        quality = (self.signals.live_quality or {}).get(name, {})
         verdict = judge(rollout, canary_window, primary_window, now - stage_started,
                         _counts(quality.get(rollout.canary)), _counts(quality.get(rollout.primary)),
-                        self.plane.shadow_agreement(name, rollout.primary, rollout.canary))
+                        self.signals.shadow_agreement(name, rollout.primary, rollout.canary))
         self.last_verdict[name] = verdict
         if verdict.action == "rollback":
             await self._apply(name, rollout, None, verdict.reason)
@@ -246,7 +208,7 @@ class RolloutGuard(Periodic):
             log.info("model %s: canary %d promoted", name, rollout.canary)
         else:
             advanced = replace(rollout, stage=stage)
-            repo.update_config(name, traffic=set_traffic(current.traffic, _weights(advanced)), rollout=advanced)
+            repo.update_config(name, traffic=set_traffic(current.traffic, weights_of(advanced)), rollout=advanced)
             record_event(repo, name, "advance", f"canary {rollout.canary} to {rollout.steps[stage]}% of traffic: {reason}")
         await self.registry.sync_model(name)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from leanserve.monitor.alerts import AlertSink, evaluate
 from leanserve.monitor.bias import bias_by_group
+from leanserve.monitor.observers import LiveSignals
 from leanserve.monitor.periodic import Periodic
 from leanserve.monitor.quality import rolling_quality
 
@@ -24,8 +25,8 @@ class Monitor(Periodic):
     """Samples live figures every ``interval_s``, recomputes quality and bias from labels every
     ``slow_interval_s``, and evaluates each model's alert rules."""
 
-    def __init__(self, registry, plane, metrics, interval_s: float = 1.0, slow_interval_s: float = 10.0) -> None:
-        self.registry, self.plane, self.metrics = registry, plane, metrics
+    def __init__(self, registry, signals: LiveSignals, metrics, interval_s: float = 1.0, slow_interval_s: float = 10.0) -> None:
+        self.registry, self.signals, self.metrics = registry, signals, metrics
         self.interval_s, self.slow_interval_s = interval_s, slow_interval_s
         self.history: dict[tuple[str, int], collections.deque] = {}
         self.labels: dict[tuple[str, int], dict[str, Any]] = {}
@@ -39,12 +40,12 @@ class Monitor(Periodic):
         if slow:
             self._last_slow = time.monotonic()
         for name, entry in list(self.registry.models.items()):
-            if slow and self.plane.prediction_log is not None:
+            if slow and self.signals.prediction_log is not None:
                 await self._refresh_labels(name)
                 for version in list(entry.versions):
                     await self._refresh_drift(name, version)
             for version in list(entry.versions):
-                window = self.plane.live_stats.window(name, version, entry.config.alerts.window_s)
+                window = self.signals.live_stats.window(name, version, entry.config.alerts.window_s)
                 point = {"t": round(time.time(), 1), "rps": round(window.throughput_rps, 2), "p50_ms": round(window.p50_ms, 3),
                          "p99_ms": round(window.p99_ms, 3), "error_rate": round(window.error_rate, 4)}
                 self.history.setdefault((name, version), collections.deque(maxlen=HISTORY_POINTS)).append(point)
@@ -64,7 +65,7 @@ class Monitor(Periodic):
         profile = await loop.run_in_executor(None, load_reference, self.registry.repo, name, version)
         if profile is None:
             return
-        rows = await loop.run_in_executor(None, lambda: self.plane.prediction_log.rows(name, version, limit=500))
+        rows = await loop.run_in_executor(None, lambda: self.signals.prediction_log.rows(name, version, limit=500))
         live = {**stack(rows, "inputs"), **stack(rows, "outputs")}
         report = await loop.run_in_executor(None, detect, profile, live, DriftConfig())
         drifted = [f"{d.tensor}[{d.feature}] {d.method}" for d in report.features if d.drifted]
@@ -72,7 +73,7 @@ class Monitor(Periodic):
         self.metrics.drift.labels(name, str(version)).set(1 if report.drifted else 0)
 
     async def _refresh_labels(self, name: str) -> None:
-        log_ = self.plane.prediction_log
+        log_ = self.signals.prediction_log
         rows = await asyncio.get_running_loop().run_in_executor(None, lambda: log_.rows(name, limit=5000, labelled=True))
         quality = {q.version: q for q in rolling_quality(rows)}
         for report in bias_by_group(rows):
@@ -95,7 +96,7 @@ class Monitor(Periodic):
     def figures(self, name: str, version: int) -> dict[str, Any]:
         """The latest figures of one version, as the alert rules and the dashboard read them."""
         entry = self.registry.models[name]
-        window = self.plane.live_stats.window(name, version, entry.config.alerts.window_s)
+        window = self.signals.live_stats.window(name, version, entry.config.alerts.window_s)
         labels = self.labels.get((name, version), {})
         quality, bias, fair = labels.get("quality"), labels.get("bias"), labels.get("fairness")
         drift = self.drift.get((name, version), {})
@@ -111,20 +112,21 @@ class Monitor(Periodic):
             "demographic_parity_difference": fair.demographic_parity_difference if fair else None,
             "equalized_odds_difference": fair.equalized_odds_difference if fair else None,
             "fairness_groups": [g.__dict__ for g in fair.groups] if fair else [],
-            "shadow_agreement": self.plane.shadow_agreement(name, version),
+            "shadow_agreement": self.signals.shadow_agreement(name, version),
             "drifted": drift.get("drifted", False), "drift_features": drift.get("features", []),
         }
 
     def model_status(self, name: str) -> dict[str, Any]:
         """Everything the dashboard shows for one model."""
-        from leanserve.monitor.rollout import read_events
+        from leanserve.traffic import read_events
 
         entry = self.registry.entry(name)
+        explanations = self.signals.explanations
         versions = {}
         for version in sorted(entry.versions):
             versions[str(version)] = {**self.figures(name, version),
                                       "history": list(self.history.get((name, version), ()))[-120:],
-                                      "explanations": self.plane.explanations.summary(name, version)}  # leanserve.explain
+                                      "explanations": explanations(name, version) if explanations else None}
         return {
             "model": name, "versions": versions,
             "traffic": {"weights": dict(entry.config.traffic.weights), "shadow": entry.config.traffic.shadow},

@@ -16,11 +16,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from leanserve.errors import Forbidden, InvalidInput, LeanserveError, Unauthorized
-from leanserve.monitor.rollout import read_events, start_rollout
+from leanserve.traffic import read_events, rollback, set_traffic, start_rollout
 from leanserve.repository import parse_version
 from leanserve.serve.protocol.rest import error_response, json_response, read_body
 from leanserve.serve.registry import ModelRegistry
-from leanserve.serve.routing import rollback, set_traffic
 from leanserve.serve.settings import ADMIN_TOKEN_ENV, ServerConfig
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,10 @@
-"""Wiring: one repository, one registry, one data plane, served over REST and gRPC in one process."""
+"""The serving core's HTTP app: the V2 routes, admin and /metrics over one data plane, with the
+inference routes answered as plain ASGI before Starlette's routing and middleware (the hot path), and a
+lifespan that loads the repository, starts gRPC and the background tasks it is given, and drains.
+
+What runs beside the core (monitoring, explanations, the rollout guard) is composed by
+``leanserve.server``; this module knows it only as routes, background tasks and hooks.
+"""
 
 from __future__ import annotations
 
@@ -6,23 +12,20 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from leanserve.monitor.rollout import RolloutGuard
-from leanserve.monitor.status import Monitor
-from leanserve.repository import Repository
 from leanserve.serve.accesslog import AccessLog
 from leanserve.serve.admin import AdminApi
 from leanserve.serve.dataplane import DataPlane
 from leanserve.serve.metrics import ServerMetrics
-from leanserve.serve.monitoring import MonitoringApi
 from leanserve.serve.protocol.openapi import openapi_document
 from leanserve.serve.protocol.rest import RestApi, json_response
 from leanserve.serve.registry import ModelRegistry
@@ -31,44 +34,71 @@ from leanserve.serve.settings import ServerConfig
 log = logging.getLogger(__name__)
 
 
+class Background(Protocol):
+    """A task beside serving (the monitor's round, the rollout guard): started once the app starts,
+    stopped before it drains."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 @dataclass
-class Server:
-    """The parts of a running server, for tests and embedding."""
+class Extras:
+    """What the composition root adds to the core: routes, background tasks, blocking warm-ups that run
+    before the server reports ready, hooks before each /metrics scrape, and hooks after the drain."""
+
+    routes: Sequence[BaseRoute] = ()
+    background: Sequence[Background] = ()
+    warm_ups: Sequence[Callable[[], None]] = ()
+    on_scrape: Sequence[Callable[[], None]] = ()
+    on_drain: Sequence[Callable[[float], object]] = ()  # awaited if they return an awaitable
+    on_close: Sequence[Callable[[], None]] = ()
+
+
+class LeanApp:
+    """The ASGI app: infer/explain POSTs go straight to ``RestApi.infer``; everything else to Starlette."""
+
+    def __init__(self, rest: RestApi, starlette: Starlette) -> None:
+        self.rest = rest
+        self.starlette = starlette
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """Every route the app answers (the infer routes included: they stand in Starlette's table too)."""
+        return self.starlette.routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        match = self.rest.match_infer(scope)
+        if match is None:
+            await self.starlette(scope, receive, send)
+        else:
+            await self.rest.infer(scope, receive, send, *match)
+
+
+@dataclass
+class Core:
+    """The serving core of one server."""
 
     config: ServerConfig
     registry: ModelRegistry
     plane: DataPlane
     metrics: ServerMetrics
-    app: Starlette
-    monitor: Monitor
+    app: LeanApp
+    extras: Extras = field(default_factory=Extras)
 
 
-def build_server(config: ServerConfig, access_log: AccessLog | None = None,
-                 registry_factory: Callable[..., ModelRegistry] = ModelRegistry) -> Server:
-    """Build (but do not start) the server for ``config``; models load when the app starts.
-
-    ``registry_factory(repo, metrics, drain_timeout_s)`` makes the registry: another one runs the
-    versions elsewhere (``ray_serve.RayModelRegistry``: as Ray Serve deployments)."""
-    metrics = ServerMetrics()
-    repo = Repository(config.repo, create=False)
-    registry = registry_factory(repo, metrics, config.drain_timeout_s)
-    prediction_log = None
-    if config.monitor:
-        from leanserve.monitor.store import LogConfig, PredictionLog
-
-        prediction_log = PredictionLog(LogConfig(config.monitor_db or config.repo / ".monitor" / "predictions.db",
-                                                 sample_rate=config.monitor_sample_rate))
-    plane = DataPlane(registry, metrics, prediction_log, config.explain)
-    guard = RolloutGuard(registry, plane, metrics, config.guard_interval_s)
-    monitor = Monitor(registry, plane, metrics, config.guard_interval_s, slow_interval_s=10 * config.guard_interval_s)
+def build_app(config: ServerConfig, registry: ModelRegistry, plane: DataPlane, metrics: ServerMetrics,
+              extras: Extras | None = None, access_log: AccessLog | None = None) -> Core:
+    """The ASGI app of the core over ``plane`` (models load when it starts), with ``extras`` added."""
+    extras = extras or Extras()
     rest = RestApi(plane, config, access_log or AccessLog(config.access_log))
     admin = AdminApi(registry, config)
     openapi = openapi_document()
 
     async def metrics_route(request: Request) -> Response:
-        if prediction_log is not None:
-            for fate in ("written", "dropped", "failed"):
-                metrics.log_samples.labels(fate).set(getattr(prediction_log.stats, fate))
+        for hook in extras.on_scrape:
+            hook()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def openapi_route(request: Request) -> Response:
@@ -76,37 +106,44 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        loader = asyncio.get_running_loop().create_task(_initial_load(registry, config))
+        loader = asyncio.get_running_loop().create_task(_initial_load(registry, config, extras.warm_ups))
         grpc_server = None
         if config.grpc_port is not None:
             from leanserve.serve.protocol.grpc import build_grpc_server
 
             grpc_server = build_grpc_server(plane, config)
             await grpc_server.start()
-        guard.start()
-        monitor.start()
+        for task in extras.background:
+            task.start()
         try:
             yield
         finally:
-            guard.stop()
-            monitor.stop()
-            await plane.drain(config.drain_timeout_s)
+            for task in extras.background:
+                task.stop()
+            plane.drain()
+            for hook in extras.on_drain:
+                result = hook(config.drain_timeout_s)
+                if asyncio.iscoroutine(result):
+                    await result
             if grpc_server is not None:
                 await grpc_server.stop(config.drain_timeout_s)
             loader.cancel()
             await registry.close()
-            if prediction_log is not None:
-                prediction_log.close()
+            for hook in extras.on_close:
+                hook()
             log.info("server stopped")
 
-    routes = [*rest.routes(), *admin.routes(), *MonitoringApi(monitor).routes(),
+    routes = [*rest.routes(), *admin.routes(), *extras.routes,
               Route("/metrics", metrics_route, methods=["GET"]),
               Route("/openapi.json", openapi_route, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    return Server(config, registry, plane, metrics, app, monitor)
+    app = LeanApp(rest, Starlette(routes=routes, lifespan=lifespan))
+    return Core(config, registry, plane, metrics, app, extras)
 
 
-async def _initial_load(registry: ModelRegistry, config: ServerConfig) -> None:
+async def _initial_load(registry: ModelRegistry, config: ServerConfig, warm_ups: Sequence[Callable[[], None]]) -> None:
+    loop = asyncio.get_running_loop()
+    for warm_up in warm_ups:  # before readiness, so it never competes with requests
+        await loop.run_in_executor(None, warm_up)
     await registry.sync()
     # Everything alive now (modules, sessions, routes) lives as long as the server: move it out of the
     # collector's sight, so full collections stay short (they showed as 10 ms p99 spikes under load).
@@ -117,18 +154,15 @@ async def _initial_load(registry: ModelRegistry, config: ServerConfig) -> None:
     registry.start_watching(config.poll_interval_s)
 
 
-def run_server(config: ServerConfig, registry_factory: Callable[..., ModelRegistry] = ModelRegistry) -> None:
-    """Serve until SIGINT/SIGTERM, then drain in-flight requests and exit."""
+def run_app(config: ServerConfig, app) -> None:
+    """Serve ``app`` with uvicorn as ``config`` says until SIGINT/SIGTERM, then drain in-flight requests and exit."""
     import uvicorn
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("leanserve").setLevel(logging.INFO)
     # Each JSON request allocates hundreds of short-lived floats; a larger first generation means far
     # fewer collections on the request path.
     gc.set_threshold(50_000, 20, 100)
-    server = build_server(config, registry_factory=registry_factory)
     uv_config = uvicorn.Config(
-        server.app, host=config.host, port=config.port, log_level="warning", access_log=False,
+        app, host=config.host, port=config.port, log_level="warning", access_log=False,
         http="httptools", loop="uvloop", timeout_graceful_shutdown=int(config.drain_timeout_s),
         server_header=False, proxy_headers=False,
     )

@@ -102,17 +102,23 @@ class Batcher:
             self._metrics.overloaded.inc()
             raise Overloaded(f"the queue is full ({self.config.max_queue_size} requests waiting); retry shortly")
         rows = self._rows(inputs)
+        loop = asyncio.get_running_loop()
         now = time.perf_counter()
         timeout_s = timeout_s if timeout_s is not None else self.config.timeout_ms / 1000
-        future = asyncio.get_running_loop().create_future()
+        future = loop.create_future()
         self._queue.append(_Pending(inputs, rows, future, now, now + timeout_s, outputs))
-        self._metrics.queue_depth.inc()
         self._wakeup.set()
+        # One future per request and a timer beside it (asyncio.wait_for would wrap the wait in a task).
+        timer = loop.call_later(timeout_s, self._expire, future, timeout_s)
         try:
-            return await asyncio.wait_for(future, timeout_s)
-        except TimeoutError:
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
+        if not future.done():
             self._metrics.timed_out.inc()
-            raise RequestTimeout(f"the request did not finish within {timeout_s * 1000:.0f} ms (queue + compute)") from None
+            future.set_exception(RequestTimeout(f"the request did not finish within {timeout_s * 1000:.0f} ms (queue + compute)"))
 
     def _rows(self, inputs: Mapping[str, np.ndarray]) -> int:
         if not self._can_batch:
@@ -152,7 +158,6 @@ class Batcher:
         now = time.perf_counter()
         while self._queue and batch.rows + self._queue[0].rows <= self._max_rows:
             item = self._queue.popleft()
-            self._metrics.queue_depth.dec()
             if item.future.done():  # timed out or cancelled while queued
                 continue
             if now > item.deadline:
@@ -160,13 +165,13 @@ class Batcher:
                 continue
             batch.items.append(item)
             batch.rows += item.rows
+        self._metrics.queue_depth.set(len(self._queue))  # once per batch, not per request
         return batch
 
     def _preferred(self, rows: int) -> bool:
         return rows in self.config.preferred_batch_sizes
 
     async def _wait_for_more(self, batch: _Batch) -> None:
-        loop = asyncio.get_running_loop()
         until = (batch.items[0].enqueued if batch.items else time.perf_counter()) + self._delay_s
         while batch.rows < self._max_rows and not self._preferred(batch.rows):
             remaining = until - time.perf_counter()
@@ -174,10 +179,10 @@ class Batcher:
                 return
             if not self._queue:
                 self._wakeup.clear()
-                waiter = loop.create_task(self._wakeup.wait())
-                done, _ = await asyncio.wait({waiter}, timeout=remaining)
-                if not done:
-                    waiter.cancel()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._wakeup.wait()
+                except TimeoutError:
                     return
             if self._queue and batch.rows + self._queue[0].rows > self._max_rows:
                 return

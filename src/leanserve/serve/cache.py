@@ -63,3 +63,21 @@ class ResponseCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class CacheObserver:
+    """The response cache on the request path: answers a repeated request from the version's cache (when
+    the version has one, ``cache.max_bytes`` > 0), and stores what the engine answered."""
+
+    def before(self, call):
+        cache = call.handle.cache
+        if cache is None:
+            return None
+        key = call.scratch = request_key(call.handle.ref.version, call.inputs, call.request.output_names)
+        outputs = cache.get(key)
+        (call.handle.metrics.cache_hit if outputs is not None else call.handle.metrics.cache_miss).inc()
+        return outputs
+
+    def after(self, call) -> None:
+        if call.handle.cache is not None and call.outcome == "success" and call.scratch is not None:
+            call.handle.cache.put(call.scratch, call.outputs)

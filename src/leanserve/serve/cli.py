@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from leanserve.config import ExplainConfig
 from leanserve.errors import InvalidInput
 
 
 def cmd_serve(args) -> int:
-    from leanserve.serve.app import run_server
+    from leanserve.server import run_server
     from leanserve.serve.settings import ServerConfig
 
     repo = Path(args.repo_path or args.repo)
@@ -21,6 +22,7 @@ def cmd_serve(args) -> int:
         access_log=not args.no_access_log, admin_allow_remote=args.admin_allow_remote,
         monitor=not args.no_monitor, monitor_sample_rate=args.monitor_sample_rate,
         monitor_db=Path(args.monitor_db) if args.monitor_db else None,
+        explain=ExplainConfig(sample_interval_s=args.explain_sample_interval, sample_cpu_share=args.explain_sample_cpu_share),
     )
     if args.executor == "ray":
         from leanserve.serve.ray_serve import RayServeOptions, run_ray_server
@@ -36,7 +38,7 @@ def cmd_serve(args) -> int:
 
 def cmd_traffic(args) -> int:
     from leanserve.repository import Repository
-    from leanserve.serve.routing import set_traffic
+    from leanserve.traffic import set_traffic
 
     repo = Repository(args.repo, create=False)
     current = repo.config(args.model)
@@ -57,7 +59,7 @@ def cmd_traffic(args) -> int:
 
 def cmd_rollback(args) -> int:
     from leanserve.repository import Repository
-    from leanserve.serve.routing import rollback
+    from leanserve.traffic import rollback
 
     repo = Repository(args.repo, create=False)
     traffic, target = rollback(repo.config(args.model).traffic, repo.versions(args.model))
@@ -67,7 +69,7 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_canary(args) -> int:
-    from leanserve.monitor.rollout import start_rollout
+    from leanserve.traffic import start_rollout
     from leanserve.repository import Repository, parse_version
 
     repo = Repository(args.repo, create=False)
@@ -163,7 +165,16 @@ def add_serve_commands(sub, command, add_repo) -> None:
                 "serve every model in a repository over the Open Inference Protocol (HTTP and gRPC)",
                 "leanserve serve model-repo --port 8000 --grpc-port 8001\n"
                 "  LEANSERVE_ADMIN_TOKEN=secret leanserve serve model-repo   # enables the admin API on loopback\n"
-                "  leanserve serve model-repo --executor ray --autoscale 1:4   # versions as Ray Serve deployments")
+                "  leanserve serve model-repo --executor ray --autoscale 1:4   # versions as Ray Serve deployments\n"
+                "  leanserve serve model-repo --explain-sample-interval 10   # live feature importance, budgeted\n"
+                "\nbackground work beside serving, and its switch:\n"
+                "  repository watch          every --poll-interval seconds (new, removed and changed versions)\n"
+                "  prediction log writer     a separate process at low priority; off with --no-monitor\n"
+                "  monitor round             live windows and alerts every second, quality, bias and drift from\n"
+                "                            the log every 10 s; off with --no-monitor\n"
+                "  rollout guard             every second; acts only on a model with a canary running\n"
+                "  live explanation sampling off by default; --explain-sample-interval S turns it on, within\n"
+                "                            --explain-sample-cpu-share of one core (SHAP compiles before ready)")
     p.add_argument("repo_path", nargs="?", metavar="REPO", help="repository folder (default: --repo)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for all interfaces)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
@@ -177,6 +188,11 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--monitor-db", metavar="DIR", help="prediction log folder (default REPO/.monitor/predictions.db; "
                    "set it when the repository is read-only)")
     p.add_argument("--admin-allow-remote", action="store_true", help="accept admin calls from non-loopback clients")
+    p.add_argument("--explain-sample-interval", type=float, metavar="S",
+                   help="live importance: explain one request per version at most every S seconds in the background "
+                        "(default: off; it competes with serving for CPU)")
+    p.add_argument("--explain-sample-cpu-share", type=float, default=ExplainConfig.sample_cpu_share, metavar="SHARE",
+                   help="most CPU live importance sampling may use, as a share of one core")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where versions run: in this process (local) or as Ray Serve deployments (pip install 'leanserve[ray]')")
     scale = p.add_mutually_exclusive_group()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -58,6 +58,7 @@ class ServerMetrics:
             cache_miss=self.cache.labels(*labels, "miss"),
             overloaded=self.rejected.labels(*labels, "overloaded"),
             timed_out=self.rejected.labels(*labels, "timeout"),
+            _requests=self.requests, _labels=labels,
         )
 
 
@@ -75,3 +76,13 @@ class VersionMetrics:
     cache_miss: Counter
     overloaded: Counter
     timed_out: Counter
+    _requests: Counter
+    _labels: tuple[str, str]
+    _outcomes: dict = field(default_factory=dict)
+
+    def outcome(self, protocol: str, outcome: str) -> Counter:
+        """The request counter child of one protocol and outcome (bound once, then a dict lookup)."""
+        child = self._outcomes.get((protocol, outcome))
+        if child is None:
+            child = self._outcomes[(protocol, outcome)] = self._requests.labels(*self._labels, protocol, outcome)
+        return child

@@ -174,7 +174,7 @@ def stop_serve(cluster) -> None:
 
 def run_ray_server(config: ServerConfig, options: RayServeOptions) -> None:
     """``leanserve serve --executor ray``: serve until SIGINT/SIGTERM, then remove the deployments."""
-    from leanserve.serve.app import run_server
+    from leanserve.server import run_server
 
     cluster = start_serve(options)
     log.info("Ray at %s (%g CPUs, joined in %.1f s); versions run as Ray Serve deployments", cluster.address,

@@ -28,7 +28,7 @@ from leanserve.runtime import example_inputs, load_session
 from leanserve.serve.batching import Batcher, batchable
 from leanserve.serve.cache import ResponseCache
 from leanserve.serve.metrics import ServerMetrics, VersionMetrics
-from leanserve.serve.routing import choose_version
+from leanserve.traffic import choose_version
 
 log = logging.getLogger(__name__)
 

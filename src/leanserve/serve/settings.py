@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from leanserve.explain.settings import ExplainConfig
+from leanserve.config import ExplainConfig
 
 ADMIN_TOKEN_ENV = "LEANSERVE_ADMIN_TOKEN"
 

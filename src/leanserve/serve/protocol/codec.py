@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from leanserve.artifact import Signature, check_declared
 from leanserve.dtypes import V2_TO_NUMPY, numpy_dtype, v2_datatype
 from leanserve.errors import InvalidInput
 
@@ -173,8 +174,18 @@ def _split_bytes(name: str, raw: bytes) -> list[bytes]:
 
 # --- REST (JSON + binary extension) ----------------------------------------------------------------
 
-def decode_rest(body: bytes, header_length: str | None, *, max_elements: int) -> InferRequest:
-    """Decode a V2 REST infer body; ``header_length`` is the Inference-Header-Content-Length header."""
+def decode_rest(body: bytes, header_length: str | None, *, max_elements: int,
+                signature: Signature | None = None) -> InferRequest:
+    """Decode a V2 REST infer body; ``header_length`` is the Inference-Header-Content-Length header.
+
+    With ``signature``, each input's declared name, datatype and shape are checked against it before its
+    data is read. Raises InvalidInput naming the field."""
+    doc, binary = parse_rest(body, header_length)
+    return request_from_rest(doc, binary, max_elements=max_elements, signature=signature)
+
+
+def parse_rest(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON document of a V2 REST body and the binary tensor data after it. Raises InvalidInput."""
     if header_length is not None:
         try:
             json_len = int(header_length)
@@ -191,6 +202,12 @@ def decode_rest(body: bytes, header_length: str | None, *, max_elements: int) ->
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object with an 'inputs' list")
+    return doc, binary
+
+
+def request_from_rest(doc: dict[str, Any], binary: memoryview, *, max_elements: int,
+                      signature: Signature | None = None) -> InferRequest:
+    """An InferRequest from a parsed V2 REST document (see ``decode_rest``). Raises InvalidInput."""
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInput("request needs a non-empty 'inputs' list")
@@ -203,6 +220,8 @@ def decode_rest(body: bytes, header_length: str | None, *, max_elements: int) ->
         name, datatype, shape = _tensor_header(item, f"inputs[{i}]", max_elements)
         if name in inputs:
             raise InvalidInput(f"input {name!r} appears twice")
+        if signature is not None:
+            check_declared(signature.input(name), datatype, shape)
         params = _parameters(item.get("parameters"), f"input {name!r} parameters")
         size = params.get("binary_data_size")
         if size is not None:

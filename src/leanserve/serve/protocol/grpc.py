@@ -8,8 +8,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from leanserve.artifact import Signature, check_declared
 from leanserve.dtypes import v2_datatype
-
 from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.serve.dataplane import DataPlane
 from leanserve.serve.protocol import grpc_predict_v2_pb2 as pb
@@ -25,7 +25,6 @@ from leanserve.serve.protocol.codec import (
     array_to_bytes,
     check_shape,
 )
-
 from leanserve.serve.protocol.errors import grpc_status
 from leanserve.serve.protocol.rest import new_request_id
 from leanserve.serve.settings import ServerConfig
@@ -45,8 +44,9 @@ def _param_value(param: pb.InferParameter) -> Any:
     return getattr(param, kind) if kind else None
 
 
-def decode_request(request: pb.ModelInferRequest, max_elements: int) -> InferRequest:
-    """A transport-independent InferRequest from a gRPC ModelInferRequest."""
+def decode_request(request: pb.ModelInferRequest, max_elements: int, signature: Signature | None = None) -> InferRequest:
+    """A transport-independent InferRequest from a gRPC ModelInferRequest; with ``signature``, each input's
+    declared datatype and shape are checked against it before its contents are read."""
     if not request.inputs:
         raise InvalidInput("request needs at least one input")
     raw = request.raw_input_contents
@@ -60,6 +60,8 @@ def decode_request(request: pb.ModelInferRequest, max_elements: int) -> InferReq
         if name in inputs:
             raise InvalidInput(f"input {name!r} appears twice")
         shape = check_shape(name, list(tensor.shape), max_elements)
+        if signature is not None:
+            check_declared(signature.input(name), tensor.datatype, shape)
         if raw:
             inputs[name] = array_from_bytes(name, tensor.datatype, shape, raw[i])
         else:
@@ -133,12 +135,17 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request, context):
         try:
-            infer_request = decode_request(request, self.config.max_elements)
+            key = None
+            for item in context.invocation_metadata() or ():
+                if item[0] == "x-routing-key":
+                    key = item[1]
+            if key is None and "routing_key" in request.parameters:
+                key = str(_param_value(request.parameters["routing_key"]))
+            routed = self.plane.route(request.model_name, request.model_version or None, key)
+            infer_request = decode_request(request, self.config.max_elements, routed.handle.signature)
             if infer_request.id is None:
                 infer_request.id = new_request_id()
-            metadata = dict(context.invocation_metadata() or ())
-            key = metadata.get("x-routing-key")
-            result = await self.plane.infer(request.model_name, request.model_version or None, infer_request, "grpc", key)
+            result = await self.plane.infer(routed, infer_request, "grpc")
             return encode_response(result)
         except LeanserveError as exc:
             await context.abort(grpc_status(exc), str(exc))

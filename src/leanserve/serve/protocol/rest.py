@@ -13,15 +13,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from leanserve.errors import BodyTimeout, InvalidInput, LeanserveError, PayloadTooLarge
+from leanserve.errors import BodyTimeout, InvalidInput, LeanserveError, NotReady, PayloadTooLarge
 from leanserve.serve.accesslog import AccessLog
 from leanserve.serve.dataplane import DataPlane
-from leanserve.serve.protocol.codec import BINARY_HEADER, decode_rest, encode_rest
+from leanserve.serve.protocol.codec import BINARY_HEADER, encode_rest, parse_rest, request_from_rest
 from leanserve.serve.protocol.errors import http_status
 from leanserve.serve.settings import ServerConfig
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
+BINARY_HEADER_BYTES = BINARY_HEADER.encode()
 # Request ids for requests that bring none: unique per process start, cheaper than uuid4 per request.
 _ID_PREFIX = f"{os.getpid():x}{int(time.time()):x}"
 _ID_COUNTER = itertools.count(1)
@@ -37,10 +38,7 @@ def json_response(doc, status: int = 200, headers: dict[str, str] | None = None)
 
 def error_response(exc: LeanserveError, request_id: str | None = None) -> Response:
     status = http_status(exc)
-    headers = {"x-request-id": request_id} if request_id else {}
-    retry = getattr(exc, "retry_after_s", None)
-    if retry is not None or status == 503:
-        headers["retry-after"] = str(max(1, int(retry or 1)))
+    headers = {k.decode(): v.decode("latin-1") for k, v in error_headers(exc, status, request_id) if k != b"content-type"}
     return json_response({"error": str(exc)}, status, headers)
 
 
@@ -99,6 +97,7 @@ class RestApi:
         self.access_log = access_log
 
     def routes(self) -> list[Route]:
+        """Every route but infer and explain, which ``infer`` answers as plain ASGI (see ``serve/app.py``)."""
         return [
             Route("/v2/health/live", self.live, methods=["GET"]),
             Route("/v2/health/ready", self.ready, methods=["GET"]),
@@ -107,11 +106,11 @@ class RestApi:
             Route("/v2/models/{model}/versions/{version}", self.model_metadata, methods=["GET"]),
             Route("/v2/models/{model}/ready", self.model_ready, methods=["GET"]),
             Route("/v2/models/{model}/versions/{version}/ready", self.model_ready, methods=["GET"]),
-            Route("/v2/models/{model}/infer", self.infer, methods=["POST"]),
-            Route("/v2/models/{model}/versions/{version}/infer", self.infer, methods=["POST"]),
-            Route("/v2/models/{model}/explain", self.explain, methods=["POST"]),  # leanserve.explain
-            Route("/v2/models/{model}/versions/{version}/explain", self.explain, methods=["POST"]),
             Route("/v2/models/{model}/feedback", self.feedback, methods=["POST"]),
+            # Only reached by what ``match_infer`` does not take first (it answers every POST): other methods get 405.
+            *(Route(path, _RoutedInfer(self), methods=["POST"]) for path in (
+                "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer",
+                "/v2/models/{model}/explain", "/v2/models/{model}/versions/{version}/explain")),
         ]
 
     async def live(self, request: Request) -> Response:
@@ -147,43 +146,129 @@ class RestApi:
         except LeanserveError as exc:
             return error_response(exc)
 
-    async def explain(self, request: Request) -> Response:
-        """An infer body answered with attributions too (leanserve.explain), as ``"explain": true`` asks."""
-        return await self.infer(request, explain=True)
+    # --- inference: plain ASGI, without Starlette's routing and middleware ----------------------------
 
-    async def infer(self, request: Request, explain: bool = False) -> Response:
+    def match_infer(self, scope) -> tuple[str, str | None, bool] | None:
+        """(model, version, explain) when ``scope`` is a POST to an infer or explain route, else None."""
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return None
+        parts = scope["path"].split("/")  # "", "v2", "models", MODEL, ["versions", VERSION,] ACTION
+        if len(parts) == 5:
+            version = None
+        elif len(parts) == 7 and parts[4] == "versions" and parts[5]:
+            version = parts[5]
+        else:
+            return None
+        if parts[1] != "v2" or parts[2] != "models" or not parts[3] or parts[-1] not in ("infer", "explain"):
+            return None
+        return parts[3], version, parts[-1] == "explain"
+
+    async def infer(self, scope, receive, send, model: str, version: str | None, explain: bool = False) -> None:
+        """One V2 infer (or explain) request, answered on ``send``; every error is a JSON answer."""
         started = time.perf_counter()
-        model = request.path_params["model"]
-        version = request.path_params.get("version")
-        headers = request.headers
-        request_id = headers.get("x-request-id")
+        headers = _headers(scope)
+        request_id = headers.get(b"x-request-id")
+        request_id = request_id.decode("latin-1") if request_id else None
         status, served = 200, None
         try:
-            body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
-            infer_request = decode_rest(body, headers.get(BINARY_HEADER), max_elements=self.config.max_elements)
+            body = await _read_asgi_body(receive, headers.get(b"content-length"), self.config.max_body_bytes,
+                                         self.config.body_timeout_s)
+            header_length = headers.get(BINARY_HEADER_BYTES)
+            doc, binary = parse_rest(body, header_length.decode("latin-1") if header_length is not None else None)
+            key = headers.get(b"x-routing-key")
+            routed = self.plane.route(model, version, key.decode("latin-1") if key is not None else _routing_key(doc))
+            infer_request = request_from_rest(doc, binary, max_elements=self.config.max_elements,
+                                              signature=routed.handle.signature)
             request_id = request_id or infer_request.id or new_request_id()
             if infer_request.id is None:
                 infer_request.id = request_id
             if explain:
                 infer_request.parameters["explain"] = True
-            result = await self.plane.infer(model, version, infer_request, "http", headers.get("x-routing-key"))
+            result = await self.plane.infer(routed, infer_request, "http")
             served = result.model_version
             payload, header_len = encode_rest(result, infer_request)
-            out_headers = {"x-request-id": request_id}
+            out_headers = [(b"x-request-id", request_id.encode("latin-1"))]
             if header_len is None:
-                response = Response(payload, media_type=JSON, headers=out_headers)
+                out_headers.append((b"content-type", b"application/json"))
             else:
-                out_headers["inference-header-content-length"] = str(header_len)
-                response = Response(payload, media_type="application/octet-stream", headers=out_headers)
+                out_headers.append((b"content-type", b"application/octet-stream"))
+                out_headers.append((BINARY_HEADER_BYTES, str(header_len).encode()))
         except LeanserveError as exc:
-            response = error_response(exc, request_id)
-            status = response.status_code
+            status = http_status(exc)
+            payload, out_headers = orjson.dumps({"error": str(exc)}), error_headers(exc, status, request_id)
             if status >= 500 and status not in (503, 504):
                 log.error("request %s to %s failed: %s", request_id, model, exc)
+        out_headers.append((b"content-length", str(len(payload)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        await send({"type": "http.response.body", "body": payload})
         if self.access_log.enabled:
+            client = scope.get("client")
             self.access_log.write(
-                request_id=request_id, method="POST", path=request.scope["path"], status=status, model=model,
+                request_id=request_id, method="POST", path=scope["path"], status=status, model=model,
                 version=served or version, ms=round((time.perf_counter() - started) * 1000, 3),
-                client=request.client.host if request.client else None,
+                client=client[0] if client else None,
             )
-        return response
+
+
+class _RoutedInfer:
+    """``RestApi.infer`` as an ASGI app behind a Starlette route (an object, not a function, so Starlette
+    passes the raw scope through instead of wrapping it in a Request)."""
+
+    def __init__(self, api: RestApi) -> None:
+        self.api = api
+
+    async def __call__(self, scope, receive, send) -> None:
+        params = scope["path_params"]
+        await self.api.infer(scope, receive, send, params["model"], params.get("version"), scope["path"].endswith("/explain"))
+
+
+def _headers(scope) -> dict[bytes, bytes]:
+    # ASGI servers give header names lower-cased; the first of a repeated header wins
+    found: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        found.setdefault(name, value)
+    return found
+
+
+def _routing_key(doc: dict) -> str | None:
+    parameters = doc.get("parameters")
+    key = parameters.get("routing_key") if isinstance(parameters, dict) else None
+    return None if key is None else str(key)
+
+
+async def _read_asgi_body(receive, declared: bytes | None, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body from ASGI ``receive``, refusing more than ``max_bytes`` and clients slower than
+    ``timeout_s``. Raises PayloadTooLarge, BodyTimeout, InvalidInput or NotReady (client gone)."""
+    if declared is not None:
+        if not declared.isdigit():
+            raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared.decode('latin-1')!r}")
+        if int(declared) > max_bytes:
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {max_bytes} bytes")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise NotReady("the client disconnected before sending its whole body")
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def error_headers(exc: LeanserveError, status: int, request_id: str | None) -> list[tuple[bytes, bytes]]:
+    """Headers of an error answer: content type, request id, Retry-After for 503s and overload."""
+    headers = [(b"content-type", b"application/json")]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode("latin-1")))
+    retry = getattr(exc, "retry_after_s", None)
+    if retry is not None or status == 503:
+        headers.append((b"retry-after", str(max(1, int(retry or 1))).encode()))
+    return headers
