@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port")
     _add_repo(p)
 
-    from leanserve.serve.cli import add_serve_commands
+    from leanserve.cli.serving import add_serve_commands
 
     add_serve_commands(sub, _command, _add_repo)
     from leanserve.optimize.cli import add_optimize_command
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.runtime.cli import add_bench_command
 
     add_bench_command(sub, _command, _add_repo)
-    from leanserve.serve.tune_cli import add_tune_command
+    from leanserve.cli.tune import add_tune_command
 
     add_tune_command(sub, _command, _add_repo)
     from leanserve.deploy.edge_cli import add_edge_command
