@@ -91,13 +91,12 @@ def _export(module, example: tuple) -> tuple:
     """(program, info): exported with a dynamic batch axis, or, when the module fixes its batch size (or
     the example has one row), with the example's shapes; ``info`` says which and why, for the version."""
     import torch
-    from torch._dynamo.exc import UserError
 
     batch = torch.export.Dim("batch")
     try:
         program = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
         return program, {"batch_axis": "dynamic", "fallback": None}
-    except UserError as exc:  # "Constraints violated (batch)": the module specializes the batch axis
+    except RuntimeError as exc:  # UserError "Constraints violated (batch)", or a shape error: the batch axis is fixed
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     rows = int(example[0].shape[0]) if example and hasattr(example[0], "shape") and example[0].dim() else 1
     log.warning("torch.export with a dynamic batch axis failed (%s); the program keeps the example's fixed shapes "

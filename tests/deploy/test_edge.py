@@ -330,3 +330,34 @@ def test_without_executorch_installed_the_target_and_the_engine_name_the_edge_ex
     with pytest.raises(UnsupportedFormat, match=r"pip install 'leanserve\[edge\]'"):
         load_session(repo.get("cnn", 2))
     assert repo.versions("cnn") == [1, 2]
+
+
+def _one_row_only_model():
+    """A linear layer behind a reshape to exactly one row: calibration cannot batch it."""
+    import torch
+
+    class OneRow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.linear(x.reshape(1, 3))
+
+    return OneRow().eval()
+
+
+def test_executorch_calibration_of_a_fixed_batch_model_falls_back_row_by_row_logged_and_recorded(tmp_path, caplog):
+    pytest.importorskip("executorch")
+    import torch
+
+    from leanserve.artifact import Signature, TensorSpec
+    from leanserve.deploy.edge_executorch import STATIC_INT8, build
+
+    signature = Signature((TensorSpec.parse("x:FP32:-1,3"),), (TensorSpec.parse("y:FP32:-1,2"),))
+    calibration = {"x": np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)}
+    with caplog.at_level("WARNING", logger="leanserve.deploy.edge_executorch"):
+        program = build(_one_row_only_model(), (torch.zeros(1, 3),), signature, STATIC_INT8, tmp_path, calibration)
+    assert "calibrating row by row" in caplog.text
+    assert program.fallbacks and program.fallbacks[0].startswith("int8 calibration ran row by row (a dynamic batch")
+    assert program.fallbacks[0] in program.notes and program.path.is_file()

@@ -87,6 +87,7 @@ class _Built:
     kept_float: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     converter: str = ""
+    fallbacks: tuple[str, ...] = ()  # steps done another way than planned, and why (recorded in the provenance)
 
 
 def build_edge(
@@ -169,7 +170,17 @@ def _build_pte(artifact: ModelArtifact, data, calib, max_drop: str, work: Path) 
              "only the C++ runtime and the XNNPACK delegate, so its memory is the program's share")
     return _Built(program.path, (), "executorch", program.recipe.name, program.recipe.int8, program.operators,
                   program.accuracy, notes=notes,
-                  converter="torch.export + executorch.exir.to_edge_transform_and_lower (XnnpackPartitioner)")
+                  converter="torch.export + executorch.exir.to_edge_transform_and_lower (XnnpackPartitioner)",
+                  fallbacks=_program_fallbacks(artifact) + program.fallbacks)
+
+
+def _program_fallbacks(artifact: ModelArtifact) -> tuple[str, ...]:
+    """The version's torch.export program, when it was kept with fixed shapes, says so (torch_source)."""
+    from leanserve.torch_source import PROGRAM_FILE, program_export_info
+
+    path = artifact.path / PROGRAM_FILE
+    fallback = program_export_info(path).get("fallback") if path.is_file() else None
+    return (f"torch.export program: {fallback}",) if fallback else ()
 
 
 # --- int8 -------------------------------------------------------------------------------------------
@@ -298,7 +309,7 @@ def _samples(signature: Signature, data) -> dict[str, np.ndarray]:
 def _provenance(source: str, target: str, built: _Built) -> Provenance:
     return Provenance(source=f"leanserve edge {source} --target {target}", parent=source,
                       recipe={"name": built.recipe, "target": target, "kept_float": list(built.kept_float),
-                              "converter": built.converter})
+                              "converter": built.converter, "fallbacks": list(built.fallbacks)})
 
 
 def _holdout_notes(split: Split | None, selection: Accuracy | None) -> tuple[str, ...]:

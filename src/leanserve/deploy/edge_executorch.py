@@ -8,9 +8,9 @@ with a signature file beside it (``model.pte.json``), since a .pte keeps no tens
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,8 @@ from leanserve.artifact import ModelArtifact, Signature, TensorSpec
 from leanserve.deploy.edge_report import Accuracy
 from leanserve.errors import UnsupportedFormat
 from leanserve.formats import pte_sidecar
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pte"
 CALIBRATION_ROWS = 256
@@ -51,6 +53,7 @@ class Program:
     operators: tuple[str, ...]
     accuracy: Accuracy | None = None
     notes: tuple[str, ...] = ()
+    fallbacks: tuple[str, ...] = ()  # what was done another way than planned, and why (kept in the manifest)
 
 
 def require_executorch(artifact: ModelArtifact) -> None:
@@ -110,9 +113,10 @@ def build(module, example: tuple, signature: Signature, recipe: Recipe, folder: 
         from executorch.exir import to_edge_transform_and_lower
 
     folder.mkdir(parents=True, exist_ok=True)
+    fallbacks: tuple[str, ...] = ()
     try:
         if recipe.int8:
-            module = _quantize(module, example, signature, recipe, calibration)
+            module, fallbacks = _quantize(module, example, signature, recipe, calibration)
         edge = to_edge_transform_and_lower(torch.export.export(module, example), partitioner=[XnnpackPartitioner()])
         operators = _operators(get_delegation_info(edge.exported_program().graph_module))
         buffer = edge.to_executorch().buffer
@@ -126,12 +130,13 @@ def build(module, example: tuple, signature: Signature, recipe: Recipe, folder: 
     sidecar = pte_sidecar(path)
     sidecar.write_text(json.dumps({"signature": _one_row_signature(signature, example).to_dict()}, indent=2),
                        encoding="utf-8")
-    return Program(path, sidecar, recipe, operators)
+    return Program(path, sidecar, recipe, operators, notes=fallbacks, fallbacks=fallbacks)
 
 
-def _quantize(module, example: tuple, signature: Signature, recipe: Recipe, calibration):
+def _quantize(module, example: tuple, signature: Signature, recipe: Recipe, calibration) -> tuple:
     """PT2E int8: the XNNPACK quantizer's annotations, observers run over the calibration rows (static), then
-    converted to quantize/dequantize pairs that the XNNPACK partitioner turns into int8 kernels."""
+    converted to quantize/dequantize pairs that the XNNPACK partitioner turns into int8 kernels. Returns
+    (converted module, fallbacks taken)."""
     import torch
 
     from leanserve.runtime.executorch import quiet_torchao
@@ -148,26 +153,31 @@ def _quantize(module, example: tuple, signature: Signature, recipe: Recipe, cali
     if recipe.dynamic or calibration is None:
         prepared = prepare_pt2e(torch.export.export(module, example).module(), quantizer)
         prepared(*example)
-        return convert_pt2e(prepared)
+        return convert_pt2e(prepared), ()
     rows = [np.ascontiguousarray(np.asarray(calibration[n])[:CALIBRATION_ROWS]) for n in signature.input_names]
-    graph, step = _calibration_graph(module, example, rows)
+    graph, step, fallbacks = _calibration_graph(module, example, rows)
     prepared = prepare_pt2e(graph, quantizer)
     for start in range(0, len(rows[0]), step):
         prepared(*(torch.from_numpy(r[start:start + step]) for r in rows))
-    return convert_pt2e(prepared)
+    return convert_pt2e(prepared), fallbacks
 
 
-def _calibration_graph(module, example: tuple, rows: list[np.ndarray]):
-    """The graph to calibrate and how many rows to feed it at once: exported with a dynamic batch axis when
-    the model allows it (observers cost per call, so 64 rows a call), else at one row."""
+def _calibration_graph(module, example: tuple, rows: list[np.ndarray]) -> tuple:
+    """(graph to calibrate, rows to feed it at once, fallbacks): exported with a dynamic batch axis when the
+    model allows it (observers cost per call, so 64 rows a call), else at one row, with a warning."""
     import torch
 
-    if len(rows[0]) >= 2:
-        batch = torch.export.Dim("batch", max=CALIBRATION_ROWS)
-        with contextlib.suppress(Exception):  # a model that fixes its batch axis calibrates row by row below
-            two = tuple(torch.from_numpy(r[:2]) for r in rows)
-            return torch.export.export(module, two, dynamic_shapes=tuple({0: batch} for _ in rows)).module(), 64
-    return torch.export.export(module, example).module(), 1
+    if len(rows[0]) < 2:
+        return torch.export.export(module, example).module(), 1, ()
+    batch = torch.export.Dim("batch", max=CALIBRATION_ROWS)
+    try:
+        two = tuple(torch.from_numpy(r[:2]) for r in rows)
+        return torch.export.export(module, two, dynamic_shapes=tuple({0: batch} for _ in rows)).module(), 64, ()
+    except RuntimeError as exc:  # UserError "Constraints violated (batch)", or a shape error: the batch axis is fixed
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    log.warning("calibrating row by row: the model cannot be exported with a dynamic batch axis (%s)", reason)
+    fallback = f"int8 calibration ran row by row (a dynamic batch export failed: {reason})"
+    return torch.export.export(module, example).module(), 1, (fallback,)
 
 
 def _example(signature: Signature, data: Mapping[str, np.ndarray] | None) -> tuple:
@@ -204,4 +214,4 @@ def _operators(info) -> tuple[str, ...]:
 
 def _with_notes(program: Program, *notes: str, accuracy: Accuracy | None = None) -> Program:
     return Program(program.path, program.sidecar, program.recipe, program.operators, accuracy,
-                   program.notes + tuple(notes))
+                   program.notes + tuple(notes), program.fallbacks)
