@@ -5,17 +5,15 @@ bias, drift and alerts, with a short history for charts. Shared by the dashboard
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
 from typing import Any
 
 from leanserve.monitor.alerts import AlertSink, evaluate
-from leanserve.monitor.bias import bias_by_group
 from leanserve.monitor.observers import LiveSignals
 from leanserve.monitor.periodic import Periodic
-from leanserve.monitor.quality import rolling_quality
+from leanserve.monitor.rounds import RoundWorker, drift_round, labels_round
 
 log = logging.getLogger(__name__)
 HISTORY_POINTS = 300
@@ -33,6 +31,7 @@ class Monitor(Periodic):
         self.drift: dict[tuple[str, int], dict[str, Any]] = {}
         self.alerts = AlertSink(metrics)
         self._last_slow = 0.0
+        self.worker = RoundWorker()  # the slow round's process, started at its first round
 
     async def tick(self) -> None:
         """One round: history points, (periodically) labels and bias, then alert rules."""
@@ -49,54 +48,42 @@ class Monitor(Periodic):
                 point = {"t": round(time.time(), 1), "rps": round(window.throughput_rps, 2), "p50_ms": round(window.p50_ms, 3),
                          "p99_ms": round(window.p99_ms, 3), "error_rate": round(window.error_rate, 4)}
                 self.history.setdefault((name, version), collections.deque(maxlen=HISTORY_POINTS)).append(point)
-                figures = self.figures(name, version)
+                figures = self.figures(name, version, window)
                 await self.alerts.update(name, version, evaluate(name, version, figures, entry.config.alerts), entry.config.alerts)
 
     async def _refresh_drift(self, name: str, version: int) -> None:
-        """Compare the newest logged traffic of a version with its stored reference profile."""
-        from leanserve.monitor.reference import load_reference, profile_path
-
-        if not profile_path(self.registry.repo, name, version).is_file():
+        """Compare the newest logged traffic of a version with its stored reference profile (in the worker)."""
+        drift = await self.worker.run(drift_round, self.registry.repo.root, self.signals.prediction_log.config.path,
+                                      name, version)
+        if drift is None:
             return
-        from leanserve.monitor.drift import DriftConfig, detect
-        from leanserve.monitor.store import stack
-
-        loop = asyncio.get_running_loop()
-        profile = await loop.run_in_executor(None, load_reference, self.registry.repo, name, version)
-        if profile is None:
-            return
-        rows = await loop.run_in_executor(None, lambda: self.signals.prediction_log.rows(name, version, limit=500))
-        live = {**stack(rows, "inputs"), **stack(rows, "outputs")}
-        report = await loop.run_in_executor(None, detect, profile, live, DriftConfig())
-        drifted = [f"{d.tensor}[{d.feature}] {d.method}" for d in report.features if d.drifted]
-        self.drift[(name, version)] = {"drifted": bool(report.drifted), "features": drifted, "rows": len(rows)}
-        self.metrics.drift.labels(name, str(version)).set(1 if report.drifted else 0)
+        self.drift[(name, version)] = drift
+        self.metrics.drift.labels(name, str(version)).set(1 if drift["drifted"] else 0)
 
     async def _refresh_labels(self, name: str) -> None:
-        log_ = self.signals.prediction_log
-        rows = await asyncio.get_running_loop().run_in_executor(None, lambda: log_.rows(name, limit=5000, labelled=True))
-        quality = {q.version: q for q in rolling_quality(rows)}
-        for report in bias_by_group(rows):
-            self.labels.setdefault((name, report.version), {})["bias"] = report
-        for version, q in quality.items():
-            self.labels.setdefault((name, version), {})["quality"] = q
-        await self._refresh_fairness(name, rows)
+        """Quality, bias and fairness of every version of a model from its labelled rows (in the worker)."""
+        report = await self.worker.run(labels_round, self.signals.prediction_log.config.path, name)
+        for bias in report.bias:
+            self.labels.setdefault((name, bias.version), {})["bias"] = bias
+        for version, quality in report.quality.items():
+            self.labels.setdefault((name, version), {})["quality"] = quality
+        if report.fairness:
+            from leanserve.fairness import metrics as fairness
 
-    async def _refresh_fairness(self, name: str, rows: list) -> None:
-        """Fairlearn's per-group rates and gaps of each version (skipped without leanserve[fairness])."""
-        from leanserve.fairness import metrics as fairness
+            for version, fair in report.fairness.items():
+                self.labels.setdefault((name, version), {})["fairness"] = fair
+                fairness.publish(self.metrics, name, version, fair)
 
-        if not fairness.available():
-            return
-        reports = await asyncio.get_running_loop().run_in_executor(None, fairness.fairness_by_version, rows)
-        for version, report in reports.items():
-            self.labels.setdefault((name, version), {})["fairness"] = report
-            fairness.publish(self.metrics, name, version, report)
+    def stop(self) -> None:
+        super().stop()
+        self.worker.close()
 
-    def figures(self, name: str, version: int) -> dict[str, Any]:
-        """The latest figures of one version, as the alert rules and the dashboard read them."""
+    def figures(self, name: str, version: int, window=None) -> dict[str, Any]:
+        """The latest figures of one version, as the alert rules and the dashboard read them (``window``:
+        its live window when the caller has it already)."""
         entry = self.registry.models[name]
-        window = self.signals.live_stats.window(name, version, entry.config.alerts.window_s)
+        if window is None:
+            window = self.signals.live_stats.window(name, version, entry.config.alerts.window_s)
         labels = self.labels.get((name, version), {})
         quality, bias, fair = labels.get("quality"), labels.get("bias"), labels.get("fairness")
         drift = self.drift.get((name, version), {})
