@@ -8,7 +8,7 @@ import orjson
 import pytest
 import tritonclient.http as triton_http
 
-from conftest import make_sequence_model, make_string_model
+from conftest import make_sequence_model, make_string_model, wait_until
 from leanserve import CacheConfig
 
 
@@ -153,7 +153,12 @@ def test_metrics_are_exported_per_model_and_version(server):
 def test_access_log_lines_are_json_with_request_ids(server):
     post(server, infer_body(id="trace-me"))
     post(server, b"{bad", headers={"x-request-id": "bad-one"})
-    records = [json.loads(line) for line in server.log_lines]
+
+    def flushed():  # lines are written in bursts, at most 0.2 s after the request
+        records = [json.loads(line) for chunk in list(server.log_lines) for line in chunk.splitlines()]
+        return records if {"trace-me", "bad-one"} <= {r["request_id"] for r in records} else None
+
+    records = wait_until(flushed, timeout_s=5, what="access log lines written")
     ok = next(r for r in records if r["request_id"] == "trace-me")
     assert ok["status"] == 200 and ok["model"] == "affine" and ok["version"] == "1" and ok["ms"] > 0
     assert next(r for r in records if r["request_id"] == "bad-one")["status"] == 400

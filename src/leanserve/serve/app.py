@@ -92,7 +92,8 @@ def build_app(config: ServerConfig, registry: ModelRegistry, plane: DataPlane, m
               extras: Extras | None = None, access_log: AccessLog | None = None) -> Core:
     """The ASGI app of the core over ``plane`` (models load when it starts), with ``extras`` added."""
     extras = extras or Extras()
-    rest = RestApi(plane, config, access_log or AccessLog(config.access_log))
+    access_log = access_log or AccessLog(config.access_log)
+    rest = RestApi(plane, config, access_log)
     admin = AdminApi(registry, config)
     openapi = openapi_document()
 
@@ -131,6 +132,7 @@ def build_app(config: ServerConfig, registry: ModelRegistry, plane: DataPlane, m
             await registry.close()
             for hook in extras.on_close:
                 hook()
+            access_log.flush()
             log.info("server stopped")
 
     routes = [*rest.routes(), *admin.routes(), *extras.routes,
