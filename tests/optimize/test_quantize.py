@@ -126,3 +126,16 @@ def test_calibration_batches_all_have_the_same_size_and_use_every_row():
     from leanserve.optimize.quantize import calibration_batch_size
 
     assert [calibration_batch_size(rows, 16) for rows in (13, 29, 32, 36, 200, 1)] == [13, 1, 16, 12, 10, 1]
+
+
+def test_fp16_model_passes_the_onnx_checker_and_can_be_registered(digits_cnn_onnx, digits, tmp_path):
+    from leanserve import Repository
+    from leanserve.optimize.quantize import to_fp16
+
+    _, x_test, _, _ = digits
+    to_fp16(digits_cnn_onnx, tmp_path / "fp16.onnx", PassContext(read_model(digits_cnn_onnx).signature))
+    onnx.checker.check_model(onnx.load(str(tmp_path / "fp16.onnx")), full_check=True)
+    Repository(tmp_path / "repo").add(tmp_path / "fp16.onnx", "half")
+    before = ort.InferenceSession(str(digits_cnn_onnx)).run(None, {"image": x_test[:64]})[0]
+    after = ort.InferenceSession(str(tmp_path / "fp16.onnx")).run(None, {"image": x_test[:64]})[0]
+    assert np.mean(before.argmax(1) == after.argmax(1)) > 0.95

@@ -97,3 +97,19 @@ def test_a_gpu_provider_absent_from_this_build_is_refused_by_name(affine_repo, m
 def test_bf16_is_an_engine_precision_for_tensorrt(affine_repo):
     settings = trt_settings(ort_engine.provider_options(GPU, RuntimeOptions(precision="bf16"), affine_repo.get("affine")))
     assert settings["trt_bf16_enable"] == "True" and "trt_fp16_enable" not in settings
+
+
+def test_gpu_check_prints_skip_for_every_path_where_the_providers_are_absent():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onnxruntime
+
+    if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(onnxruntime.get_available_providers()):
+        pytest.skip("a GPU build of ONNX Runtime is installed: run benchmarks/gpu_check.py itself")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script), "--no-record"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    verdicts = [line for line in done.stdout.splitlines() if line.startswith(("cuda", "tensorrt"))]
+    assert len(verdicts) == 6 and all(" SKIP: provider absent: " in line for line in verdicts)

@@ -140,9 +140,13 @@ def _float_notes(src: Path, dst: Path, ctx: PassContext) -> list[str]:
 def to_fp16(src: Path, dst: Path, ctx: PassContext, bf16: bool = False) -> StepResult:
     """Convert weights and compute to fp16 (inputs/outputs keep their types); for GPUs and NPUs."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.load(str(src))
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=list(ctx.exclude_nodes))
+    # the converter appends the input casts after the nodes that read them; ONNX Runtime runs such a graph,
+    # but the ONNX checker (and so Repository.add) refuses it until the nodes are sorted
+    OnnxModel(converted).topological_sort(is_deterministic=True)
     onnx.save(converted, str(dst))
     # ONNX Runtime's CPU and CUDA kernels barely cover bfloat16 graphs; the engines that run bf16 well do
     # it from an fp32 graph themselves, so bf16 is an engine precision (runtime.precision=bf16), not a pass.
