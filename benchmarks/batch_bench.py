@@ -48,9 +48,7 @@ def main() -> None:
     parser.add_argument("--chunk-rows", type=int, default=65536)
     args = parser.parse_args()
     from leanserve.deploy.batch import run_job
-    from leanserve.measure import cpu_description
 
-    print(f"CPU: {cpu_description()}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         repo, rows, session = make_mlp_job(work, args.rows, args.chunk_rows)
@@ -78,4 +76,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from machine import run_recorded  # benchmarks/ (the script's folder) is on sys.path
+
+    run_recorded("batch_bench", main)

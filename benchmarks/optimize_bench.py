@@ -5,6 +5,10 @@ fp32, ONNX Runtime's plain ``quantize_dynamic`` defaults, and the variant ``lean
 timed in interleaved rounds so machine noise hits all alike. Digits CNN: static int8, structured
 pruning and distillation accuracy against fp32.
 
+Quality is held-out throughout: the optimizer chooses on a selection part of the sentences (digits) and
+every cosine (top-1) printed and graded here is measured on the rest, which the choice never saw;
+pruning and distillation train on the training digits and are graded on the test digits.
+
     python benchmarks/optimize_bench.py [--rounds 5] [--time-budget 300] [--only minilm|cnn] [--out FILE]
 """
 
@@ -60,18 +64,24 @@ def minilm_section(work: Path, rounds: int, time_budget: float) -> dict:
     transformer, tokenizer = load_minilm()
     module = sentence_module(transformer)
     export_minilm_onnx(work / "minilm.onnx")
-    data = tokenize(tokenizer, SENTENCES, 64)
-    np.savez(work / "eval.npz", **data)
+    from leanserve.holdout import split_holdout
+
+    tokens = tokenize(tokenizer, SENTENCES, 64)
+    split = split_holdout({n: tokens[n] for n in INPUTS}, holdout_fraction=0.3, seed=0)
+    np.savez(work / "eval.npz", **split.selection)
+    np.savez(work / "holdout.npz", **split.holdout)
+    data = split.holdout  # every cosine below is on sentences the choice never saw
     repo = leanserve.Repository(work / "repo")
     repo.add(work / "minilm.onnx", "minilm")
-    print(f"leanserve optimize (time budget {time_budget:.0f} s)...")
-    outcome = optimize(repo, "minilm", eval_path=work / "eval.npz", max_drop="0.01", metric="cosine",
-                       time_budget_s=time_budget, progress=False, report_dir=work / "report")
+    print(f"leanserve optimize (time budget {time_budget:.0f} s); sentences: {split.info.describe()}...")
+    outcome = optimize(repo, "minilm", eval_path=work / "eval.npz", holdout_path=work / "holdout.npz", max_drop="0.01",
+                       metric="cosine", time_budget_s=time_budget, progress=False, report_dir=work / "report")
     chosen = outcome.result.chosen
     for c in [outcome.result.baseline, *outcome.result.candidates]:
         m = c.measurement
-        print(f"  {c.recipe.name:<45} " + (f"cosine {m.quality:.4f}  p50 {m.speed.latency_p50_ms:.3f} ms  {m.size_bytes / 1e6:.1f} MB"
-                                          if m else f"failed: {c.error}"))
+        print(f"  {c.recipe.name:<45} " + (f"held-out cosine {c.holdout_quality:.4f}  p50 {m.speed.latency_p50_ms:.3f} ms  "
+                                          f"{m.size_bytes / 1e6:.1f} MB" if m and c.holdout_quality is not None
+                                          else f"failed: {c.error}"))
     print(f"  chosen: {chosen.recipe.name} ({chosen.recipe.describe()})")
     chosen_path = repo.get("minilm", outcome.ref.version).model_path if outcome.ref else work / "minilm.onnx"
     quantize_dynamic(work / "minilm.onnx", work / "plain_dynamic.onnx")  # ONNX Runtime's defaults
@@ -92,7 +102,7 @@ def minilm_section(work: Path, rounds: int, time_budget: float) -> dict:
         f"leanserve: {chosen.recipe.name} (serving: no spin)": (ort_runner(chosen_path, spin=False), chosen_path),
         "ONNX Runtime fp32 (serving: no spin)": (ort_runner(work / "minilm.onnx", spin=False), work / "minilm.onnx"),
     }
-    singles = [{n: data[n][i:i + 1] for n in INPUTS} for i in range(len(SENTENCES))]
+    singles = [{n: tokens[n][i:i + 1] for n in INPUTS} for i in range(len(SENTENCES))]  # timing: every sentence
     reference = torch_runner(module)(data)
     results = {name: {"ms": [], "cosine": cosine(run(data), reference),
                       "size_mb": path.stat().st_size / 1e6 if path else None} for name, (run, path) in variants.items()}
@@ -103,7 +113,8 @@ def minilm_section(work: Path, rounds: int, time_budget: float) -> dict:
             results[name]["ms"].append(timed(run, singles, 100))
     for r in results.values():
         r["median_ms"] = float(np.median(r["ms"]))
-    return {"variants": results, "chosen": chosen.recipe.name, "report": str(work / "report" / "report.md")}
+    return {"variants": results, "chosen": chosen.recipe.name, "report": str(work / "report" / "report.md"),
+            "holdout": split.info.to_dict()}
 
 
 def minilm_verdicts(section: dict) -> list[tuple[str, str, bool]]:
@@ -115,7 +126,8 @@ def minilm_verdicts(section: dict) -> list[tuple[str, str, bool]]:
         (f"MiniLM int8 vs ORT fp32: {ort_fp32['median_ms'] / ours['median_ms']:.2f}x", ">= 2x (VNNI)", ort_fp32["median_ms"] / ours["median_ms"] >= 2),
         (f"MiniLM int8 vs PyTorch eager fp32: {torch_fp32['median_ms'] / ours['median_ms']:.2f}x", ">= 2.5x", torch_fp32["median_ms"] / ours["median_ms"] >= 2.5),
         (f"MiniLM int8 size: {size:.0%} of fp32", "<= 30%", size <= 0.30),
-        (f"MiniLM int8 cosine to fp32: {ours['cosine']:.4f}", ">= 0.99", ours["cosine"] >= 0.99),
+        (f"MiniLM int8 held-out cosine to fp32 ({section['holdout']['holdout_rows']} sentences): {ours['cosine']:.4f}",
+         ">= 0.99", ours["cosine"] >= 0.99),
     ]
 
 
@@ -139,8 +151,10 @@ def cnn_section(work: Path) -> dict:
     outcome = optimize(repo, "cnn", eval_path=work / "cnn_eval.npz", calib_path=work / "cnn_calib.npz",
                        recipes=[parse_recipe("static_int8:method=minmax"), parse_recipe("static_int8:method=entropy")],
                        register=False, progress=False, time_budget_s=120)
-    static = {c.recipe.name: c.measurement.quality for c in outcome.result.candidates if c.measurement}
-    result = {"fp32_top1": fp32, "static_int8_top1": static}
+    # held-out: the fp32 baseline and each int8 variant on the same rows the search did not choose on
+    static = {c.recipe.name: (c.holdout_quality, outcome.result.baseline.holdout_quality)
+              for c in outcome.result.candidates if c.holdout_quality is not None}
+    result = {"fp32_top1": fp32, "static_int8_top1": static, "holdout": outcome.result.holdout.to_dict()}
     result.update(_prune_and_distill(teacher, x_train, y_train, x_test, y_test))
     return result
 
@@ -178,8 +192,8 @@ def _run_prune_distill(prune, distill, teacher, x_train, y_train, x_test, y_test
 
 def cnn_verdicts(section: dict) -> list[tuple[str, str, bool]]:
     fp32 = section["fp32_top1"]
-    rows = [(f"digits static int8 ({name}): {acc:.2%} vs fp32 {fp32:.2%}", "within 0.5 points", fp32 - acc <= 0.005)
-            for name, acc in section["static_int8_top1"].items()]
+    rows = [(f"digits static int8 ({name}), held-out: {acc:.2%} vs fp32 {base:.2%}", "within 0.5 points",
+             base - acc <= 0.005) for name, (acc, base) in section["static_int8_top1"].items()]
     pd = section.get("prune_distill")
     if isinstance(pd, dict):
         rows.append((f"digits structured pruning ({pd['pruned_params'] / pd['teacher_params']:.0%} of params): {pd['pruned_top1']:.2%}",
@@ -198,13 +212,17 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, default=300, help="seconds for leanserve optimize on MiniLM")
     parser.add_argument("--only", choices=["minilm", "cnn"])
     parser.add_argument("--out", default="bench-out/optimize_bench.json")
+    parser.add_argument("--no-record", action="store_true", help="do not append the verdicts to benchmarks/RESULTS.md")
     args = parser.parse_args()
     import onnxruntime
     import torch
 
+    from machine import print_header, record
+
     from leanserve.measure import cpu_description
 
-    print(f"CPU: {cpu_description()}; onnxruntime {onnxruntime.__version__}; torch {torch.__version__}")
+    header = print_header("optimize_bench")
+    print(f"onnxruntime {onnxruntime.__version__}; torch {torch.__version__}")
     results, verdicts = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -218,9 +236,11 @@ def main() -> None:
         if args.only in (None, "cnn"):
             results["cnn"] = cnn_section(work)
             verdicts += cnn_verdicts(results["cnn"])
-    print("\nfigure                                                        target                          verdict")
-    for figure, target, ok in verdicts:
-        print(f"{figure:<61} {target:<31} {'PASS' if ok else 'FAIL'}")
+    lines = [f"{'figure':<61} {'target':<31} verdict",
+             *(f"{figure:<61} {target:<31} {'PASS' if ok else 'FAIL'}" for figure, target, ok in verdicts)]
+    print("\n" + "\n".join(lines))
+    if not args.no_record:
+        record(header, [f"onnxruntime {onnxruntime.__version__}; torch {torch.__version__}", *lines])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"cpu": cpu_description(), "results": results}, indent=2, default=str))

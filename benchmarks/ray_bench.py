@@ -119,9 +119,7 @@ def main() -> None:
     parser.add_argument("--skip-batch", action="store_true")
     parser.add_argument("--skip-serve", action="store_true")
     args = parser.parse_args()
-    from leanserve.measure import cpu_description
 
-    print(f"CPU: {cpu_description()}")
     if not args.skip_batch:
         batch(args.rows, args.batch_size, args.chunk_rows)
     if not args.skip_serve:
@@ -129,4 +127,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from machine import run_recorded  # benchmarks/ (the script's folder) is on sys.path
+
+    run_recorded("ray_bench", main)
