@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--engines", default="ort,openvino,tvm")
     parser.add_argument("--tvm-budget", type=float, default=0.0, help="seconds of TVM tuning per model (0: untuned)")
     parser.add_argument("--only", choices=["cnn", "minilm"])
+    parser.add_argument("--no-record", action="store_true", help="do not append the verdicts to benchmarks/RESULTS.md")
     args = parser.parse_args()
     from machine import print_header, record
 
@@ -143,7 +144,8 @@ def main() -> None:
     lines = [f"{'figure':<62} {'target':<22} verdict",
              *(f"{figure:<62} {target:<22} {'PASS' if ok else 'FAIL'}" for figure, target, ok in verdicts)]
     print("\n" + "\n".join(lines))
-    record(header, [f"engines: {','.join(engines)}; TVM tuning {args.tvm_budget:g} s", *lines])
+    if not args.no_record:
+        record(header, [f"engines: {','.join(engines)}; TVM tuning {args.tvm_budget:g} s", *lines])
 
 
 if __name__ == "__main__":

@@ -122,6 +122,13 @@ def test_edge_reports_accuracy_on_the_holdout_file_when_given(affine_repo, capsy
     assert (split["source"], split["selection_rows"], split["holdout_rows"]) == ("given", 40, 12)
 
 
+def test_edge_refuses_a_holdout_file_without_evaluation_data(affine_repo, capsys, tmp_path):
+    np.savez(tmp_path / "held.npz", x=np.zeros((20, 4), np.float32))
+    status, _, err = _edge(capsys, "affine", "--holdout", str(tmp_path / "held.npz"), "--repo", str(affine_repo.root))
+    assert status == 1 and "--holdout DATA needs --eval DATA" in err
+    assert affine_repo.versions("affine") == [1]
+
+
 def test_edge_refuses_evaluation_data_too_small_to_hold_rows_out(affine_repo, capsys, tmp_path):
     np.savez(tmp_path / "eval.npz", x=np.zeros((20, 4), np.float32))
     status, _, err = _edge(capsys, "affine", "--eval", str(tmp_path / "eval.npz"), "--repo", str(affine_repo.root))

@@ -121,6 +121,9 @@ def build_edge(
     elif artifact.manifest.format != "onnx":
         raise UnsupportedFormat(f"--target ort converts ONNX versions; {source} is {artifact.manifest.format} "
                                 "(give an ONNX version, or export the model with leanserve export first)")
+    if holdout_path and not eval_path:
+        raise InvalidInput("--holdout DATA needs --eval DATA: the int8 choice is made on --eval's rows and the "
+                           "held-out rows only grade it")
     split = evaluation_split(artifact.signature, eval_path, holdout_path, holdout_fraction, seed) if eval_path else None
     data = split.selection if split else None  # chooses; split.holdout grades
     with tempfile.TemporaryDirectory(prefix="leanserve-edge-") as tmp:
