@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 REPO ?= model-repo
 export ORT_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test bench clean grpc-stubs
+.PHONY: install run test bench bench-quick clean grpc-stubs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/engine_bench.py
 	$(BIN)/python benchmarks/batch_bench.py
 	$(BIN)/python benchmarks/edge_bench.py
+
+# The serving regression guard (issue 15): leanserve beside a bare handler on the digits CNN, < 3 minutes.
+bench-quick: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null 2>&1 || sudo apt-get install -y -q wrk)
+	$(BIN)/python benchmarks/serve_bench.py --quick
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

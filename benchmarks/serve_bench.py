@@ -1,18 +1,24 @@
-"""Serving speed check (issue 3): leanserve under wrk, beside the in-process engine and the issue's targets.
+"""Serving speed check (issues 3 and 15): leanserve under wrk, beside a bare ASGI handler, the
+in-process engine and the issues' targets.
 
-Builds a repository with two real models in a temporary folder (the demo digits CNN and MiniLM
-sentence embeddings), starts ``leanserve serve`` on it and drives it with wrk, one load thread so the
-other cores stay with the server, POSTing prepared V2 request bodies (benchmarks/wrk/post_bodies.lua):
+Builds a repository with real models in a temporary folder (the demo digits CNN, whose input is one
+1x1x28x28 float image: the 784-float CNN; and MiniLM sentence embeddings), then:
 
-* CNN, JSON, 16 connections             target: >= 4000 req/s with p99 < 10 ms
-* CNN, binary tensor extension, 16 connections
-* CNN, JSON, 32 connections, batching on and off (the server restarts between)   target: on >= 2x off
-* MiniLM, JSON, 1/4/16/32 connections   target: at saturation (most connections) >= 90% of the engine
+1. The ceiling (issue 15; all that ``--quick``, i.e. ``make bench-quick``, runs): three servers started
+   cold together, with defaults, measured from 5 s after ready: ``benchmarks/bare_server.py`` (orjson +
+   ONNX Runtime inline, no validation), ``leanserve serve`` (monitoring at 100%, access log on), and
+   leanserve with live explanation sampling on. Rounds alternate between them, 16 connections, JSON;
+   the binary extension and gRPC (benchmarks/grpc_load.py) run on the default server in the same rounds.
+   Targets: >= 75% of the bare handler, p99 <= 10 ms, >= 4000 req/s; binary >= JSON; the sampler costs
+   <= 5% of throughput.
+2. The rest (issue 3): CNN JSON at 32 connections with batching on and off (on >= 2x off), MiniLM at
+   1/4/16/32 connections against the in-process engine at the server's mean batch size (>= 90% at
+   saturation).
 
-For every run the server's mean batch size is read from its /metrics; ONNX Runtime is then run in this
-process at that batch size with the same thread settings, so each server figure has the engine's own
-ceiling beside it. Prints the figures with PASS/FAIL per target and writes them as JSON (``--out``).
-The exit status is 0 whatever the figures: benchmarks inform, they do not gate.
+wrk runs with one load thread (benchmarks/wrk/post_bodies.lua POSTs prepared V2 bodies), so the other
+core stays with the server. Prints the CPU first, the figures with PASS/FAIL per target, appends them to
+benchmarks/RESULTS.md and writes JSON (``--out``). The exit status is 0 whatever the figures: benchmarks
+inform, they do not gate.
 
     .venv/bin/python benchmarks/serve_bench.py [--duration 10] [--quick] [--only cnn|minilm] [--out FILE]
 
@@ -285,14 +291,18 @@ class Server:
     """``leanserve serve`` as a subprocess on a free port; ``with`` waits until every model is ready
     and stops it with SIGTERM afterwards. Its log goes to ``log_path``."""
 
-    def __init__(self, repo_root: Path, models: list[str], log_path: Path) -> None:
+    def __init__(self, repo_root: Path, models: list[str], log_path: Path, extra: tuple[str, ...] = (),
+                 grpc: bool = False, command: list[str] | None = None) -> None:
         self.port = free_port()
+        self.grpc_port = free_port() if grpc else 0
         self.models = models
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        command = [str(LEANSERVE_CLI), "serve", str(repo_root), "--port", str(self.port), "--grpc-port", "0",
-                   "--no-access-log"]
+        # defaults as a user meets them (monitoring at 100%, access log on: its lines go to the log file)
+        command = command or [str(LEANSERVE_CLI), "serve", str(repo_root), "--port", str(self.port),
+                              "--grpc-port", str(self.grpc_port), *extra]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
+        self.ready_at = 0.0
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -313,7 +323,8 @@ class Server:
             if http_status(self.url(paths[0])) == 200:
                 paths.pop(0)
             else:
-                time.sleep(0.2)
+                time.sleep(0.05)
+        self.ready_at = time.monotonic()
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -452,6 +463,171 @@ def serve_runs(repo: leanserve.Repository, workloads: dict[str, Workload], folde
     return runs
 
 
+# --- the ceiling: leanserve beside a bare ASGI handler, in the same run ---------------------------
+
+BARE_SERVER = HERE / "bare_server.py"
+GRPC_LOAD = HERE / "grpc_load.py"
+AFTER_READY_S = 5.0  # measured from this long after "ready", as a user would meet a freshly started server
+SAMPLER_FLAGS = ("--explain-sample-interval", "1")  # live importance on, as often as its CPU budget allows
+
+
+@dataclass
+class CeilingFigures:
+    """Per round figures of the ceiling comparison (req/s, p99 ms, server CPU microseconds per request)."""
+
+    bare: list[WrkResult]
+    default: list[WrkResult]
+    sampler: list[WrkResult]
+    binary: list[WrkResult]
+    grpc: list[dict]
+    cpu_us: dict[str, list[float]]
+    sample_cpu_s: float = 0.0
+    sampler_wall_s: float = 0.0
+
+
+def grpc_bodies(folder: Path, workload: Workload) -> Path:
+    """One serialized ModelInferRequest (raw tensor contents) per pool row, for grpc_load.py."""
+    from leanserve.serve.protocol import grpc_predict_v2_pb2 as pb
+
+    folder.mkdir(parents=True)
+    rows = len(next(iter(workload.pool.values())))
+    for i in range(rows):
+        request = pb.ModelInferRequest(model_name=workload.model)
+        for name, array in workload.feed(1, start=i).items():
+            request.inputs.add(name=name, datatype=v2_datatype(array.dtype), shape=list(array.shape))
+            request.raw_input_contents.append(array_to_bytes(array))
+        (folder / f"{i + 1}.pb").write_bytes(request.SerializeToString())
+    return folder
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its live children (the prediction log's writer, say)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for one in [pid, *_children(pid)]:
+        try:
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def wait_after_ready(server: Server) -> None:
+    time.sleep(max(0.0, server.ready_at + AFTER_READY_S - time.monotonic()))
+
+
+def timed_wrk(server: Server, model: str, bodies: Path, connections: int, duration_s: int) -> tuple[WrkResult, float]:
+    """One wrk run and the server's CPU microseconds per request during it."""
+    before = process_cpu_s(server.process.pid)
+    result = run_wrk(server.url(f"/v2/models/{model}/infer"), bodies, connections, duration_s)
+    spent = process_cpu_s(server.process.pid) - before
+    return result, 1e6 * spent / max(1, result.requests)
+
+
+def explain_cpu_s(server: Server) -> float:
+    """CPU seconds the server's live importance samples took so far (its /metrics)."""
+    for family in text_string_to_metric_families(server.metrics()):
+        for sample in family.samples:
+            if sample.name == "leanserve_explain_cpu_seconds_total" and sample.labels.get("origin") == "sample":
+                return sample.value
+    return 0.0
+
+
+def ceiling_runs(repo: leanserve.Repository, workload: Workload, folder: Path, opts: Options) -> CeilingFigures:
+    """The digits CNN (a 1x1x28x28 float input: 784 values) on three servers started cold together: the
+    bare handler, ``leanserve serve`` with defaults, and the same with live explanation sampling on.
+    Rounds alternate between them (the order turning each round), 16 connections, JSON; then the
+    binary extension and gRPC on the default server in the same rounds."""
+    json_bodies = write_bodies(folder / "ceiling-json", workload, binary=False)
+    binary_bodies = write_bodies(folder / "ceiling-binary", workload, binary=True)
+    pb_bodies = grpc_bodies(folder / "ceiling-grpc", workload)
+    model_file = repo.get(workload.model, repo.versions(workload.model)[-1]).model_path
+    port = free_port()
+    bare_command = [sys.executable, str(BARE_SERVER), str(model_file), "--port", str(port)]
+    figures = CeilingFigures([], [], [], [], [], {"bare": [], "default": [], "sampler": []})
+    rounds = 2 if opts.quick else 3
+    print(f"ceiling: bare ASGI handler, leanserve defaults, leanserve + live explanation sampling; "
+          f"{rounds} rounds, measured from {AFTER_READY_S:g} s after ready:")
+    with Server(repo.root, [workload.model], folder / "ceiling-default.log", grpc=True) as default, \
+            Server(repo.root, [workload.model], folder / "ceiling-sampler.log", extra=SAMPLER_FLAGS) as sampler:
+        bare = Server(repo.root, [], folder / "ceiling-bare.log", command=bare_command)
+        bare.port = port
+        with bare:
+            for server in (bare, default, sampler):
+                wait_after_ready(server)
+            sample_cpu_start, sampler_start = explain_cpu_s(sampler), time.monotonic()
+            order = [("bare", bare, figures.bare), ("default", default, figures.default), ("sampler", sampler, figures.sampler)]
+            for number in range(rounds):
+                for label, server, results in order[number % 3:] + order[:number % 3]:
+                    result, cpu_us = timed_wrk(server, workload.model, json_bodies, 16, opts.duration_s)
+                    results.append(result)
+                    figures.cpu_us[label].append(cpu_us)
+                    print(f"  round {number + 1} {label:<8} JSON c=16 {result.requests_per_s:9.1f} req/s  p99 "
+                          f"{result.p99_ms:7.2f} ms  server CPU {cpu_us:6.0f} us/request  non-2xx {result.non_2xx}")
+                figures.binary.append(run_wrk(default.url(f"/v2/models/{workload.model}/infer"), binary_bodies, 16,
+                                              opts.duration_s))
+                figures.grpc.append(run_grpc(default, pb_bodies, 16, opts.duration_s))
+                print(f"  round {number + 1} default  binary    {figures.binary[-1].requests_per_s:9.1f} req/s  p99 "
+                      f"{figures.binary[-1].p99_ms:7.2f} ms;  gRPC {figures.grpc[-1]['requests_per_s']:9.1f} req/s  "
+                      f"p99 {figures.grpc[-1]['p99_ms']:7.2f} ms  errors {figures.grpc[-1]['errors']}")
+            figures.sample_cpu_s = explain_cpu_s(sampler) - sample_cpu_start
+            figures.sampler_wall_s = time.monotonic() - sampler_start
+    print()
+    return figures
+
+
+def run_grpc(server: Server, bodies: Path, connections: int, duration_s: int) -> dict:
+    """grpc_load.py against the server's gRPC port (a separate process, like wrk)."""
+    done = subprocess.run([sys.executable, str(GRPC_LOAD), f"127.0.0.1:{server.grpc_port}", str(bodies),
+                           "--connections", str(connections), "--duration", str(duration_s)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"grpc_load failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _median(values) -> float:
+    return float(np.median(values)) if len(values) else 0.0
+
+
+def ceiling_checks(f: CeilingFigures) -> tuple[list[Check], list[str]]:
+    """The issue's targets from the ceiling rounds, and the lines that go to RESULTS.md."""
+    ratio = _median([d.requests_per_s / b.requests_per_s for d, b in zip(f.default, f.bare)])
+    default_rps, bare_rps = _median([r.requests_per_s for r in f.default]), _median([r.requests_per_s for r in f.bare])
+    p99 = _median([r.p99_ms for r in f.default])
+    binary_rps = _median([r.requests_per_s for r in f.binary])
+    grpc_rps, grpc_p99 = _median([g["requests_per_s"] for g in f.grpc]), _median([g["p99_ms"] for g in f.grpc])
+    sampler_cost = 1 - _median([s.requests_per_s / d.requests_per_s for s, d in zip(f.sampler, f.default)])
+    share = f.sample_cpu_s / f.sampler_wall_s if f.sampler_wall_s else 0.0
+    spread = f"{min(r.requests_per_s for r in f.default):.0f}-{max(r.requests_per_s for r in f.default):.0f}"
+    checks = [
+        Check("CNN JSON c=16, defaults vs bare handler", f"{ratio:.0%} ({default_rps:.0f} vs {bare_rps:.0f} req/s)",
+              ">= 75% of bare", ratio >= 0.75),
+        Check("CNN JSON c=16, defaults, p99", f"{p99:.2f} ms", "<= 10 ms", p99 <= 10),
+        Check("CNN JSON c=16, defaults, throughput", f"{default_rps:.0f} req/s (rounds {spread})", ">= 4000 req/s",
+              default_rps >= 4000),
+        Check("CNN binary extension vs JSON", f"{binary_rps:.0f} vs {default_rps:.0f} req/s", ">= JSON",
+              binary_rps >= default_rps),
+        Check("explanation sampler on, throughput cost", f"{sampler_cost:.1%} (sampling used {share:.1%} of a core)",
+              "<= 5%", sampler_cost <= 0.05),
+    ]
+    cpu = {k: _median(v) for k, v in f.cpu_us.items()}
+    lines = [f"{c.name}: {c.figure} (target {c.target}: {'PASS' if c.passed else 'FAIL'})" for c in checks]
+    lines.append(f"gRPC c=16 (Python grpc.aio client on the same 2 cores): {grpc_rps:.0f} req/s, p99 {grpc_p99:.2f} ms")
+    lines.append(f"server CPU per request (medians): bare {cpu['bare']:.0f} us, leanserve defaults {cpu['default']:.0f} us, "
+                 f"with sampler {cpu['sampler']:.0f} us")
+    lines.append(f"rounds: {len(f.default)}; medians of per-round figures; p99 from wrk")
+    return checks, lines
+
+
 # --- the in-process engine ------------------------------------------------------------------------
 
 def engine_rows_per_s(model: leanserve.Model, workload: Workload, batch: int, seconds: float) -> float:
@@ -492,10 +668,6 @@ def find_run(runs: list[Run], scenario: str, connections: int, batching: bool = 
 def build_checks(runs: list[Run]) -> list[Check]:
     """The issue's targets, for the runs that were made."""
     checks = []
-    cnn = find_run(runs, "cnn json", 16)
-    if cnn:
-        checks.append(Check("CNN JSON, 16 clients", f"{cnn.wrk.requests_per_s:.0f} req/s, p99 {cnn.wrk.p99_ms:.2f} ms",
-                            ">= 4000 req/s, p99 < 10 ms", cnn.wrk.requests_per_s >= 4000 and cnn.wrk.p99_ms < 10))
     minilm = [r for r in runs if r.model == MINILM]
     if minilm:
         # Saturation: the most loaded run, where the queue never empties; the fastest run would flatter.
@@ -517,6 +689,8 @@ def build_checks(runs: list[Run]) -> list[Check]:
 
 def print_tables(runs: list[Run], checks: list[Check]) -> None:
     """The runs side by side with the engine, then the targets with PASS/FAIL."""
+    if not runs:
+        return print_checks(checks)
     head = (f"{'scenario':<22} {'batching':<8} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>7} "
             f"{'batch':>6} {'ms/batch':>8} {'engine rows/s':>13} {'server/engine':>13} {'other CPU':>9}")
     print(head)
@@ -529,14 +703,19 @@ def print_tables(runs: list[Run], checks: list[Check]) -> None:
     print("\n(batch: mean rows per engine call in the server; ms/batch: server engine time per batch;"
           " engine rows/s: ONNX Runtime in-process at that batch size, rounded;\n"
           " other CPU: cores used by unrelated processes during the server or engine run, the larger)\n")
-    width = max(len(c.name) for c in checks)
-    figure_width = max(len(c.figure) for c in checks)
-    for c in checks:
-        print(f"{c.name:<{width}}  {c.figure:<{figure_width}}  target {c.target:<28} {'PASS' if c.passed else 'FAIL'}")
+    print_checks(checks)
     busiest = max(max(r.other_cores, r.engine_other_cores) for r in runs)
     if busiest > QUIET_CORES:
         print(f"\nWARNING: other processes used up to {busiest:.2f} cores during the measurements; "
               "rerun on a quiet machine before trusting these figures.")
+
+
+def print_checks(checks: list[Check]) -> None:
+    width = max(len(c.name) for c in checks)
+    figure_width = max(len(c.figure) for c in checks)
+    for c in checks:
+        print(f"{c.name:<{width}}  {c.figure:<{figure_width}}  target {c.target:<28} {'PASS' if c.passed else 'FAIL'}")
+    print()
 
 
 def write_json(path: Path, info: dict, opts: Options, runs: list[Run], checks: list[Check]) -> None:
@@ -558,17 +737,21 @@ def parse_args(argv: list[str] | None) -> Options:
     """Command-line flags to Options; ``--quick`` shortens everything for a smoke test."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, help="seconds per wrk run (default 10; 2 with --quick)")
-    parser.add_argument("--quick", action="store_true", help="short runs and fewer concurrencies, for smoke testing")
+    parser.add_argument("--quick", action="store_true",
+                        help="the regression guard only (make bench-quick, under 3 minutes): the digits CNN against the bare "
+                             "handler, JSON/binary/gRPC and the explanation sampler; no MiniLM, no batching on/off")
     parser.add_argument("--only", choices=("cnn", "minilm"), help="benchmark one model only")
     parser.add_argument("--threads", type=int, default=0,
                         help="ONNX Runtime intra-op threads, in the server and in-process (default 0: the server's "
                              "default, ONNX Runtime's own choice)")
     parser.add_argument("--out", type=Path, default=Path("bench-out/serve_bench.json"), help="where to write the JSON")
     args = parser.parse_args(argv)
-    duration = args.duration or (2 if args.quick else 10)
+    duration = args.duration or (6 if args.quick else 10)
     if duration < 1:
         parser.error("--duration must be at least 1 second")
     models = {"cnn": (CNN,), "minilm": (MINILM,), None: (CNN, MINILM)}[args.only]
+    if args.quick:
+        models = (CNN,)
     return Options(duration_s=duration, warmup_s=1 if args.quick else 2, engine_s=max(1.0, duration / 2),
                    cnn_epochs=1 if args.quick else 3, minilm_connections=(1, 32) if args.quick else (1, 4, 16, 32),
                    models=models, threads=args.threads, out=args.out, quick=args.quick)
@@ -579,14 +762,26 @@ def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     if shutil.which("wrk") is None:
         sys.exit("serve_bench needs wrk on PATH: apt-get install wrk (Debian/Ubuntu) or brew install wrk")
+    from machine import print_header, record
+
+    header = print_header("serve_bench" + (" --quick" if opts.quick else ""))
     info = system_info()
     print_system(info, opts)
+    runs, checks, lines = [], [], []
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         repo, workloads = build_repository(Path(tmp), opts)
-        runs = serve_runs(repo, workloads, Path(tmp), opts)
-        measure_engine(repo, workloads, runs, opts.engine_s)
-    checks = build_checks(runs)
+        if CNN in workloads:
+            ceiling_checks_, lines = ceiling_checks(ceiling_runs(repo, workloads[CNN], Path(tmp), opts))
+            checks += ceiling_checks_
+        if not opts.quick:
+            runs = serve_runs(repo, workloads, Path(tmp), opts)
+            measure_engine(repo, workloads, runs, opts.engine_s)
+            checks += build_checks(runs)
     print_tables(runs, checks)
+    if not opts.quick:
+        lines += [f"{c.name}: {c.figure} (target {c.target}: {'PASS' if c.passed else 'FAIL'})" for c in build_checks(runs)]
+    print("\n".join(lines))
+    record(header, lines)
     write_json(opts.out, info, opts, runs, checks)
     return 0
 

@@ -97,6 +97,8 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
     guard = RolloutGuard(registry, signals, metrics, config.guard_interval_s)
     monitor = Monitor(registry, signals, metrics, config.guard_interval_s, slow_interval_s=10 * config.guard_interval_s)
     extras.background = [guard, monitor]
+    if prediction_log is not None:  # the slow round reads the log: its process is ready before requests come
+        extras.warm_ups = [*extras.warm_ups, monitor.worker.warm_up]
     extras.routes = MonitoringApi(monitor).routes()
     core = build_app(config, registry, plane, metrics, extras, access_log)
     return Server(config, registry, plane, metrics, core.app, monitor, guard, shadow, explanations, prediction_log, feedback)

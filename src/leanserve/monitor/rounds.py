@@ -76,6 +76,15 @@ def _lowest_priority() -> None:
     os.nice(19)
 
 
+def _load_modules() -> None:
+    """Import what the rounds use (NumPy, SciPy, fairlearn: seconds of CPU once per process)."""
+    from leanserve.fairness import metrics as fairness
+    from leanserve.monitor import bias, drift, quality, reference, store  # noqa: F401
+
+    if fairness.available():
+        import fairlearn.metrics  # noqa: F401
+
+
 class RoundWorker:
     """One worker process (started at the first round, spawned rather than forked from the threaded
     server) that runs the round functions above."""
@@ -83,11 +92,19 @@ class RoundWorker:
     def __init__(self) -> None:
         self._pool: ProcessPoolExecutor | None = None
 
+    def warm_up(self) -> None:
+        """Start the process and import its libraries now, blocking (the server runs this before it reports
+        ready, so seconds of imports never compete with requests)."""
+        self._start().submit(_load_modules).result()
+
     async def run(self, function, *args):
         """``function(*args)`` in the worker process; its exceptions are raised here."""
+        return await asyncio.get_running_loop().run_in_executor(self._start(), function, *args)
+
+    def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_lowest_priority)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+        return self._pool
 
     def close(self) -> None:
         if self._pool is not None:
