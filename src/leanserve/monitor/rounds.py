@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +74,22 @@ def _read_rows(log_path: Path, name: str, version: int | None, limit: int, label
         reader.close()
 
 
-def _lowest_priority() -> None:
+def _lowest_priority(parent: int) -> None:
+    from threadpoolctl import threadpool_limits
+
     os.nice(19)
+    # A worker outlives a server that was killed (or that exited while a round ran): it ends itself
+    # within a second of its parent.
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    # One BLAS thread: the drift test's matrix products would otherwise take every core (OpenBLAS threads
+    # also spin while they wait), which is exactly what this process is here to avoid.
+    threadpool_limits(1)
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _load_modules() -> None:
@@ -103,7 +119,8 @@ class RoundWorker:
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_lowest_priority)
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_lowest_priority, initargs=(os.getpid(),))
         return self._pool
 
     def close(self) -> None:

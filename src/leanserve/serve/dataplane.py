@@ -53,7 +53,8 @@ class DataPlane:
         self.metrics = metrics
         self.explainer = explainer
         self.feedback_handler = feedback
-        self._before, self._after = hooks(observers or [])
+        self.observers = tuple(observers or ())  # what watches each request, in the order it runs
+        self._before, self._after = hooks(list(self.observers))
         self.draining = False
 
     # --- health and metadata ----------------------------------------------------------------------
