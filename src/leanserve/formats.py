@@ -18,7 +18,7 @@ from leanserve.errors import InvalidInput, ModelLoadError, UnsupportedFormat
 
 SUFFIXES = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript",
             ".pt2": "torch_export", ".xml": "openvino", ".so": "tvm", ".ort": "ort", ".pte": "executorch",
-            ".json": "postprocessed"}
+            ".json": "postprocessed", ".c": "c_source"}
 
 
 @dataclass(frozen=True)
@@ -319,6 +319,25 @@ def _read_postprocessed(path: Path) -> tuple[list[Path], Signature]:
         raise ModelLoadError(f"{path.name}: {exc}") from exc
 
 
+# --- C source for microcontrollers -------------------------------------------------------------------
+
+def _read_c_source(path: Path) -> tuple[list[Path], Signature]:
+    # model.c with model.c.json beside it (written by leanserve edge --target c): the signature of the model
+    # it was generated from and the other source files; the C itself is compiled by a device's toolchain.
+    sidecar = path.with_name(path.name + ".json")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        files = [path.parent / name for name in meta["files"]]
+        signature = Signature.from_dict(meta["signature"])
+    except (OSError, ValueError, KeyError, TypeError, InvalidInput) as exc:
+        raise ModelLoadError(f"{path.name}: C sources need the file {sidecar.name} written by "
+                             f"`leanserve edge MODEL --target c` ({exc})") from exc
+    missing = [f.name for f in files if not f.is_file() or f.parent.resolve() != path.parent.resolve()]
+    if missing:
+        raise ModelLoadError(f"{path.name}: source file(s) {', '.join(missing)} named in {sidecar.name} are missing")
+    return [sidecar.resolve(), *(f.resolve() for f in files)], signature
+
+
 _READERS = {
     "onnx": _read_onnx,
     "torchscript": _read_torchscript,
@@ -328,4 +347,5 @@ _READERS = {
     "ort": _read_ort,
     "executorch": _read_executorch,
     "postprocessed": _read_postprocessed,
+    "c_source": _read_c_source,
 }

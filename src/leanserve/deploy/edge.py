@@ -1,6 +1,7 @@
 """Edge artifacts: a version turned into a small file for a device runtime, tested under a device profile.
 
-``build_edge`` makes one of two artifacts. ``--target ort``: the ONNX version quantized to int8 within an
+``build_edge`` makes one of three artifacts (``--target c``, C99 sources for
+microcontrollers, is built by ``edge_c``). ``--target ort``: the ONNX version quantized to int8 within an
 accuracy budget (the optimizer's search, int8 recipes only) and converted to ONNX Runtime's ORT format
 with the operator list that a reduced-size ONNX Runtime build needs. ``--target executorch``: the
 version's torch.export program lowered to an ExecuTorch program with the XNNPACK delegate, int8 (PT2E)
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["REPORT_JSON", "REPORT_MD", "TARGETS", "DoesNotFit", "EdgeOutcome", "build_edge", "convert_to_ort"]
 
-TARGETS = ("ort", "executorch")
+TARGETS = ("ort", "executorch", "c")
 MODEL_FILE = "model.ort"
 OPERATORS_FILE = "model.required_operators.config"  # the name ONNX Runtime's converter gives it
 

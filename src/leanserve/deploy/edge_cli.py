@@ -10,9 +10,11 @@ def cmd_edge(args) -> int:
     from leanserve.deploy.edge_device import device_profile
     from leanserve.repository import Repository
 
-    profile = device_profile(args.profile, threads=args.threads, memory_mb=args.memory_mb)
     name, _, version = args.model.partition(":")
     repo = Repository(args.repo, create=False)
+    if args.target == "c":
+        return _edge_c(args, repo, name, version or None)
+    profile = device_profile(args.profile or "phone", threads=args.threads, memory_mb=args.memory_mb)
     try:
         outcome = build_edge(repo, name, version or None, target=args.target, profile=profile, eval_path=args.eval,
                              calib_path=args.calib, max_drop=args.max_accuracy_drop, report_dir=args.report_dir,
@@ -28,20 +30,41 @@ def cmd_edge(args) -> int:
     return 0
 
 
+def _edge_c(args, repo, name: str, version: str | None) -> int:
+    from leanserve.deploy.edge_c.build import DoesNotFitMcu, build_c_edge, mcu_profile
+
+    profile = mcu_profile(args.profile)
+    try:
+        outcome = build_c_edge(repo, name, version, profile=profile, eval_path=args.eval, calib_path=args.calib,
+                               max_drop=args.max_accuracy_drop, report_dir=args.report_dir)
+    except DoesNotFitMcu as exc:
+        print(exc.report.to_markdown())
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(outcome.report.to_markdown())
+    print(f"registered {outcome.ref} (C99 sources, {outcome.report.artifact_bytes:,} bytes compiled; not served); "
+          f"report: {outcome.files[0]}")
+    return 0
+
+
 def add_edge_command(sub, command, add_repo) -> None:
     p = command(sub, "edge", cmd_edge,
                 "build a device artifact (int8 ORT format, or an ExecuTorch .pte) of a version, test it under a device "
                 "profile, register it",
                 "leanserve edge cnn:1 --target ort --profile phone --eval eval.npz --max-accuracy-drop 1%\n"
+                "leanserve edge cnn:1 --target c --profile cortex-m4 --eval eval.npz   (C99 int8 sources for "
+                "microcontrollers, checked on QEMU when gcc-arm-none-eabi and qemu-system-arm are installed)\n"
                 "leanserve edge cnn:1 --target executorch --eval eval.npz   (needs a torch.export program: "
                 "leanserve export/demo keep one; pip install 'leanserve[edge]')\n"
-                "  profiles: phone (1 thread, 512 MB), pi4 (4 threads, 1024 MB), tiny (1 thread, 256 MB)\n"
+                "  profiles: phone (1 thread, 512 MB), pi4 (4 threads, 1024 MB), tiny (1 thread, 256 MB); "
+                "--target c: cortex-m4 (256 KB flash, 64 KB RAM)\n"
                 "  (exit status 1, nothing registered, when the artifact does not run within the profile)")
     p.add_argument("model", help="MODEL or MODEL:VERSION (ort: an ONNX version; executorch: one with a PyTorch program)")
     p.add_argument("--target", default="ort", metavar="NAME",
                    help="ort (ONNX Runtime's ORT format, for its mobile and minimal builds) or executorch "
-                        "(a .pte with the XNNPACK delegate, for PyTorch's on-device runtime)")
-    p.add_argument("--profile", default="phone", help="device profile: phone, pi4 or tiny")
+                        "(a .pte with the XNNPACK delegate, for PyTorch's on-device runtime) or c (C99 int8 sources "
+                        "for microcontrollers)")
+    p.add_argument("--profile", help="device profile: phone (the default), pi4 or tiny; --target c: cortex-m4 (the default)")
     p.add_argument("--threads", type=int, help="intra-op threads (instead of the profile's)")
     p.add_argument("--memory-mb", type=int, help="memory cap of the test process in MB (instead of the profile's)")
     p.add_argument("--eval", metavar="NPZ", help="evaluation data (.npz, one array per input, plus labels): int8 variants "

@@ -73,6 +73,11 @@ def load_session(artifact: ModelArtifact, options: RuntimeOptions | None = None)
     ModelLoadError when the engine rejects the model.
     """
     options = options or RuntimeOptions()
+    if artifact.manifest.format == "c_source":
+        source = f"{artifact.path.parent.name}:{artifact.path.name}"
+        raise UnsupportedFormat(f"{source} is C source code for microcontrollers (leanserve edge --target c), compiled "
+                                f"into a device's firmware; it is not served or run by leanserve: serve its parent "
+                                f"version ({artifact.manifest.provenance.parent or 'the ONNX version'}) instead")
     engine = options.engine or artifact.manifest.default_runtime
     return engine_module(engine).load(artifact, options)
 

@@ -7,35 +7,24 @@
 #define LS_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define LS_MAX(a, b) ((a) > (b) ? (a) : (b))
 
-/* gemmlowp's SaturatingRoundingDoublingHighMul: (a * b * 2) >> 32, rounded half up; saturates the one
- * overflowing case. */
-static int32_t ls_srdhm(int32_t a, int32_t b)
-{
-    int64_t ab;
-    int32_t nudge;
-    if (a == b && a == INT32_MIN) {
-        return INT32_MAX;
-    }
-    ab = (int64_t)a * (int64_t)b;
-    nudge = ab >= 0 ? (1 << 30) : (1 - (1 << 30));
-    return (int32_t)((ab + nudge) / ((int64_t)1 << 31));
-}
-
-/* gemmlowp's RoundingDivideByPOT: x / 2^exponent rounded half away from zero (assumes an arithmetic
- * right shift of negative values, as gcc, clang and armcc do). */
-static int32_t ls_rounding_divide_by_pot(int32_t x, int32_t exponent)
-{
-    const int32_t mask = (int32_t)(((int64_t)1 << exponent) - 1);
-    const int32_t remainder = x & mask;
-    const int32_t threshold = (mask >> 1) + (x < 0 ? 1 : 0);
-    return (x >> exponent) + (remainder > threshold ? 1 : 0);
-}
-
+/* x * multiplier * 2^(shift - 31), rounded once, ties to even. One 64-bit product and one rounding:
+ * gemmlowp's two-step form (a rounding doubling high multiply, then a rounding shift) rounds twice and
+ * lands one step off whenever the first rounding reaches a tie the exact value was just short of. */
 int32_t ls_multiply_by_quantized_multiplier(int32_t x, int32_t multiplier, int32_t shift)
 {
-    const int32_t left = shift > 0 ? shift : 0;
-    const int32_t right = shift > 0 ? 0 : -shift;
-    return ls_rounding_divide_by_pot(ls_srdhm((int32_t)((uint32_t)x << left), multiplier), right);
+    const int32_t total = 31 - shift; /* 1..62: the lowering keeps shift <= 30 */
+    const int64_t product = (int64_t)x * (int64_t)multiplier;
+    int64_t q, remainder, half;
+    if (total > 62) {
+        return 0;
+    }
+    q = product >> total; /* floor: an arithmetic shift, as gcc, clang and armcc do */
+    remainder = product - q * ((int64_t)1 << total);
+    half = (int64_t)1 << (total - 1);
+    if (remainder > half || (remainder == half && (q & 1))) {
+        q += 1;
+    }
+    return q > INT32_MAX ? INT32_MAX : (q < INT32_MIN ? INT32_MIN : (int32_t)q);
 }
 
 static int8_t ls_saturate(int32_t v, int32_t lo, int32_t hi)

@@ -89,9 +89,15 @@ class Program:
         return sum(np.asarray(a).nbytes for layer in self.layers for a in layer.constants.values())
 
 
+def requant_scale(in_scale: float, w_scale, out_scale: float):
+    """in_scale * w_scale / out_scale in float32, the way ONNX Runtime's integer kernels compute it."""
+    return np.float32(in_scale) * np.asarray(w_scale, np.float32) / np.float32(out_scale)
+
+
 def quantize_multiplier(real: float) -> tuple[int, int]:
     """A positive real multiplier as (Q31 integer, power-of-two exponent): real = m * 2**(e - 31), as
-    TensorFlow Lite's QuantizeMultiplier. Multipliers too small to matter become (0, 0)."""
+    TensorFlow Lite's QuantizeMultiplier (exact for a float32 ``real``). Multipliers too small to matter
+    become (0, 0)."""
     if real <= 0.0:
         return 0, 0
     mantissa, exponent = math.frexp(real)
@@ -286,7 +292,7 @@ class _Lowering:
     def _requantize(self, node, view: _View, qp: QParams) -> _View:
         n = int(np.prod(view.shape))
         buffer = self._new_buffer(node.output[0], n)
-        mult, shift = quantize_multiplier(view.qp.scale / qp.scale)
+        mult, shift = quantize_multiplier(float(requant_scale(view.qp.scale, 1.0, qp.scale)))
         self._emit(Layer("requantize", node.name or node.output[0], (view.buffer,), buffer,
                          {"n": n, "in_zp": view.qp.zero_point, "out_zp": qp.zero_point, "multiplier": mult,
                           "shift": shift, "act_min": -128, "act_max": 127}))
@@ -308,7 +314,7 @@ class _Lowering:
             self._emit(Layer("add", pending.name, (a.buffer, b.buffer), buffer, params))
             return _View(buffer, qp, pending.shape)
         source = pending.inputs[0]
-        real = source.qp.scale * pending.w_scale / qp.scale
+        real = requant_scale(source.qp.scale, pending.w_scale, qp.scale).reshape(-1)
         pairs = [quantize_multiplier(float(r)) for r in real]
         constants = {"weights": pending.weights.astype(np.int8),
                      "multipliers": np.array([m for m, _ in pairs], np.int32),
