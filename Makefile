@@ -31,6 +31,10 @@ test: $(STAMP)
 	@command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
 		|| echo "chromium could not be installed: the dashboard's browser test will be skipped"
+	@command -v arm-none-eabi-gcc >/dev/null && command -v qemu-system-arm >/dev/null \
+		|| apt-get install -y -q gcc-arm-none-eabi qemu-system-arm >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q gcc-arm-none-eabi qemu-system-arm >/dev/null 2>&1) \
+		|| echo "gcc-arm-none-eabi/qemu-system-arm could not be installed: the Cortex-M tests of edge --target c will be skipped"
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
