@@ -44,12 +44,14 @@ def export(
     tolerance: float = 1e-4,
     force: bool = False,
     exporter: str = "auto",
+    output_axes: DynamicAxes | None = None,
 ) -> ExportResult:
     """Export ``module`` to ONNX at ``path`` and check it against PyTorch on ``example_inputs``.
 
-    ``example_inputs`` is a tensor or a tuple of tensors. ``dynamic_axes`` defaults to a dynamic first
-    (batch) axis on every input; pass ``{}`` for a fully static model. The torch.export-based exporter
-    is tried first, then the TorchScript-based one (``exporter="dynamo"`` or ``"torchscript"`` picks one;
+    ``example_inputs`` is a tensor or a tuple of tensors. Every input's first (batch) axis is dynamic;
+    ``dynamic_axes`` adds more (e.g. ``{"input_ids": [1]}``); pass ``{}`` for a fully static model.
+    ``output_axes`` names the dynamic axes of outputs beyond the batch (e.g. a sequence axis). The
+    torch.export-based exporter is tried first, then the TorchScript-based one (``exporter="dynamo"`` or ``"torchscript"`` picks one;
     the TorchScript exporter's attention pattern is the one ONNX Runtime's transformer fusions recognise).
     Raises ExportError if the exporters fail, or if the largest absolute difference from PyTorch exceeds
     ``tolerance`` (unless ``force``; the file is then kept).
@@ -69,7 +71,7 @@ def export(
     output_names = tuple(output_names or (["output"] if len(expected) == 1 else [f"output_{i}" for i in range(len(expected))]))
     if len(output_names) != len(expected):
         raise InvalidInput(f"{len(output_names)} output names given but the module returns {len(expected)} outputs")
-    axes = {name: [0] for name in input_names} if dynamic_axes is None else dict(dynamic_axes)
+    axes = _with_batch_axis(input_names, dynamic_axes)
     unknown = [n for n in axes if n not in input_names]
     if unknown:
         raise InvalidInput(f"dynamic_axes names unknown input {unknown[0]!r}; inputs are {list(input_names)}")
@@ -83,7 +85,7 @@ def export(
     chosen = None
     for name, attempt in attempts:
         try:
-            attempt(module, args, path, input_names, output_names, axes, opset)
+            attempt(module, args, path, input_names, output_names, axes, opset, dict(output_axes or {}))
             chosen = name
             break
         except Exception as exc:  # exporters raise many unrelated types; each failure is reported below
@@ -105,6 +107,18 @@ def export(
     return ExportResult(path, chosen, diff, input_names, output_names)
 
 
+def _with_batch_axis(input_names: Sequence[str], dynamic_axes: DynamicAxes | None) -> dict[str, list[int]]:
+    """The axes to export dynamic: the batch axis (0) of every input, plus the axes given; ``{}`` means
+    a fully static model. Given axes add to the batch axis rather than replace it: ``input_ids:1`` alone
+    used to fix the batch at the example's size, which turned batching off."""
+    if dynamic_axes is not None and not dynamic_axes:
+        return {}
+    axes = {name: [0] for name in input_names}
+    for name, spec in (dynamic_axes or {}).items():
+        axes[name] = sorted({0, *_axes_list(spec)})
+    return axes
+
+
 def _forward_arg_names(module, count: int) -> list[str]:
     params = [
         p.name for p in inspect.signature(module.forward).parameters.values()
@@ -121,7 +135,8 @@ def _axes_list(spec: Sequence[int] | Mapping[int, str]) -> list[int]:
     return sorted(int(a) for a in (spec.keys() if isinstance(spec, Mapping) else spec))
 
 
-def _export_dynamo(module, args, path, input_names, output_names, axes, opset) -> None:
+def _export_dynamo(module, args, path, input_names, output_names, axes, opset, output_axes=None) -> None:
+    # torch.export infers which output dims are dynamic from the inputs' dims: output_axes is not needed
     import onnx
     import torch
 
@@ -161,15 +176,18 @@ def _rename_outputs(graph, names: list[str]) -> None:
         value.name = mapping.get(value.name, value.name)
 
 
-def _export_torchscript(module, args, path, input_names, output_names, axes, opset) -> None:
+def _export_torchscript(module, args, path, input_names, output_names, axes, opset, output_axes=None) -> None:
     import torch
 
     legacy_axes: dict[str, dict[int, str]] = {
         name: {axis: f"{name}_dim{axis}" for axis in _axes_list(spec)} for name, spec in axes.items()
     }
+    batched = any(0 in v for v in legacy_axes.values())
     for out in output_names:  # a dynamic batch in means a dynamic batch out
-        if any(0 in v for v in legacy_axes.values()):
-            legacy_axes[out] = {0: "batch"}
+        extra = _axes_list((output_axes or {}).get(out, []))
+        if batched or extra:
+            dims = ({0} if batched else set()) | set(extra)
+            legacy_axes[out] = {axis: ("batch" if axis == 0 else f"{out}_dim{axis}") for axis in sorted(dims)}
     with _quiet():
         torch.onnx.export(
             module, args, str(path), dynamo=False, input_names=list(input_names),

@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-names", help="comma-separated input names (default: forward()'s argument names)")
     p.add_argument("--output-names", help="comma-separated output names")
     p.add_argument("--dynamic-axis", action="append", default=[], metavar="INPUT:AXIS",
-                   help="make an axis dynamic (repeat); default: axis 0 of every input")
+                   help="make an axis dynamic besides axis 0 (the batch axis, always dynamic), e.g. input_ids:1 (repeat)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest abs difference from PyTorch accepted")
     p.add_argument("--force", action="store_true", help="keep an export that exceeds the tolerance")

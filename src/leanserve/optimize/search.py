@@ -195,9 +195,11 @@ class Searcher:
             folder.mkdir(exist_ok=True)
             served = prepare(recipe.engine, path, folder, self.signature, self._engine_options(recipe),
                              time_budget_s=max(0.0, self.time_left()) * self.compile_share)
-        except (LeanserveError, ValueError, RuntimeError, OSError) as exc:
-            log.warning("recipe %s failed: %s", recipe.name, exc)
-            return Candidate(recipe, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # passes run third-party code (ORT's fusions assert, e.g. "0 heads, 384 hidden"):
+            # any failure skips this recipe with its reason, the search goes on
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+            log.warning("recipe %s skipped: %s", recipe.name, reason)
+            return Candidate(recipe, error=reason)
         candidate = self.evaluate(recipe, served, baseline, exclude)
         candidate.notes = notes + candidate.notes
         candidate.kept_float = tuple(exclude)
@@ -213,8 +215,10 @@ class Searcher:
         try:
             session = load_file(path, self._engine_options(recipe))
             outputs = run_all(session, self.eval_data, self.batch_size)
-        except (LeanserveError, RuntimeError, ValueError) as exc:
-            return Candidate(recipe, path, error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+        except Exception as exc:  # engines raise their own types; a candidate that cannot run is skipped with its reason
+            if baseline is not None:
+                log.warning("recipe %s skipped: %s: %s", recipe.name, type(exc).__name__, str(exc).strip()[:300])
+            return Candidate(recipe, path, error=f"{type(exc).__name__}: {(str(exc).strip() or 'no message').splitlines()[0]}")
         if baseline is None:
             self.reference = outputs
         twin_key = (tuple(step.describe() for step in recipe.steps), tuple(exclude))
