@@ -33,6 +33,7 @@ FORMATS: dict[str, str] = {
     "ort": "onnxruntime",  # ONNX Runtime's flatbuffer format for mobile and embedded builds
     "executorch": "executorch",  # an ExecuTorch program (.pte) for PyTorch's on-device runtime
     "postprocessed": "postprocessed",  # a base model + a per-group decision rule (fairness mitigation)
+    "pipeline": "pipeline",  # a model with its pre- and post-processing (tokenizer, image transform, pooling, labels)
     "c_source": "none",  # C99 source for microcontrollers (edge --target c): compiled into firmware, never served
 }
 

@@ -33,6 +33,8 @@ class ModelSource:
 
 def detect_format(path: Path) -> str:
     """Return the format of a model file from its suffix; raise UnsupportedFormat if unknown."""
+    if path.name == "pipeline.json":  # leanserve.pipeline.SPEC_FILE: a model with its pre- and post-processing
+        return "pipeline"
     fmt = SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise UnsupportedFormat(
@@ -319,6 +321,23 @@ def _read_postprocessed(path: Path) -> tuple[list[Path], Signature]:
         raise ModelLoadError(f"{path.name}: {exc}") from exc
 
 
+# --- pipeline (a model with its pre- and post-processing stages) -------------------------------------
+
+def _read_pipeline(path: Path) -> tuple[list[Path], Signature]:
+    from leanserve.pipeline import PipelineSpec
+    from leanserve.runtime.pipeline import signature_of
+
+    spec = PipelineSpec.read(path)
+    inner = read_model(path.parent / spec.model_file)
+    if inner.format != spec.model_format:
+        raise ModelLoadError(f"{path.name}: model {spec.model_file} is {inner.format}, the spec says {spec.model_format}")
+    stage_files = [path.parent / name for name in spec.files]
+    missing = [f.name for f in stage_files if not f.is_file()]
+    if missing:
+        raise ModelLoadError(f"{path.name}: pipeline file(s) {', '.join(missing)} are missing")
+    return [inner.model_file.resolve(), *inner.extra_files, *(f.resolve() for f in stage_files)], signature_of(spec, inner.signature)
+
+
 # --- C source for microcontrollers -------------------------------------------------------------------
 
 def _read_c_source(path: Path) -> tuple[list[Path], Signature]:
@@ -347,5 +366,6 @@ _READERS = {
     "ort": _read_ort,
     "executorch": _read_executorch,
     "postprocessed": _read_postprocessed,
+    "pipeline": _read_pipeline,
     "c_source": _read_c_source,
 }

@@ -25,6 +25,7 @@ ENGINES: dict[str, tuple[str, str | None]] = {
     "tvm": ("leanserve.runtime.tvm", "tvm"),
     "executorch": ("leanserve.runtime.executorch", "edge"),
     "postprocessed": ("leanserve.runtime.postprocessed", None),
+    "pipeline": ("leanserve.runtime.pipeline", "text"),
 }
 
 
