@@ -182,3 +182,15 @@ def test_a_read_only_log_starts_no_writer_and_refuses_samples(plog, tmp_path):
     with pytest.raises(RuntimeError, match="read-only"):
         reader.record("m", 1, "x", *sample(1), latency_ms=1.0)
     reader.close()
+
+
+def test_feedback_right_after_record_is_joined_whatever_the_flush_state(tmp_path):
+    plog = PredictionLog(LogConfig(tmp_path / "log", flush_interval_s=60))  # nothing framed by the timer
+    try:
+        for i in range(10):  # fewer than a frame: all still in the server's memory
+            plog.record("m", 1, f"r{i}", {"x": np.zeros((1, 2), np.float32)}, {"y": np.eye(3, dtype=np.float32)[i % 3][None]}, 1.0)
+        result = plog.feedback("m", [(f"r{i}", i % 3) for i in range(10)] + [("ghost", 0)])
+        assert result.accepted == 10 and result.unknown == ["ghost"] and plog.stats.waits_for_writer == 1
+        assert [int(j.output.argmax()) for j in result.joined] == [j.label for j in result.joined]
+    finally:
+        plog.close()

@@ -47,7 +47,8 @@ def test_unknown_and_duplicate_ids_are_reported(server):
     (b"{", "not valid JSON"),
     (orjson.dumps({"labels": []}), "feedback body must be"),
     (orjson.dumps({"feedback": [{"id": 5, "label": 1}]}), "needs an 'id' string"),
-    (orjson.dumps({"feedback": [{"id": "a", "label": "cat"}]}), "label must be a number"),
+    (orjson.dumps({"feedback": [{"id": "a", "label": "cat"}]}), "label must be a finite number"),
+    (orjson.dumps({"feedback": [{"id": "a" * 257, "label": 1}]}), "at most 256 expected"),
     (orjson.dumps({"feedback": [{"id": str(i), "label": 1} for i in range(10_001)]}), "at most 10000"),
 ])
 def test_malformed_feedback_is_refused_and_inference_is_unaffected(server, body, message):
@@ -94,7 +95,129 @@ def test_feedback_over_grpc(server):
         assert reply.accepted == 1 and list(reply.unknown) == ["nobody"]
         with pytest.raises(grpc.RpcError) as err:
             stub.Feedback(pb.FeedbackRequest(model_name="affine", items=[pb.FeedbackItem(id="x")]))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "class_label or value" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "feedback[0] label must be a finite number" in err.value.details()
         with pytest.raises(grpc.RpcError) as err:
             stub.Feedback(pb.FeedbackRequest(model_name="nope", items=[pb.FeedbackItem(id="x", class_label=1)]))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- abuse and accidents (issue 17) ----------------------------------------------------------------------
+
+def infer(server, request_id=None, x=(0, 1, 2, 9)):
+    doc = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": list(x)}]}
+    if request_id is not None:
+        doc["id"] = request_id
+    response = httpx.post(server.url + "/v2/models/affine/infer", content=orjson.dumps(doc), timeout=10)
+    assert response.status_code == 200
+    return response.headers["x-request-id"]
+
+
+def test_a_client_cannot_guess_another_clients_request_id(server):
+    mine = [infer(server) for _ in range(100)]
+    victim = infer(server)
+    assert all(len(rid) == 32 and int(rid, 16) >= 0 for rid in mine + [victim])  # 128 random bits each
+    assert len({rid[:8] for rid in mine}) == len(mine)  # no shared prefix, no counter to step along
+    # The attack that worked on ids made of a process prefix and a counter: step from one's own newest id.
+    newest = int(mine[-1], 16)
+    guesses = [f"{newest + step:032x}" for step in range(-3, 4) if step] + [f"{int(victim, 16) ^ 1:032x}"]
+    refused = feedback(server, [{"id": guess, "label": 0} for guess in guesses])
+    assert refused.status_code == 400 and "no label accepted" in refused.json()["error"]
+    assert feedback(server, [{"id": victim, "label": 3}]).json()["accepted"] == 1  # its owner's label still counts
+
+
+def test_client_supplied_request_ids_are_kept(server):
+    assert infer(server, "order-17") == "order-17"
+    assert feedback(server, [{"id": "order-17", "label": 3}]).json()["accepted"] == 1
+
+
+def test_with_a_feedback_token_feedback_without_it_is_refused(affine_repo, live_server_factory):
+    import grpc
+
+    from leanserve.serve.protocol import leanserve_monitor_pb2 as pb
+    from leanserve.serve.protocol import leanserve_monitor_pb2_grpc as pb_grpc
+
+    server = live_server_factory(affine_repo.root, feedback_token="s3cret")
+    rid = infer(server)  # inference itself needs no token
+    body = orjson.dumps({"feedback": [{"id": rid, "label": 3}]})
+    url = f"{server.url}/v2/models/affine/feedback"
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"}):
+        refused = httpx.post(url, content=body, headers=headers, timeout=10)
+        assert refused.status_code == 401 and "feedback token" in refused.json()["error"]
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = pb_grpc.MonitoringStub(channel)
+        request = pb.FeedbackRequest(model_name="affine", items=[pb.FeedbackItem(id=rid, class_label=3)])
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Feedback(request)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Feedback(request, metadata=[("authorization", "Bearer s3cret")]).accepted == 1
+    assert server.server.prediction_log.count("affine") >= 1 and not feedback(server, [{"id": rid, "label": 3}]).is_success
+
+
+def test_feedback_sent_right_after_its_prediction_is_accepted(server):
+    # The accident: samples reach the log in frames, so a label sent at once found no row (11 of 50).
+    accepted = 0
+    for i in range(50):
+        rid = infer(server)
+        accepted += feedback(server, [{"id": rid, "label": 3}]).json()["accepted"]
+    assert accepted == 50
+    assert server.server.feedback.live_quality["affine"][1].labelled == 50
+
+
+def test_feedback_spammers_do_not_make_the_server_reread_the_log(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ids = [infer(server) for _ in range(160)]
+    plog = server.server.prediction_log
+    read_before = plog.stats.rows_read
+
+    def spam(worker: int) -> int:
+        with httpx.Client(timeout=10) as client:
+            return sum(client.post(f"{server.url}/v2/models/affine/feedback",
+                                   content=orjson.dumps({"feedback": [{"id": rid, "label": 3 if n % 4 else 0}]})).json()["accepted"]
+                       for n, rid in enumerate(ids[worker::8]))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(spam, range(8))) == 160
+    assert plog.stats.rows_read == read_before  # no labelled row read back, whatever the number of calls
+    counts = server.server.feedback.live_quality["affine"][1]
+    assert (counts.correct, counts.labelled) == (120, 160)  # every fourth label (0) is wrong: x's arg-max is 3
+
+
+def test_live_quality_equals_the_quality_recomputed_from_the_log(server):
+    from leanserve.monitor.quality import rolling_quality
+
+    ids = [infer(server, x=x) for x in ([0, 1, 2, 9], [9, 1, 2, 0], [0, 9, 2, 1], [5, 1, 2, 3])]
+    assert feedback(server, [{"id": rid, "label": 3} for rid in ids]).json()["accepted"] == 4
+    from_log = rolling_quality(server.server.prediction_log.rows("affine", labelled=True))
+    assert server.server.feedback.live_quality["affine"][1] == from_log[0].counts
+    assert from_log[0].counts.correct == 1
+
+
+@pytest.mark.parametrize("rest_items, grpc_items", [
+    ([{"id": str(i), "label": 1} for i in range(10_001)], [dict(id=str(i), class_label=1) for i in range(10_001)]),
+    ([{"id": "a"}], [dict(id="a")]),
+    ([{"id": "", "label": 1}], [dict(id="", class_label=1)]),
+    ([{"id": "a" * 300, "label": 1}], [dict(id="a" * 300, class_label=1)]),
+])
+def test_rest_and_grpc_refuse_the_same_call_with_the_same_message(server, rest_items, grpc_items):
+    import grpc
+
+    from leanserve.serve.protocol import leanserve_monitor_pb2 as pb
+    from leanserve.serve.protocol import leanserve_monitor_pb2_grpc as pb_grpc
+
+    rest = feedback(server, rest_items)
+    with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.MonitoringStub(channel).Feedback(pb.FeedbackRequest(model_name="affine", items=[pb.FeedbackItem(**i) for i in grpc_items]))
+    assert rest.status_code == 400 and err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert rest.json()["error"] == err.value.details()
+
+
+def test_grpc_refuses_a_label_that_is_not_finite(server):
+    import grpc
+
+    from leanserve.serve.protocol import leanserve_monitor_pb2 as pb
+    from leanserve.serve.protocol import leanserve_monitor_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.MonitoringStub(channel).Feedback(pb.FeedbackRequest(model_name="affine", items=[pb.FeedbackItem(id="a", value=float("nan"))]))
+    assert "feedback[0] label must be a finite number" in err.value.details()

@@ -63,15 +63,31 @@ class LogStats:
     dropped: int = 0
     failed: int = 0
     last_error: str | None = None
+    rows_read: int = 0  # rows read back by ``rows`` (the monitor's readers; feedback reads none)
+    waits_for_writer: int = 0  # feedback calls that waited for samples still on their way to the writer
+
+
+@dataclass(frozen=True)
+class Joined:
+    """One accepted label beside what was predicted for it: the version and its first output."""
+
+    version: int
+    output: np.ndarray
+    label: Any
 
 
 @dataclass(frozen=True)
 class FeedbackResult:
-    """Labels accepted, and the request ids refused (unknown, or already labelled)."""
+    """Labels accepted (with the predictions they were joined to), and the request ids refused
+    (unknown, or already labelled)."""
 
-    accepted: int
+    joined: list[Joined] = field(default_factory=list)
     unknown: list[str] = field(default_factory=list)
     duplicate: list[str] = field(default_factory=list)
+
+    @property
+    def accepted(self) -> int:
+        return len(self.joined)
 
 
 def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -153,6 +169,7 @@ class PredictionLog:
         self._written_before = self._failed_before = 0  # totals of earlier writers (after a restart)
         self._last_restart = -1e9
         self._process: subprocess.Popen | None = None
+        self._reports = threading.Condition()  # notified each time the writer acknowledges a frame
         self._stop = threading.Event()
         if read_only:
             return
@@ -229,7 +246,9 @@ class PredictionLog:
             if process is not self._process:
                 return
             report = orjson.loads(line)
-            self._acked = report["acked"]
+            with self._reports:
+                self._acked = report["acked"]
+                self._reports.notify_all()
             self.stats.written = self._written_before + report["written"]
             self.stats.failed = self._failed_before + report["failed"]
             if report["error"] and report["error"] != self.stats.last_error:
@@ -283,8 +302,13 @@ class PredictionLog:
             with contextlib.closing(db):
                 yield path, db
 
-    def feedback(self, model: str, labels: Iterable[tuple[str, Any]]) -> FeedbackResult:
-        """Attach true labels to logged requests by request id; unknown and already-labelled ids are refused."""
+    def feedback(self, model: str, labels: Iterable[tuple[str, Any]], wait_s: float = 5.0) -> FeedbackResult:
+        """Attach true labels to logged requests by request id; unknown and already-labelled ids are refused.
+
+        A label for a request answered before this call is joined whatever the log's flush state: ids
+        not found on disk while samples are still on their way to the writer are looked up again once
+        the samples recorded before the call are written (at most ``wait_s``). The cost is one indexed
+        lookup and one read of the prediction per label; no other row is read."""
         wanted: dict[str, Any] = {}
         duplicate: list[str] = []
         for request_id, label in labels:
@@ -292,24 +316,60 @@ class PredictionLog:
                 duplicate.append(request_id)  # twice in one call: the first label counts
             else:
                 wanted[request_id] = label
-        accepted, now = 0, time.time()
-        for _, db in self._segments(writable=True):
+        joined: list[Joined] = []
+        self._join(model, wanted, joined, duplicate)
+        if wanted and not self.read_only and self._unwritten():
+            self.stats.waits_for_writer += 1
+            self.written_through(wait_s)
+            self._join(model, wanted, joined, duplicate)
+        return FeedbackResult(joined, list(wanted), duplicate)
+
+    def _join(self, model: str, wanted: dict[str, Any], joined: list[Joined], duplicate: list[str]) -> None:
+        """Label the rows of the ids in ``wanted`` (newest segment first), taking each id found out of it."""
+        now = time.time()
+        for path, db in self._segments(writable=True):
             if not wanted:
                 break
             with db:
                 for request_id in list(wanted):
-                    row = db.execute("SELECT id, label IS NOT NULL FROM predictions WHERE model = ? AND request_id = ? "
-                                     "ORDER BY id DESC LIMIT 1", (model, request_id)).fetchone()
+                    row = db.execute("SELECT id, label IS NOT NULL, version, offset, inputs_len, outputs_len FROM predictions "
+                                     "WHERE model = ? AND request_id = ? ORDER BY id DESC LIMIT 1", (model, request_id)).fetchone()
                     if row is None:
                         continue
-                    label = wanted.pop(request_id)
                     if row[1]:
+                        del wanted[request_id]
                         duplicate.append(request_id)
-                    else:
-                        db.execute("UPDATE predictions SET label = ?, label_ts = ? WHERE id = ?",
-                                   (pack({"label": np.asarray(label)}), now, row[0]))
-                        accepted += 1
-        return FeedbackResult(accepted, list(wanted), duplicate)
+                        continue
+                    output = self._first_output(path, row[3] + row[4], row[5])
+                    if output is None:
+                        continue  # its segment was deleted by retention meanwhile: the id stays unknown
+                    label = wanted.pop(request_id)
+                    db.execute("UPDATE predictions SET label = ?, label_ts = ? WHERE id = ?",
+                               (pack({"label": np.asarray(label)}), now, row[0]))
+                    joined.append(Joined(row[2], output, label))
+
+    @staticmethod
+    def _first_output(db_path: Path, offset: int, length: int) -> np.ndarray | None:
+        try:
+            with open(writer.blob_path(db_path), "rb") as tensors:
+                outputs = unpack(os.pread(tensors.fileno(), length, offset))
+        except FileNotFoundError:
+            return None
+        return next(iter(outputs.values()))
+
+    def _unwritten(self) -> bool:
+        """Whether samples recorded so far are not all written yet (framed, in the pipe, or being written)."""
+        return bool(self._meta or self._pending or self._acked < self._shipped)
+
+    def written_through(self, timeout_s: float = 5.0) -> bool:
+        """Wait until the samples recorded before this call are written (or lost), not for those recorded
+        meanwhile (under steady traffic there always are some); returns False on timeout."""
+        with self._lock:
+            self._ship()
+            target, process = self._shipped, self._process
+        with self._reports:
+            # the frames that did not fit in the pipe are shipped by the timer loop
+            return self._reports.wait_for(lambda: self._acked >= target or self._process is not process, timeout_s)
 
     def rows(self, model: str, version: int | None = None, limit: int = 1000, labelled: bool = False) -> list[dict[str, Any]]:
         """The newest ``limit`` samples of a model (one version, or all), oldest first."""
@@ -338,6 +398,7 @@ class PredictionLog:
                     found.append({"ts": ts, "version": v, "request_id": rid, "latency_ms": lat, "group": grp,
                                   "inputs": unpack(data[:in_len]), "outputs": unpack(data[in_len:]),
                                   "label": unpack(lbl)["label"] if lbl else None})
+        self.stats.rows_read += len(found)
         return found[::-1]
 
     def count(self, model: str | None = None) -> int:

@@ -26,6 +26,7 @@ from leanserve.serve.protocol.codec import (
     check_shape,
 )
 from leanserve.serve.protocol.errors import grpc_status
+from leanserve.serve.protocol.feedback import check_feedback_token, feedback_items
 from leanserve.serve.protocol.rest import new_request_id
 from leanserve.serve.settings import ServerConfig
 
@@ -152,25 +153,27 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class MonitoringService(monitor_grpc.MonitoringServicer):
-    """leanserve.Monitoring: delayed labels over gRPC, the same data plane call as REST's /feedback."""
+    """leanserve.Monitoring: delayed labels over gRPC, the same data plane call, checks and caps as REST's
+    /feedback (``protocol.feedback``)."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, config: ServerConfig) -> None:
         self.plane = plane
+        self.config = config
 
     async def Feedback(self, request, context):
-        items = []
-        for i, item in enumerate(request.items):
-            kind = item.WhichOneof("label")
-            if not item.id or kind is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"items[{i}] needs an id and a class_label or value")
-            items.append((item.id, getattr(item, kind)))
-        if not items:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "feedback needs at least one item")
         try:
+            metadata = dict(context.invocation_metadata() or ())
+            check_feedback_token(metadata.get("authorization"), self.config.feedback_token)
+            items = feedback_items([(item.id or None, _label(item)) for item in request.items])
             result = await self.plane.feedback(request.model_name, items)
         except LeanserveError as exc:
             await context.abort(grpc_status(exc), str(exc))
         return monitor_pb.FeedbackResponse(accepted=result["accepted"], unknown=result["unknown"], duplicate=result["duplicate"])
+
+
+def _label(item: monitor_pb.FeedbackItem) -> int | float | None:
+    kind = item.WhichOneof("label")
+    return None if kind is None else getattr(item, kind)
 
 
 def build_grpc_server(plane: DataPlane, config: ServerConfig) -> grpc.aio.Server:
@@ -182,7 +185,7 @@ def build_grpc_server(plane: DataPlane, config: ServerConfig) -> grpc.aio.Server
         ("grpc.so_reuseport", 0),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcService(plane, config), server)
-    monitor_grpc.add_MonitoringServicer_to_server(MonitoringService(plane), server)
+    monitor_grpc.add_MonitoringServicer_to_server(MonitoringService(plane, config), server)
     address = f"{config.host}:{config.grpc_port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot bind gRPC to {address}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import time
@@ -18,18 +17,19 @@ from leanserve.serve.accesslog import AccessLog
 from leanserve.serve.dataplane import DataPlane
 from leanserve.serve.protocol.codec import BINARY_HEADER, encode_rest, parse_rest, request_from_rest
 from leanserve.serve.protocol.errors import http_status
+from leanserve.serve.protocol.feedback import MAX_FEEDBACK_ITEMS, check_feedback_token, feedback_items
 from leanserve.serve.settings import ServerConfig
 
 log = logging.getLogger(__name__)
 JSON = "application/json"
 BINARY_HEADER_BYTES = BINARY_HEADER.encode()
-# Request ids for requests that bring none: unique per process start, cheaper than uuid4 per request.
-_ID_PREFIX = f"{os.getpid():x}{int(time.time()):x}"
-_ID_COUNTER = itertools.count(1)
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}-{next(_ID_COUNTER)}"
+    """A random id (128 bits, 32 hex digits) for a request that brings none. Random, not a counter: the
+    id is what feedback labels a prediction by, so another client must not be able to guess it (a
+    counter let one client label another's request first). ~0.3 us, cheaper than str(uuid.uuid4())."""
+    return os.urandom(16).hex()
 
 
 def json_response(doc, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -63,11 +63,8 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes
     return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
-MAX_FEEDBACK_ITEMS = 10_000
-
-
-def decode_feedback(body: bytes) -> list[tuple[str, object]]:
-    """(request id, label) pairs from a feedback body; labels are numbers (class index or value)."""
+def decode_feedback(body: bytes) -> list[tuple[str, int | float]]:
+    """(request id, label) pairs from a feedback body, checked as gRPC's are (``protocol.feedback``)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -75,17 +72,9 @@ def decode_feedback(body: bytes) -> list[tuple[str, object]]:
     items = doc.get("feedback") if isinstance(doc, dict) else None
     if not isinstance(items, list) or not items:
         raise InvalidInput('feedback body must be {"feedback": [{"id": REQUEST_ID, "label": VALUE}, ...]}')
-    if len(items) > MAX_FEEDBACK_ITEMS:
+    if len(items) > MAX_FEEDBACK_ITEMS:  # before looking at each item
         raise InvalidInput(f"at most {MAX_FEEDBACK_ITEMS} feedback items per call, got {len(items)}")
-    pairs = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            raise InvalidInput(f"feedback[{i}] needs an 'id' string (the request id of the prediction)")
-        label = item.get("label")
-        if isinstance(label, bool) or not isinstance(label, (int, float)):
-            raise InvalidInput(f"feedback[{i}] label must be a number (class index or true value), got {label!r}")
-        pairs.append((item["id"], label))
-    return pairs
+    return feedback_items([(item.get("id"), item.get("label")) if isinstance(item, dict) else (None, None) for item in items])
 
 
 class RestApi:
@@ -140,6 +129,7 @@ class RestApi:
     async def feedback(self, request: Request) -> Response:
         """Delayed ground truth: {"feedback": [{"id": REQUEST_ID, "label": VALUE}, ...]}."""
         try:
+            check_feedback_token(request.headers.get("authorization"), self.config.feedback_token)
             body = await read_body(request, self.config.max_body_bytes, self.config.body_timeout_s)
             items = decode_feedback(body)
             return json_response(await self.plane.feedback(request.path_params["model"], items))
