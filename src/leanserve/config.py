@@ -116,7 +116,9 @@ class BatchingConfig:
     Requests queue and are merged into one batch of up to ``max_batch_size`` rows, waiting at most
     ``max_queue_delay_us`` for more once the first arrives. A full queue (``max_queue_size`` requests)
     rejects new ones at once (HTTP 503 with Retry-After). ``pad_values`` gives, per input, the value
-    that pads a variable dimension up to the longest in the batch.
+    that pads a variable dimension up to the longest in the batch. ``max_batch_tokens`` (text pipelines;
+    0 = off) bounds a batch's padded size, rows x its longest text in tokens, so one long text does not
+    pad a batch of short ones (text-embeddings-inference's token budget).
     """
 
     enabled: bool = True
@@ -127,10 +129,12 @@ class BatchingConfig:
     instances: int = 1
     timeout_ms: int = 30_000
     pad_values: Mapping[str, float] = field(default_factory=dict)
+    max_batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.enabled, bool), "batching.enabled", "expected true or false")
-        for name, low in (("max_batch_size", 1), ("max_queue_delay_us", 0), ("max_queue_size", 1), ("instances", 1), ("timeout_ms", 1)):
+        for name, low in (("max_batch_size", 1), ("max_queue_delay_us", 0), ("max_queue_size", 1), ("instances", 1),
+                          ("timeout_ms", 1), ("max_batch_tokens", 0)):
             value = getattr(self, name)
             _check(_is_int(value) and value >= low, f"batching.{name}", f"expected an integer >= {low}, got {value!r}")
         _check(

@@ -99,7 +99,7 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
     extras.background = [guard, monitor]
     if prediction_log is not None:  # the slow round reads the log: its process is ready before requests come
         extras.warm_ups = [*extras.warm_ups, monitor.worker.warm_up]
-    extras.routes = MonitoringApi(monitor).routes()
+    extras.routes = [*MonitoringApi(monitor).routes(), *_text_routes(plane)]
     core = build_app(config, registry, plane, metrics, extras, access_log)
     return Server(config, registry, plane, metrics, core.app, monitor, guard, shadow, explanations, prediction_log, feedback)
 
@@ -110,6 +110,18 @@ def run_server(config: ServerConfig, registry_factory: Callable[..., ModelRegist
     logging.getLogger("leanserve").setLevel(logging.INFO)
     server = build_server(config, registry_factory=registry_factory)
     run_app(config, server.app)
+
+
+def _text_routes(plane: DataPlane) -> list[Route]:
+    """``/v1/embeddings`` and ``/v2/models/{m}/tokenize`` (text pipelines); none when ``tokenizers`` (the
+    text extra) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("tokenizers") is None:
+        return []
+    from leanserve.serve.protocol.openai import TextApi
+
+    return TextApi(plane).routes()
 
 
 def _log_gauges(metrics: ServerMetrics, prediction_log) -> None:

@@ -1,7 +1,7 @@
 """Pipeline engine: a text or image model served with its pre- and post-processing (``leanserve.pipeline``).
 
 The version's signature is the user's: ``text`` or ``image`` as V2 BYTES [-1] in; an ``embedding``, or
-``label``/``probabilities``/``top_labels``/``top_scores`` out. ``run`` tokenizes (or decodes) the whole
+``label``/``probabilities``/``top_labels``/``top_scores`` out (and, for text, ``token_count``). ``run`` tokenizes (or decodes) the whole
 batch, pads it to its longest member, runs the inner model with its own engine and post-processes, all on
 the batcher's worker thread. ``admit`` is the batcher's cheap per-request check before queueing, so a bad
 text or image is that request's 400, never a failed batch; it returns the request's length in tokens for
@@ -25,6 +25,7 @@ from leanserve.pipeline import PipelineSpec
 from leanserve.pipeline.post import PostStage
 
 TEXT, IMAGE = "text", "image"
+TOKEN_COUNT = "token_count"
 
 
 def signature_of(spec: PipelineSpec, inner: Signature) -> Signature:
@@ -32,7 +33,10 @@ def signature_of(spec: PipelineSpec, inner: Signature) -> Signature:
     kind = spec.pre.get("kind")
     if kind not in (TEXT, IMAGE):
         raise ModelLoadError(f"pipeline input stage must be text or image, got {kind!r}")
-    return Signature((TensorSpec(kind, "BYTES", (-1,)),), PostStage(spec.post).outputs())
+    outputs = PostStage(spec.post).outputs()
+    if kind == TEXT:  # tokens per text, special tokens included: usage counts, and what was cut
+        outputs = (*outputs, TensorSpec(TOKEN_COUNT, "INT64", (-1,)))
+    return Signature((TensorSpec(kind, "BYTES", (-1,)),), outputs)
 
 
 class PipelineSession:
@@ -83,11 +87,9 @@ class PipelineSession:
         else:
             feed = {self._image_input: self.image(self.input_name, items)}
         result = self.post(self._inner.run(feed, [self._model_output])[self._model_output], mask)
+        if self.text is not None:
+            result[TOKEN_COUNT] = encoded.lengths.astype(np.int64)
         return {name: result[name] for name in (outputs or self.signature.output_names)}
-
-    def token_counts(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text, special tokens included (``usage`` of the embeddings endpoint)."""
-        return [int(n) for n in self.text.encode(texts).lengths]
 
     def close(self) -> None:
         self._inner.close()

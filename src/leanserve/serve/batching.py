@@ -35,6 +35,7 @@ class _Pending:
     enqueued: float
     deadline: float
     outputs: Sequence[str] | None
+    length: int = 0  # tokens of the request's longest text (token-budget batching), else 0
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Timing:
 class _Batch:
     items: list[_Pending] = field(default_factory=list)
     rows: int = 0
+    longest: int = 0
 
 
 def batchable(signature: Signature) -> bool:
@@ -80,6 +82,10 @@ class Batcher:
         # Variable (non-batch) dims of each input, to pad; and the pad value of each input.
         self._variable = {s.name: [a for a, d in enumerate(s.shape) if d == -1 and a > 0] for s in self.signature.inputs}
         self._pad = {s.name: config.pad_values.get(s.name, 0) for s in self.signature.inputs}
+        # A session may check each request before it is queued (a text pipeline: UTF-8, empty, too long),
+        # so a bad row is that request's error, not its batch's; it returns the request's length in tokens.
+        self._admit = getattr(self._sessions[0], "admit", None)
+        self._max_tokens = config.max_batch_tokens if self._can_batch else 0
 
     @property
     def queue_depth(self) -> int:
@@ -102,11 +108,12 @@ class Batcher:
             self._metrics.overloaded.inc()
             raise Overloaded(f"the queue is full ({self.config.max_queue_size} requests waiting); retry shortly")
         rows = self._rows(inputs)
+        length = self._admit(inputs) if self._admit is not None else 0
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         timeout_s = timeout_s if timeout_s is not None else self.config.timeout_ms / 1000
         future = loop.create_future()
-        self._queue.append(_Pending(inputs, rows, future, now, now + timeout_s, outputs))
+        self._queue.append(_Pending(inputs, rows, future, now, now + timeout_s, outputs, length))
         self._wakeup.set()
         # One future per request and a timer beside it (asyncio.wait_for would wrap the wait in a task).
         timer = loop.call_later(timeout_s, self._expire, future, timeout_s)
@@ -157,6 +164,8 @@ class Batcher:
         batch = batch or _Batch()
         now = time.perf_counter()
         while self._queue and batch.rows + self._queue[0].rows <= self._max_rows:
+            if self._max_tokens and batch.items and self._over_budget(batch, self._queue[0]):
+                break
             item = self._queue.popleft()
             if item.future.done():  # timed out or cancelled while queued
                 continue
@@ -165,8 +174,13 @@ class Batcher:
                 continue
             batch.items.append(item)
             batch.rows += item.rows
+            batch.longest = max(batch.longest, item.length)
         self._metrics.queue_depth.set(len(self._queue))  # once per batch, not per request
         return batch
+
+    def _over_budget(self, batch: _Batch, item: _Pending) -> bool:
+        """Would ``item`` push the batch's padded size (rows x longest, in tokens) past the budget?"""
+        return (batch.rows + item.rows) * max(batch.longest, item.length) > self._max_tokens
 
     def _preferred(self, rows: int) -> bool:
         return rows in self.config.preferred_batch_sizes
@@ -184,7 +198,8 @@ class Batcher:
                         await self._wakeup.wait()
                 except TimeoutError:
                     return
-            if self._queue and batch.rows + self._queue[0].rows > self._max_rows:
+            if self._queue and (batch.rows + self._queue[0].rows > self._max_rows
+                                or self._max_tokens and self._over_budget(batch, self._queue[0])):
                 return
             self._take(batch)
 
