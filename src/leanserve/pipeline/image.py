@@ -66,28 +66,34 @@ def spec_from_preprocessor(config: Mapping[str, Any], input_spec: TensorSpec) ->
                            f"got {list(shape)}")
     channels_first = shape[1] in (1, 3)
     channels = shape[1] if channels_first else shape[3]
-    size = _size(config.get("size"))
+    size = _size(config.get("size")) if config.get("do_resize", True) else None
     crop = _size(config.get("crop_size")) if config.get("do_center_crop") else None
-    height, width = crop or (size if size and "shortest_edge" not in size else None) or (None, None)
-    if "shortest_edge" in (size or {}):
-        edge = int(size["shortest_edge"])
-        height, width = crop or (edge, edge)
+    shortest = int(size["shortest_edge"]) if size and "shortest_edge" in size else None
+    resize_to = (int(size["height"]), int(size["width"])) if size and "height" in size else None
     h_dim, w_dim = (shape[2], shape[3]) if channels_first else (shape[1], shape[2])
-    height, width = height or h_dim, width or w_dim
-    resized = size if size and "shortest_edge" not in size else None
+    if crop:
+        height, width = int(crop["height"]), int(crop["width"])
+    elif resize_to:
+        height, width = resize_to
+    elif shortest:
+        height = width = shortest
+    else:
+        height, width = h_dim, w_dim
+    if -1 not in (h_dim, w_dim) and (height, width) != (h_dim, w_dim):
+        raise InvalidInput(f"input {input_spec.name!r}: the preprocessor makes {height}x{width} images, the model "
+                           f"takes {h_dim}x{w_dim}")
+    normalize = config.get("do_normalize") and "image_mean" in config and "image_std" in config
     return ImageSpec(
-        int(height), int(width), int(channels), channels_first, input_spec.dtype.name,
-        resize_shortest_edge=int(size["shortest_edge"]) if size and "shortest_edge" in size else None,
-        resize_height=int(resized["height"]) if resized and config.get("do_resize", True) else None,
-        resize_width=int(resized["width"]) if resized and config.get("do_resize", True) else None,
-        resample=int(config.get("resample", 2)), crop=bool(crop),
+        height, width, int(channels), channels_first, input_spec.dtype.name,
+        resize_shortest_edge=shortest, resize_height=resize_to[0] if resize_to else None,
+        resize_width=resize_to[1] if resize_to else None, resample=int(config.get("resample", 2)), crop=bool(crop),
         rescale_factor=float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else None,
-        mean=tuple(config["image_mean"]) if config.get("do_normalize") and "image_mean" in config else None,
-        std=tuple(config["image_std"]) if config.get("do_normalize") and "image_std" in config else None,
+        mean=tuple(float(x) for x in config["image_mean"]) if normalize else None,
+        std=tuple(float(x) for x in config["image_std"]) if normalize else None,
     )
 
 
-def _size(value: Any) -> dict[str, int] | tuple[int, int] | None:
+def _size(value: Any) -> dict[str, int] | None:
     if value is None:
         return None
     if isinstance(value, int):
@@ -125,8 +131,10 @@ class ImageStage:
                 # Pillow's own bomb check warns (or raises) at open; ours below is the one that applies
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(blob), formats=FORMATS)  # reads the header only
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
-            raise InvalidInput(f"input {name!r} row {row}: not a JPEG, PNG or WebP image ({exc})") from None
+        except UnidentifiedImageError:
+            raise InvalidInput(f"input {name!r} row {row}: not a JPEG, PNG or WebP image") from None
+        except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
+            raise InvalidInput(f"input {name!r} row {row}: the image is corrupt or truncated ({exc})") from None
         pixels = image.width * image.height
         if pixels > self.spec.max_pixels:
             raise InvalidInput(f"input {name!r} row {row}: image of {image.width}x{image.height} = {pixels / 1e6:.1f} "
@@ -139,7 +147,7 @@ class ImageStage:
         try:
             image = image.convert("L" if spec.channels == 1 else "RGB")  # decodes the pixels
         except (OSError, ValueError, SyntaxError) as exc:
-            raise InvalidInput(f"input {name!r} row {row}: the image data is corrupt ({exc})") from None
+            raise InvalidInput(f"input {name!r} row {row}: the image is corrupt or truncated ({exc})") from None
         image = self._resize(image)
         if spec.crop:
             image = _center_crop(image, spec.height, spec.width)
