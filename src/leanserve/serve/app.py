@@ -157,17 +157,17 @@ async def _initial_load(registry: ModelRegistry, config: ServerConfig, warm_ups:
 
 
 def run_app(config: ServerConfig, app) -> None:
-    """Serve ``app`` with uvicorn as ``config`` says until SIGINT/SIGTERM, then drain in-flight requests and exit."""
+    """Serve ``app`` with uvicorn as ``config`` says (connection limits: ``serve/connections.py``) until
+    SIGINT/SIGTERM, then drain in-flight requests and exit."""
     import uvicorn
+
+    from leanserve.serve.connections import ensure_fd_limit, uvicorn_config
 
     # Each JSON request allocates hundreds of short-lived floats; a larger first generation means far
     # fewer collections on the request path.
     gc.set_threshold(50_000, 20, 100)
-    uv_config = uvicorn.Config(
-        app, host=config.host, port=config.port, log_level="warning", access_log=False,
-        http="httptools", loop="uvloop", timeout_graceful_shutdown=int(config.drain_timeout_s),
-        server_header=False, proxy_headers=False,
-    )
+    ensure_fd_limit(config.max_connections)
+    uv_config = uvicorn_config(config, app)
     log.info("serving %s on http://%s:%d%s", config.repo, config.host, config.port,
              f" and grpc {config.host}:{config.grpc_port}" if config.grpc_port is not None else "")
     uvicorn.Server(uv_config).run()

@@ -44,11 +44,11 @@ class ServerConfig:
     explain: ExplainConfig = ExplainConfig()  # explanation pool, budgets and live importance sampling
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout_s", "keep_alive_timeout_s"):
+        for name, flag in (("header_timeout_s", "--header-timeout"), ("keep_alive_timeout_s", "--keep-alive-timeout")):
             if not getattr(self, name) > 0:
-                raise InvalidInput(f"{name} must be a number of seconds > 0, got {getattr(self, name)!r}")
+                raise InvalidInput(f"{name} ({flag}) must be a number of seconds > 0, got {getattr(self, name)!r}")
         if not (isinstance(self.max_connections, int) and self.max_connections >= 1):
-            raise InvalidInput(f"max_connections must be an integer >= 1, got {self.max_connections!r}")
+            raise InvalidInput(f"max_connections (--max-connections) must be an integer >= 1, got {self.max_connections!r}")
 
     @classmethod
     def from_env(cls, repo: Path, **overrides) -> ServerConfig:

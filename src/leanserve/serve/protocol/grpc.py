@@ -183,6 +183,12 @@ def build_grpc_server(plane: DataPlane, config: ServerConfig) -> grpc.aio.Server
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.so_reuseport", 0),
+        # the HTTP settings' counterparts: the HTTP/2 handshake must finish within the header timeout, an
+        # idle connection is closed (GOAWAY: clients reconnect) after the keep-alive timeout, and
+        # connections beyond max_connections are refused
+        ("grpc.server_handshake_timeout_ms", int(config.header_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(config.keep_alive_timeout_s * 1000)),
+        ("grpc.max_allowed_incoming_connections", config.max_connections),
     ])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcService(plane, config), server)
     monitor_grpc.add_MonitoringServicer_to_server(MonitoringService(plane, config), server)
