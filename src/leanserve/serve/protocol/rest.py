@@ -28,7 +28,7 @@ BINARY_HEADER_BYTES = BINARY_HEADER.encode()
 def new_request_id() -> str:
     """A random id (128 bits, 32 hex digits) for a request that brings none. Random, not a counter: the
     id is what feedback labels a prediction by, so another client must not be able to guess it (a
-    counter let one client label another's request first). ~0.3 us, cheaper than str(uuid.uuid4())."""
+    counter let one client label another's request first). ~0.9 us here, against ~5 us for str(uuid.uuid4())."""
     return os.urandom(16).hex()
 
 
