@@ -29,9 +29,10 @@ def test_models_and_versions_are_listed(affine_repo, affine_onnx):
     assert affine_repo.versions("affine") == [1]
 
 
-def test_get_defaults_to_newest_version(affine_repo, affine_onnx):
-    affine_repo.add(affine_onnx, "affine")
-    assert affine_repo.get("affine").path.name == "2"
+def test_get_defaults_to_the_served_version_and_latest_means_newest(affine_repo, affine_onnx):
+    affine_repo.add(affine_onnx, "affine")  # registered, not served
+    assert affine_repo.get("affine").path.name == "1"
+    assert affine_repo.get("affine", "latest").path.name == "2"
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "", "x" * 200, "..", "a..b", "white space"])

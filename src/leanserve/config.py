@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -40,6 +41,19 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+_VERSION_TEXT = re.compile(r"[0-9]+")
+
+
+def is_version_text(value: Any) -> bool:
+    """True for an int >= 1 or a string of ASCII digits naming one. ``str.isdigit`` is not enough: it
+    accepts '²' and other Unicode digits that ``int()`` then refuses."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 1
+    return isinstance(value, str) and _VERSION_TEXT.fullmatch(value) is not None and int(value) >= 1
+
+
 def _check(cond: bool, where: str, message: str) -> None:
     if not cond:
         raise InvalidInput(f"{where}: {message}")
@@ -51,7 +65,15 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class VersionPolicy:
-    """Which versions of a model are served: the latest ``n``, ``all``, or a ``specific`` list."""
+    """Which versions of a model are loaded besides those its traffic settings send requests to.
+
+    ``latest``: the newest ``n`` versions that have taken traffic (n=2 keeps the previous served version
+    warm for an instant rollback; registered versions are never loaded by it); ``all``: every version;
+    ``specific``: the listed ones. Loaded versions answer requests that name them
+    (``/v2/models/M/versions/N/infer``); only the traffic settings send them unaddressed requests.
+    A model without traffic settings (written before them, or folders copied in by hand) serves the
+    newest ``n`` versions that are neither derived (a parent in their provenance) nor edge artifacts.
+    """
 
     kind: str = "latest"
     n: int = 1
@@ -174,7 +196,7 @@ class TrafficConfig:
         _check(isinstance(self.weights, Mapping), "traffic.weights", "expected an object of version -> weight")
         clean: dict[str, int] = {}
         for version, weight in self.weights.items():
-            _check(str(version).isdigit() and int(version) >= 1, "traffic.weights", f"version {version!r} is not an integer >= 1")
+            _check(is_version_text(version), "traffic.weights", f"version {version!r} is not an integer >= 1 in ASCII digits")
             _check(_is_int(weight) and weight >= 0, "traffic.weights", f"weight of version {version} must be an integer >= 0, got {weight!r}")
             clean[str(int(version))] = weight
         _check(not clean or sum(clean.values()) > 0, "traffic.weights", "at least one version needs a weight above 0")
@@ -184,6 +206,44 @@ class TrafficConfig:
 
     def version_weights(self) -> dict[int, int]:
         return {int(v): w for v, w in self.weights.items() if w > 0}
+
+    def serving_only(self, version: int) -> TrafficConfig:
+        """These settings with all traffic on ``version`` (a promotion); the current weights go to history.
+        A shadow that is now the served version stops shadowing."""
+        history = self.history + ((dict(self.weights),) if self.weights else ())
+        return TrafficConfig(weights={str(version): 100}, shadow=None if self.shadow == version else self.shadow,
+                             history=history)
+
+    def ever_served(self) -> set[int]:
+        """Versions that take traffic now or took it in a remembered earlier split."""
+        served = set(self.version_weights())
+        for earlier in self.history:
+            served |= {int(v) for v, w in earlier.items() if w > 0}
+        return served
+
+
+IMPORT_POLICIES = ("serve", "register")
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """What registering a version does to traffic.
+
+    ``on_import`` applies to ``leanserve import``/``export --name`` (and ``Repository.add`` when the caller
+    does not decide). ``register``, the default, only records the version, as MLflow's model registry
+    does (its alias moves only by an explicit act): here ``leanserve promote``, ``canary`` or ``import
+    --serve``. Registering is not deploying, and a guarded ``canary`` of an import is only possible when
+    the import did not take all traffic first. ``serve`` moves all traffic to each new import, the way
+    TF Serving's default ``latest`` policy and a KServe revision without ``canaryTrafficPercent`` do,
+    for pipelines that deploy by importing. A model's first version always serves. Derived versions
+    (optimize, edge, learn, federate, mitigate) are registered whatever this says.
+    """
+
+    on_import: str = "register"
+
+    def __post_init__(self) -> None:
+        _check(self.on_import in IMPORT_POLICIES, "lifecycle.on_import",
+               f"expected {' or '.join(IMPORT_POLICIES)}, got {self.on_import!r}")
 
 
 @dataclass(frozen=True)
@@ -285,6 +345,7 @@ class ModelConfig:
     traffic: TrafficConfig = field(default_factory=TrafficConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     allow_nonfinite: bool = True
     warmup: bool = True
 
@@ -303,6 +364,7 @@ class ModelConfig:
             "traffic": TrafficConfig,
             "rollout": RolloutConfig,
             "alerts": AlertConfig,
+            "lifecycle": LifecycleConfig,
         }
         kwargs: dict[str, Any] = {k: from_dict(c, data.get(k), f"{where}.{k}") for k, c in parts.items()}
         for flag in ("allow_nonfinite", "warmup"):

@@ -4,12 +4,20 @@ Versions are integers and immutable once written. Every write is built in a stag
 the model's folder and renamed into place under the model's lock, so a half-written version is never
 visible, and a crash leaves only a staging folder that the next write sweeps away. The model's
 ``config.json`` (version policy, runtime, batching, cache, traffic) is replaced atomically too.
+
+Version numbers are never reused: each model keeps the highest number it ever gave out in
+``.last-version`` (written atomically before the version appears), so removing the newest version and
+importing another within a server's poll interval gives the new one a new number.
+
+Registering a version is not deploying it. Which versions serve is recorded in the model's traffic
+settings; ``state`` names each version's lifecycle state (registered, serving, canary, shadow, retired).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -21,13 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from leanserve.artifact import MANIFEST_FILE, Manifest, ModelArtifact, Provenance, TensorSpec, sha256_file
-from leanserve.config import ModelConfig
+from leanserve.config import ModelConfig, RolloutConfig, is_version_text
 from leanserve.errors import CorruptArtifact, InvalidInput, InvalidName, ModelNotFound, RepositoryError
 from leanserve.formats import read_model
 
 CONFIG_FILE = "config.json"
 STAGING_DIR = ".staging"
 LOCK_FILE = ".lock"
+LAST_VERSION_FILE = ".last-version"
+# artifacts for devices, never served unless traffic names them (C sources cannot be served at all)
+EDGE_FORMATS = frozenset({"ort", "executorch", "c_source"})
+STATES = ("serving", "canary", "shadow", "registered", "retired")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -41,11 +53,17 @@ def validate_name(name: str) -> str:
 
 
 def parse_version(version: str | int) -> int:
-    """Return a version as a positive int; raise InvalidName for anything else."""
-    text = str(version).strip()
-    if not text.isdigit() or int(text) < 1:
-        raise InvalidName(f"invalid version {version!r}: versions are integers >= 1")
+    """Return a version as a positive int; raise InvalidName for anything else (only ASCII digits count:
+    '²' passes ``str.isdigit`` but is no version)."""
+    text = version.strip() if isinstance(version, str) else version
+    if not is_version_text(text):
+        raise InvalidName(f"invalid version {version!r}: versions are integers >= 1 written in ASCII digits")
     return int(text)
+
+
+def is_version_folder(name: str) -> bool:
+    """True when a folder name is a version number (ASCII digits, >= 1)."""
+    return is_version_text(name)
 
 
 @dataclass(frozen=True, order=True)
@@ -82,7 +100,7 @@ class Repository:
         folder = self._model_dir(name)
         return sorted(
             int(p.name) for p in folder.iterdir()
-            if p.is_dir() and p.name.isdigit() and int(p.name) >= 1 and (p / MANIFEST_FILE).is_file()
+            if is_version_folder(p.name) and p.is_dir() and (p / MANIFEST_FILE).is_file()
         )
 
     def get(self, name: str, version: int | str | None = None, *, verify: bool = True) -> ModelArtifact:
@@ -94,17 +112,88 @@ class Repository:
         return ModelArtifact.open(self._model_dir(ref.name) / str(ref.version), verify=verify)
 
     def resolve(self, name: str, version: int | str | None = None) -> VersionRef:
-        """Turn a name and optional version into a VersionRef that exists."""
+        """Turn a name and optional version into a VersionRef that exists.
+
+        No version means the version serving most traffic (``serving``); ``"latest"`` the newest.
+        Raises ModelNotFound or InvalidName.
+        """
         available = self.versions(name)
         if version is None or str(version) in ("", "latest"):
             if not available:
                 raise ModelNotFound(f"model {name!r} has no versions")
+            if version is None or version == "":
+                served = self._serving(name, self.config(name), available)
+                if served is not None:
+                    return VersionRef(name, served)
             return VersionRef(name, available[-1])
         number = parse_version(version)
         if number not in available:
             have = ", ".join(map(str, available)) or "none"
             raise ModelNotFound(f"model {name!r} has no version {number} (versions: {have})")
         return VersionRef(name, number)
+
+    def serving(self, name: str) -> VersionRef | None:
+        """The version serving most of the model's traffic, or None when none of its versions serves."""
+        available = self.versions(name)
+        served = self._serving(name, self.config(name), available)
+        return None if served is None else VersionRef(name, served)
+
+    def default_served(self, name: str, config: ModelConfig, available: Sequence[int]) -> list[int]:
+        """What a model without traffic settings serves: the newest ``version_policy.n`` versions that are
+        neither derived nor edge artifacts (or the newest non-edge ones when every version is derived)."""
+        policy = config.version_policy
+        if policy.kind != "latest":
+            return [v for v in policy.select(list(available)) if self._kind(name, v) != "edge"]
+        kinds = {v: self._kind(name, v) for v in available}
+        chosen = [v for v in sorted(available) if kinds[v] == "original"] or \
+                 [v for v in sorted(available) if kinds[v] != "edge"]
+        return chosen[-policy.n:]
+
+    def state(self, name: str) -> dict[int, str]:
+        """Each version's lifecycle state: serving, canary (a rollout's or a minor traffic share), shadow,
+        retired (took traffic before, not now) or registered (verified on disk, never served)."""
+        available = self.versions(name)
+        config = self.config(name)
+        weights = config.traffic.version_weights()
+        if not weights:
+            weights = {v: 100 for v in self.default_served(name, config, available)[-1:]}
+        top = max(weights.items(), key=lambda item: (item[1], item[0]))[0] if weights else None
+        earlier = config.traffic.ever_served()
+        states = {}
+        for version in available:
+            if version in weights:
+                states[version] = "serving" if version == top else "canary"
+            elif version == config.traffic.shadow:
+                states[version] = "shadow"
+            elif version in earlier:
+                states[version] = "retired"
+            else:
+                states[version] = "registered"
+        return states
+
+    def manifest_digest(self, name: str, version: int) -> str:
+        """SHA-256 of a version's manifest (which holds every file's checksum): the version's identity,
+        so a number whose folder was replaced is seen as a different model. Raises OSError if unreadable."""
+        return hashlib.sha256((self.root / name / str(version) / MANIFEST_FILE).read_bytes()).hexdigest()
+
+    def _serving(self, name: str, config: ModelConfig, available: Sequence[int]) -> int | None:
+        weights = {v: w for v, w in config.traffic.version_weights().items() if v in available}
+        if weights:
+            return max(weights.items(), key=lambda item: (item[1], item[0]))[0]
+        if config.traffic.weights:  # traffic names only versions that are gone
+            return None
+        default = self.default_served(name, config, available)
+        return default[-1] if default else None
+
+    def _kind(self, name: str, version: int) -> str:
+        """"edge", "derived" or "original", from the version's manifest (unreadable counts as original)."""
+        try:
+            manifest = json.loads((self.root / name / str(version) / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return "original"
+        if manifest.get("format") in EDGE_FORMATS:
+            return "edge"
+        return "derived" if (manifest.get("provenance") or {}).get("parent") else "original"
 
     def config(self, name: str) -> ModelConfig:
         """The model's settings (defaults when it has no config file)."""
@@ -131,8 +220,12 @@ class Repository:
         runtime: str | None = None,
         check_load: bool = True,
         attachments: Sequence[Path] = (),
+        serve: bool | None = None,
     ) -> VersionRef:
         """Import a model file as the next version of ``name`` and return its VersionRef.
+
+        ``serve``: True moves all traffic to the new version, False only registers it (derived versions),
+        None follows the model's ``lifecycle.on_import``. A model's first version always serves.
 
         The signature is read from the model (ONNX, torch.export, OpenVINO) or taken from
         ``inputs``/``outputs``. With ``check_load`` the model is loaded by its runtime first, so a
@@ -181,11 +274,55 @@ class Repository:
                 session = load_session(ModelArtifact(stage, manifest), self.config(name).runtime)
                 check_runs(session)
                 session.close()
-            existing = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
-            version = max(existing, default=0) + 1
+            version = self._next_version(folder)
+            before = self.versions(name)
             os.rename(stage, folder / str(version))
             _fsync_dir(folder)
+            self._settle_traffic(name, version, before, serve)
         return VersionRef(name, version)
+
+    def promote(self, name: str, version: int | str) -> VersionRef:
+        """Send all of the model's traffic to ``version`` (stopping any rollout); the old split goes to
+        history, so ``rollback`` returns to it. Raises ModelNotFound or InvalidName."""
+        ref = self.resolve(name, parse_version(version))
+        with self._locked(name):
+            config = self.config(name)
+            config = config.replace(traffic=config.traffic.serving_only(ref.version), rollout=RolloutConfig())
+            _write_atomic(self._model_dir(name) / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
+        return ref
+
+    def _next_version(self, folder: Path) -> int:
+        """One above every number the model ever used (the high-water mark and the folders), recorded
+        before the folder appears, so a crash in between skips a number rather than reusing one."""
+        mark = folder / LAST_VERSION_FILE
+        try:
+            last = int(mark.read_text(encoding="ascii").strip())
+        except (OSError, ValueError):  # no mark yet (or a damaged one): the folders still bound it
+            last = 0
+        existing = [int(p.name) for p in folder.iterdir() if is_version_folder(p.name)]
+        version = max([last, *existing]) + 1
+        _write_atomic(mark, str(version))
+        return version
+
+    def _settle_traffic(self, name: str, version: int, before: list[int], serve: bool | None) -> None:
+        """Record what the new version does to traffic (under the model's lock)."""
+        config = self.config(name)
+        if serve is None:
+            serve = config.lifecycle.on_import == "serve"
+        if not before:
+            serve = True  # a first version: there is nothing else to serve
+        if serve:
+            traffic = config.traffic.serving_only(version)
+        elif not config.traffic.weights:
+            # a model without traffic settings serves by default; pin what serves now, so the new
+            # version (perhaps derived or an edge artifact) does not take over by being newest
+            current = self._serving(name, config, before)
+            if current is None:
+                return
+            traffic = config.traffic.serving_only(current)
+        else:
+            return
+        _write_atomic(self._model_dir(name) / CONFIG_FILE, json.dumps(config.replace(traffic=traffic).to_dict(), indent=2))
 
     def remove(self, name: str, version: int | str) -> VersionRef:
         """Delete one version. It disappears atomically (renamed away first), then its files go."""
@@ -248,7 +385,7 @@ def _sweep_stale(staging: Path) -> None:
     """Remove staging folders left by writers that died (their pid no longer runs)."""
     for entry in staging.iterdir():
         parts = entry.name.split("-")
-        if len(parts) >= 2 and parts[0] == "add" and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) >= 2 and parts[0] == "add" and parts[1].isascii() and parts[1].isdigit() and not _pid_alive(int(parts[1])):
             shutil.rmtree(entry, ignore_errors=True)
 
 

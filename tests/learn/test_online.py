@@ -157,7 +157,7 @@ def _register_mlp(repo: Repository, module, example) -> None:
     repo.add(folder / "mlp.onnx", "mlp", attachments=[save_source(module, example, folder)])
     recipe = Recipe("dynamic int8", (Step("dynamic_int8"),))
     apply_recipe(recipe, folder / "mlp.onnx", folder / "int8.onnx", PassContext(repo.get("mlp", 1).signature))
-    repo.add(folder / "int8.onnx", "mlp", provenance=Provenance(parent="mlp:1", recipe=recipe.to_dict()))
+    repo.add(folder / "int8.onnx", "mlp", provenance=Provenance(parent="mlp:1", recipe=recipe.to_dict()), serve=True)
 
 
 def _log_labelled(db, xs, labels, served, version=2, prefix="r"):

@@ -15,8 +15,8 @@ AUTH = {"Authorization": "Bearer s3cret"}
 
 @pytest.fixture
 def three_versions(affine_repo, affine_onnx):
-    affine_repo.add(affine_onnx, "affine")
-    affine_repo.add(affine_onnx, "affine")
+    affine_repo.add(affine_onnx, "affine", serve=True)  # each served in turn: v3 serves, v2 before it
+    affine_repo.add(affine_onnx, "affine", serve=True)
     return affine_repo
 
 
@@ -84,7 +84,7 @@ def test_cli_rollback_is_picked_up_by_a_running_server(three_versions, live_serv
 @pytest.mark.parametrize("body, message", [
     ({"weights": {"9": 100}}, "no version 9"),
     ({"weights": {"1": -5}}, "weight of version 1"),
-    ({"shadow": 42}, "shadow must be an existing version"),
+    ({"shadow": 42}, "shadow: expected an existing version"),
     ({"colour": "red"}, "traffic body must be"),
 ])
 def test_bad_traffic_requests_are_refused(three_versions, live_server_factory, body, message):

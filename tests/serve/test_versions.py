@@ -19,7 +19,7 @@ def served_version(server) -> str:
 def test_new_version_is_picked_up_and_old_one_unloaded_without_restart(affine_repo, affine_onnx, live_server_factory):
     server = live_server_factory(affine_repo.root)
     assert served_version(server) == "1"
-    affine_repo.add(affine_onnx, "affine")
+    affine_repo.add(affine_onnx, "affine", serve=True)
     wait_until(lambda: served_version(server) == "2", what="version 2 served")
     meta = httpx.get(server.url + "/v2/models/affine").json()
     assert meta["versions"] == ["2"]
@@ -41,7 +41,7 @@ def test_requests_keep_succeeding_while_versions_change(affine_repo, affine_onnx
     for thread in threads:
         thread.start()
     for expected in ("2", "3"):
-        affine_repo.add(affine_onnx, "affine")
+        affine_repo.add(affine_onnx, "affine", serve=True)
         wait_until(lambda: served_version(server) == expected, what=f"version {expected}")
     stop.set()
     for thread in threads:
@@ -51,7 +51,7 @@ def test_requests_keep_succeeding_while_versions_change(affine_repo, affine_onnx
 
 def test_removed_version_is_unloaded(affine_repo, affine_onnx, live_server_factory):
     affine_repo.update_config("affine", version_policy=VersionPolicy(kind="all"))
-    affine_repo.add(affine_onnx, "affine")
+    affine_repo.add(affine_onnx, "affine", serve=True)
     server = live_server_factory(affine_repo.root)
     assert httpx.get(server.url + "/v2/models/affine").json()["versions"] == ["1", "2"]
     affine_repo.remove("affine", 2)
@@ -62,7 +62,7 @@ def test_removed_version_is_unloaded(affine_repo, affine_onnx, live_server_facto
 def test_version_that_fails_to_load_is_reported_and_previous_keeps_serving(affine_repo, tmp_path, live_server_factory):
     server = live_server_factory(affine_repo.root, admin_token="t")
     broken = make_affine_model(tmp_path / "broken.onnx")
-    ref = affine_repo.add(broken, "affine")
+    ref = affine_repo.add(broken, "affine", serve=True)
     artifact = affine_repo.get("affine", ref.version)
     artifact.model_path.write_bytes(b"corrupted after import")  # checksum no longer matches
     status = wait_until(
@@ -85,8 +85,8 @@ def test_new_model_added_while_running_is_served(affine_repo, affine_onnx, live_
 @pytest.mark.parametrize("policy, expected", [(VersionPolicy(kind="latest", n=2), ["2", "3"]),
                                               (VersionPolicy(kind="specific", versions=(1, 3)), ["1", "3"])])
 def test_version_policy_decides_what_is_loaded(affine_repo, affine_onnx, live_server_factory, policy, expected):
-    affine_repo.add(affine_onnx, "affine")
-    affine_repo.add(affine_onnx, "affine")
+    affine_repo.add(affine_onnx, "affine", serve=True)
+    affine_repo.add(affine_onnx, "affine", serve=True)
     affine_repo.update_config("affine", version_policy=policy)
     server = live_server_factory(affine_repo.root)
     assert httpx.get(server.url + "/v2/models/affine").json()["versions"] == expected

@@ -51,21 +51,22 @@ def _repo(args):
 # --- commands ---------------------------------------------------------------------------------------
 
 def cmd_import(args) -> int:
-    from leanserve.hf_import import is_hf_folder
     from leanserve.repository import Repository
 
     repo = Repository(args.repo)
-    if is_hf_folder(Path(args.model)):
-        return _import_hf(args, repo)
     ref = repo.add(
         args.model, args.name,
         inputs=[TensorSpec.parse(s) for s in args.input] or None,
         outputs=[TensorSpec.parse(s) for s in args.output] or None,
         runtime=args.engine,
         check_load=not args.no_check,
+        serve=True if args.serve else (False if args.register else None),
     )
     artifact = repo.get(ref.name, ref.version, verify=False)
-    print(f"imported {args.model} as {ref} ({artifact.manifest.format}, {artifact.size_bytes:,} bytes)")
+    state = repo.state(ref.name).get(ref.version, "registered")
+    print(f"imported {args.model} as {ref} ({artifact.manifest.format}, {artifact.size_bytes:,} bytes); "
+          + ("it takes all traffic" if state == "serving" else
+             f"registered, not served (serve it with: leanserve promote {ref})"))
     _print_signature(artifact.signature)
     if args.data:
         from leanserve.monitor.reference import build_reference, profile_path
@@ -80,19 +81,6 @@ def cmd_import(args) -> int:
             return 1
         print(f"reference profile for drift checks from {len(next(iter(data.values())))} rows: "
               f"{profile_path(repo, ref.name, ref.version)}")
-    return 0
-
-
-def _import_hf(args, repo) -> int:
-    from leanserve.hf_import import import_folder
-
-    result = import_folder(args.model, repo, args.name, truncate=args.truncate, check=not args.no_check)
-    artifact = repo.get(result.pipeline_ref.name, result.pipeline_ref.version, verify=False)
-    print(f"imported {args.model} ({result.task}) as {result.pipeline_ref} with its pipeline "
-          f"({artifact.size_bytes:,} bytes), and the model alone as {result.tensors_ref}")
-    if result.check:
-        print("checked against the library: " + ", ".join(f"{k} {v:.6g}" for k, v in result.check.items()))
-    _print_signature(artifact.signature)
     return 0
 
 
@@ -158,18 +146,32 @@ def cmd_list(args) -> int:
     if not models:
         print(f"no models in {repo.root}")
         return 0
-    print(f"{'MODEL':<24} {'VERSIONS':<16} {'LATEST FORMAT':<14} SIZE")
+    print(f"{'MODEL':<24} {'VERSIONS':<16}")
     for name in models:
         versions = repo.versions(name)
-        if not versions:
-            print(f"{name:<24} {'-':<16}")
-            continue
-        try:
-            artifact = repo.get(name, versions[-1], verify=False)
-            fmt, size = artifact.manifest.format, f"{artifact.size_bytes:,}"
-        except LeanserveError as exc:
-            fmt, size = "unreadable", str(exc)
-        print(f"{name:<24} {','.join(map(str, versions)):<16} {fmt:<14} {size}")
+        print(f"{name:<24} {','.join(map(str, versions)) or '-':<16}")
+        states = repo.state(name) if versions else {}
+        for version in versions:
+            try:
+                artifact = repo.get(name, version, verify=False)
+                fmt, size = artifact.manifest.format, f"{artifact.size_bytes:,} bytes"
+                parent = artifact.manifest.provenance.parent
+            except LeanserveError as exc:
+                fmt, size, parent = "unreadable", str(exc), None
+            print(f"  v{version:<6} {states.get(version, '?'):<11} {fmt:<13} {size}"
+                  + (f"  (from {parent})" if parent else ""))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    repo = _repo(args)
+    name, version = _split_ref(args.model, args.version)
+    if not version:
+        raise InvalidInput("say which version to serve: leanserve promote MODEL:VERSION")
+    before = repo.serving(name)
+    ref = repo.promote(name, version)
+    print(f"{ref} now takes all traffic (before: {before or 'nothing'}); a running server applies it within its "
+          f"poll interval; undo with: leanserve rollback {name}")
     return 0
 
 
@@ -242,7 +244,12 @@ def cmd_predict(args) -> int:
     from leanserve.deploy.batch import is_dataset
     from leanserve.model import load
 
+    from leanserve.cli.subject import subject
+    from leanserve.repository import Repository
+
     name, version = _split_ref(args.model, args.version)
+    if args.executor != "ray" or not (args.batch or is_dataset(Path(args.input))):
+        version = subject(Repository(args.repo, create=False), name, version).version
     if args.batch or is_dataset(Path(args.input)):
         return _predict_dataset(args, name, version)
     model = load(name, version, repo=args.repo)
@@ -424,19 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    p = _command(sub, "import", cmd_import, "import a model file (ONNX, TorchScript, torch.export .pt2, OpenVINO .xml) "
-                 "or a Hugging Face / sentence-transformers folder (with its tokenizer or image transform) as a new version",
-                 "leanserve import model.onnx --name cnn --repo model-repo\n"
-                 "  leanserve import path/to/all-MiniLM-L6-v2 --name minilm   # text in, embeddings out; also minilm-tensors")
-    p.add_argument("model", help="model file, or a Hugging Face model folder")
-    p.add_argument("--truncate", action="store_true", help="Hugging Face text models: cut texts at the model's limit "
-                   "(as sentence-transformers does) instead of refusing them with a 400")
+    p = _command(sub, "import", cmd_import, "import a model file (ONNX, TorchScript, torch.export .pt2, OpenVINO .xml) as a new version",
+                 "leanserve import model.onnx --name cnn --repo model-repo")
+    p.add_argument("model", help="model file")
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--input", action="append", default=[], metavar="NAME:DATATYPE:SHAPE",
                    help="input spec, e.g. x:FP32:-1,1,28,28 (needed for TorchScript; -1 = dynamic; repeat per input)")
     p.add_argument("--output", action="append", default=[], metavar="NAME:DATATYPE:SHAPE", help="output spec (repeat)")
     p.add_argument("--engine", choices=sorted(ENGINES), help="engine to serve it with (default: by format)")
     p.add_argument("--no-check", action="store_true", help="skip the test load and run before importing")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--serve", action="store_true", help="send all traffic to the new version at once (the default "
+                     "when the model's lifecycle.on_import is serve)")
+    how.add_argument("--register", action="store_true", help="only register the new version; serve it later with "
+                     "leanserve promote or canary (the default; a model's first version always serves)")
     p.add_argument("--data", metavar="NPZ", help="typical inputs (.npz, one array per input): stored as the version's "
                    "reference profile, against which the server checks live traffic for drift")
     _add_repo(p)
@@ -458,12 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchscript gives transformer graphs ONNX Runtime can fuse)")
     _add_repo(p)
 
-    p = _command(sub, "list", cmd_list, "list models and their versions", "leanserve list --repo model-repo")
+    p = _command(sub, "list", cmd_list, "list models and their versions, each with its state (serving, canary, "
+                 "shadow, registered, retired)", "leanserve list --repo model-repo")
+    _add_repo(p)
+
+    p = _command(sub, "promote", cmd_promote, "serve one version: all traffic to it at once (stops a running rollout)",
+                 "leanserve promote cnn:3 --repo model-repo   # for a gradual, guarded switch use: leanserve canary cnn 3")
+    p.add_argument("model", help="MODEL:VERSION")
+    p.add_argument("--version", help="version (instead of MODEL:VERSION)")
     _add_repo(p)
 
     p = _command(sub, "inspect", cmd_inspect, "show a version's signature, provenance, metrics and verified checksums",
                  "leanserve inspect cnn:2 --repo model-repo")
-    p.add_argument("model", help="MODEL or MODEL:VERSION (default: newest)")
+    p.add_argument("model", help="MODEL or MODEL:VERSION (default: the version serving most traffic)")
     p.add_argument("--version", help="version (instead of MODEL:VERSION)")
     p.add_argument("--json", action="store_true", help="print the full record as JSON")
     _add_repo(p)
@@ -492,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="one request: write outputs to .npz/.json/.npy instead of printing; "
                    "a batch job: the output folder")
     p.add_argument("--outputs", help="comma-separated output names (default: all)")
-    p.add_argument("--version", help="version (default: newest)")
+    p.add_argument("--version", help="version (default: the version serving most traffic)")
     p.add_argument("--batch", action="store_true", help="treat a .npy/.npz input as a dataset of rows (a batch job)")
     p.add_argument("--chunk-rows", type=int, default=65536, help="batch job: rows read, run and written per chunk")
     p.add_argument("--batch-size", type=int, default=1024, help="batch job: rows per engine call")

@@ -96,7 +96,7 @@ def build_edge(
     profile: DeviceProfile = PROFILES["phone"], eval_path: str | Path | None = None,
     calib_path: str | Path | None = None, max_drop: str = "1%", report_dir: str | Path | None = None,
     time_budget_s: float = 300.0, probe_time_s: float = 1.0, progress: bool = False,
-    holdout_path: str | Path | None = None, holdout_fraction: float = 0.3, seed: int = 0,
+    holdout_path: str | Path | None = None, holdout_fraction: float = 0.3, seed: int = 0, serve: bool = False,
 ) -> EdgeOutcome:
     """Build ``target``'s artifact of ``name:version``, test it under ``profile`` and register it.
 
@@ -149,7 +149,8 @@ def build_edge(
             raise DoesNotFit(f"{source} as {target} did not run within the {profile.describe()} profile: {run.error}; "
                              "choose a larger profile or raise --memory-mb (nothing was registered)", report)
         ref = repo.add(built.path, name, provenance=_provenance(source, target, built), metrics=_metrics(report, built.accuracy, split),
-                       attachments=[*built.attachments, *files], runtime=built.runtime)
+                       attachments=[*built.attachments, *files], runtime=built.runtime,
+                       serve=serve)  # a device artifact takes server traffic only when asked
         stored = repo.get(ref.name, ref.version, verify=False).path
     return EdgeOutcome(ref, report, tuple(stored / f.name for f in files))
 

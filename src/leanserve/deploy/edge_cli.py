@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import sys
 
+from leanserve.errors import InvalidInput
+
 
 def cmd_edge(args) -> int:
     from leanserve.deploy.edge import DoesNotFit, build_edge
+    from leanserve.cli.subject import subject
     from leanserve.deploy.edge_device import device_profile
     from leanserve.repository import Repository
 
     name, _, version = args.model.partition(":")
     repo = Repository(args.repo, create=False)
+    version = subject(repo, name, version).version
+    if args.serve and args.target == "c":
+        raise InvalidInput("--serve: C sources (--target c) are compiled into firmware and cannot be served")
     if args.target == "c":
         return _edge_c(args, repo, name, version or None)
     profile = device_profile(args.profile or "phone", threads=args.threads, memory_mb=args.memory_mb)
@@ -19,7 +25,8 @@ def cmd_edge(args) -> int:
         outcome = build_edge(repo, name, version or None, target=args.target, profile=profile, eval_path=args.eval,
                              calib_path=args.calib, max_drop=args.max_accuracy_drop, report_dir=args.report_dir,
                              time_budget_s=args.time_budget, probe_time_s=args.seconds, progress=args.progress,
-                             holdout_path=args.holdout, holdout_fraction=args.holdout_fraction, seed=args.seed)
+                             holdout_path=args.holdout, holdout_fraction=args.holdout_fraction, seed=args.seed,
+                             serve=args.serve)
     except DoesNotFit as exc:
         print(exc.report.to_markdown())
         print(f"error: {exc}", file=sys.stderr)
@@ -27,6 +34,8 @@ def cmd_edge(args) -> int:
     print(outcome.report.to_markdown())
     print(f"registered {outcome.ref} ({outcome.report.artifact_bytes:,} bytes, "
           f"{outcome.report.size_ratio:.1%} of the fp32 original); report: {outcome.files[0]}")
+    print(f"{outcome.ref} takes all traffic now" if args.serve else
+          f"not served; serve it with: leanserve promote {outcome.ref}  (or leanserve canary {name} {outcome.ref.version})")
     return 0
 
 
@@ -75,6 +84,8 @@ def add_edge_command(sub, command, add_repo) -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.3, metavar="F",
                    help="share of --eval's rows held out from the choice to report accuracy on, when no --holdout")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--serve", action="store_true", help="send all server traffic to the new artifact at once "
+                   "(default: registered only; serve it later with leanserve promote or canary)")
     p.add_argument("--calib", metavar="NPZ", help="calibration data for static int8 (default: the evaluation inputs)")
     p.add_argument("--max-accuracy-drop", default="1%",
                    help="largest quality drop accepted: 1%% = 1 point, 1%%rel = 1%% of the original, 0.01 as is")

@@ -329,5 +329,6 @@ def _register(repo: Repository, name: str, base: ModelArtifact, spec: Postproces
         metrics = {"fairness": {"constraint": report.constraint, "gap_before": report.gap_before,
                                 "gap_after": report.gap_after, "accuracy_before": report.before.accuracy,
                                 "accuracy_after": report.after.accuracy, "folds": report.folds}}
-        ref = repo.add(spec_path, name, provenance=provenance, metrics=metrics, attachments=[attachment])
+        ref = repo.add(spec_path, name, provenance=provenance, metrics=metrics, attachments=[attachment],
+                       serve=False)  # takes traffic through its canary (--canary) or promote
     return ref.version

@@ -234,7 +234,7 @@ def register_federated(repo: Repository, parent: VersionRef, module, outcome: Ro
                           input_names=[s.name for s in signature.inputs], output_names=[s.name for s in signature.outputs])
         source = Path(tmp) / SOURCE_FILE
         torch.jit.save(module, str(source))
-        ref = repo.add(onnx_path, parent.name, attachments=[source],
+        ref = repo.add(onnx_path, parent.name, attachments=[source], serve=False,  # canary or promote serves it
                        provenance=Provenance(source=f"leanserve federate ({where})", parent=str(parent),
                                              recipe=_recipe(settings, outcome), exporter=exported.exporter),
                        metrics={"accuracy": outcome.accuracy[-1]} if outcome.accuracy else None)

@@ -77,7 +77,9 @@ def cmd_federate(args) -> int:
                                                local_epochs=args.local_epochs, lr=args.lr, proximal_mu=args.mu,
                                                server_momentum=args.server_momentum), args.dp)
     federated.check_settings(settings)
-    ref = repo.resolve(args.model, args.version)
+    from leanserve.cli.subject import subject
+
+    ref = subject(repo, args.model, args.version)
     if not has_source(repo.get(ref.name, ref.version)):
         load_source(repo.get(ref.name, ref.version))  # raises UnsupportedFormat saying how to get a source
     input_name = federated.single_input_name(repo, ref)

@@ -233,7 +233,7 @@ class Learner:
                 model_file = _reapply_recipe(parent_recipe, result.path, signature, rows, session.input_names)
                 source = save_source(module, example, tmp)
                 ref = self.repo.add(
-                    model_file, self.name, attachments=[source],
+                    model_file, self.name, attachments=[source], serve=False,  # the canary below serves it
                     runtime=parent_recipe.get("engine") if parent_recipe.get("steps") else None,
                     provenance=Provenance(source=f"leanserve learn {serving} --online --algorithm {learning['algorithm']}",
                                           parent=str(serving), exporter=result.exporter,

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+from leanserve.errors import LeanserveError
 from leanserve.monitor.alerts import AlertSink, evaluate
 from leanserve.monitor.observers import LiveSignals
 from leanserve.monitor.periodic import Periodic
@@ -32,6 +33,7 @@ class Monitor(Periodic):
         self.alerts = AlertSink(metrics)
         self._last_slow = 0.0
         self.worker = RoundWorker()  # the slow round's process, started at its first round
+        self.guard = None  # the RolloutGuard, when the server runs one: its latest verdict per model is shown
 
     async def tick(self) -> None:
         """One round: history points, (periodically) labels and bias, then alert rules."""
@@ -109,6 +111,12 @@ class Monitor(Periodic):
 
         entry = self.registry.entry(name)
         explanations = self.signals.explanations
+        verdict = self.guard.last_verdict.get(name) if self.guard is not None else None
+        try:
+            states = {str(v): state for v, state in self.registry.repo.state(name).items()}
+        except (LeanserveError, OSError) as exc:  # the folder went away since the last poll
+            log.warning("states of %s unreadable: %s", name, exc)
+            states = {}
         versions = {}
         for version in sorted(entry.versions):
             versions[str(version)] = {**self.figures(name, version),
@@ -117,8 +125,10 @@ class Monitor(Periodic):
         return {
             "model": name, "versions": versions,
             "traffic": {"weights": dict(entry.config.traffic.weights), "shadow": entry.config.traffic.shadow},
+            "states": states,
             "rollout": {"canary": entry.config.rollout.canary, "primary": entry.config.rollout.primary,
-                        "stage": entry.config.rollout.stage, "steps": list(entry.config.rollout.steps)},
+                        "stage": entry.config.rollout.stage, "steps": list(entry.config.rollout.steps),
+                        "verdict": {"action": verdict.action, "reason": verdict.reason} if verdict else None},
             "rollout_events": read_events(self.registry.repo, name, 20),
             "alerts": [a.__dict__ for a in self.alerts.active.values() if a.model == name],
             "alert_history": [h for h in self.alerts.history if h["model"] == name][-20:],

@@ -10,15 +10,19 @@ def cmd_optimize(args) -> int:
 
     import time
 
+    from leanserve.cli.subject import subject
+
     name, _, version = args.model.partition(":")
+    repo = Repository(args.repo, create=False)
+    version = subject(repo, name, version).version
     report_dir = args.report_dir or f"optimize-reports/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     outcome = optimize(
-        Repository(args.repo, create=False), name, version or None, eval_path=args.eval, holdout_path=args.holdout,
+        repo, name, version, eval_path=args.eval, holdout_path=args.holdout,
         holdout_fraction=args.holdout_fraction, seed=args.seed, calib_path=args.calib,
         max_drop=args.max_accuracy_drop, metric=args.metric,
         recipes=[parse_recipe(r) for r in args.recipe] or None, time_budget_s=args.time_budget,
         objective=args.objective, batch_size=args.batch_size, report_dir=report_dir, register=not args.dry_run,
-        engines=parse_engines(args.engines),
+        engines=parse_engines(args.engines), serve=args.serve,
     )
     result = outcome.result
     print_candidates(result)
@@ -26,6 +30,8 @@ def cmd_optimize(args) -> int:
         print("no variant is faster within the budget; the original stays (nothing registered)")
     elif outcome.ref:
         print(f"registered {outcome.ref} ({result.chosen.recipe.name})")
+        print(f"{outcome.ref} takes all traffic now" if args.serve else
+              f"not served; serve it with: leanserve promote {outcome.ref}  (or leanserve canary {name} {outcome.ref.version})")
     else:
         print(f"chosen (dry run, not registered): {result.chosen.recipe.name}")
     for path in outcome.report_files:
@@ -71,6 +77,8 @@ def add_optimize_command(sub, command, add_repo) -> None:
     p.add_argument("--holdout-fraction", type=float, default=0.3, metavar="F",
                    help="share of --eval's rows held out from the choice to report quality on, when no --holdout")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    p.add_argument("--serve", action="store_true", help="send all server traffic to the chosen variant at once "
+                   "(default: registered only; serve it later with leanserve promote or canary)")
     p.add_argument("--calib", help=".npz calibration data for static int8 (default: the evaluation inputs)")
     p.add_argument("--max-accuracy-drop", default="0.5%", help="budget: 0.5%% = 0.5 points, 1%%rel = relative, 0.01 = metric units")
     p.add_argument("--metric", choices=["top1", "cosine", "mse"], help="quality metric (default: from the data)")

@@ -83,7 +83,7 @@ def optimize(
     recipes: Sequence[Recipe] | None = None, time_budget_s: float = 600, objective: str = "latency",
     batch_size: int = 32, report_dir: str | Path | None = None, register: bool = True, progress: bool = True,
     options: RuntimeOptions | None = None, variants: Mapping[str, Path] | None = None,
-    engines: Sequence[str] = ("onnxruntime",),
+    engines: Sequence[str] = ("onnxruntime",), serve: bool = False,
 ) -> OptimizeOutcome:
     """Search for the fastest variant of ``name:version`` within ``max_drop`` and register it.
 
@@ -141,7 +141,7 @@ def optimize(
         ref = None
         if register and result.chosen is not None and result.chosen is not result.baseline:
             attachments = files + _trt_calibration(result, artifact.signature, calib, Path(tmp) / "trt")
-            ref = _register(repo, name, artifact.path.name, result, attachments)
+            ref = _register(repo, name, artifact.path.name, result, attachments, serve)
             from leanserve.monitor.reference import build_reference
 
             build_reference(repo, ref.name, ref.version, {n: np.concatenate([split.selection[n], split.holdout[n]])
@@ -167,7 +167,9 @@ def _trt_calibration(result: SearchResult, signature: Signature, calib, folder: 
         return []
 
 
-def _register(repo: Repository, name: str, parent: str, result: SearchResult, files: list[Path]) -> VersionRef:
+def _register(repo: Repository, name: str, parent: str, result: SearchResult, files: list[Path],
+              serve: bool = False) -> VersionRef:
+    """Register the chosen variant; it takes traffic only with ``serve`` (otherwise ``promote``/``canary``)."""
     chosen = result.chosen
     m = chosen.measurement
     metrics = {
@@ -186,7 +188,7 @@ def _register(repo: Repository, name: str, parent: str, result: SearchResult, fi
         model_file = chosen.path.with_name("model.onnx")
         shutil.copyfile(chosen.path, model_file)
     return repo.add(model_file, name, provenance=provenance, metrics=metrics, attachments=files,
-                    runtime=chosen.recipe.engine)
+                    runtime=chosen.recipe.engine, serve=serve)
 
 
 def quality_metrics(result: SearchResult) -> dict:

@@ -11,8 +11,11 @@ def cmd_bench(args) -> int:
     from leanserve.runtime.compare import compare_engines, format_table
 
     engines = parse_engines(args.engines)
+    from leanserve.cli.subject import subject
+
     name, _, version = args.model.partition(":")
-    artifact = Repository(args.repo, create=False).get(name, version or None)
+    repo = Repository(args.repo, create=False)
+    artifact = repo.get(name, subject(repo, name, version).version)
     data = load_data(args.data, artifact.signature, "benchmark") if args.data else None
     cpu = cpu_description()
     print(f"{name}:{artifact.path.name} on {cpu['model']} ({cpu['cores']} cores; {', '.join(cpu['flags']) or 'no AVX2/VNNI'}); "

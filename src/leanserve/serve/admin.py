@@ -5,6 +5,7 @@ Traffic changes are written to the model's config in the repository first, so a 
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from leanserve.config import RolloutConfig
 from leanserve.errors import Forbidden, InvalidInput, LeanserveError, Unauthorized
 from leanserve.traffic import read_events, rollback, set_traffic, start_rollout
 from leanserve.repository import parse_version
@@ -23,6 +25,9 @@ from leanserve.serve.registry import ModelRegistry
 from leanserve.serve.settings import ADMIN_TOKEN_ENV, ServerConfig
 
 log = logging.getLogger(__name__)
+
+# what a canary body may set: every rollout setting except the ones the rollout itself fills in
+CANARY_SETTINGS = tuple(f.name for f in dataclasses.fields(RolloutConfig) if f.name not in ("canary", "primary", "stage"))
 
 
 class AdminApi:
@@ -41,6 +46,7 @@ class AdminApi:
             Route("/v2/admin/models/{model}/traffic", self._guard(self.traffic), methods=["POST"]),
             Route("/v2/admin/models/{model}/rollback", self._guard(self.rollback), methods=["POST"]),
             Route("/v2/admin/models/{model}/canary", self._guard(self.canary), methods=["POST"]),
+            Route("/v2/admin/models/{model}/promote", self._guard(self.promote), methods=["POST"]),
         ]
 
     def _guard(self, handler):
@@ -67,6 +73,7 @@ class AdminApi:
         for name, entry in sorted(self.registry.models.items()):
             models[name] = {
                 "loaded": sorted(entry.versions),
+                "states": {str(v): state for v, state in _states(self.registry.repo, name).items()},
                 "loading": sorted(entry.loading),
                 "failed": {str(v): why for v, why in entry.failed.items()},
                 "unloaded_by_admin": entry.unloaded_by_admin,
@@ -101,13 +108,16 @@ class AdminApi:
         weights = doc.get("weights")
         if weights is not None:
             if not isinstance(weights, dict):
-                raise InvalidInput("weights must be an object of version -> weight")
-            missing = [v for v in weights if parse_version(v) not in available]
-            if missing:
-                raise InvalidInput(f"model {name!r} has no version {missing[0]}")
+                raise InvalidInput("weights: expected an object of version -> weight")
+            for version, weight in weights.items():
+                if parse_version(version) not in available:
+                    raise InvalidInput(f"weights: model {name!r} has no version {version}")
+                if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
+                    raise InvalidInput(f"weights: the weight of version {version} must be an integer >= 0, got {weight!r}")
         shadow = doc.get("shadow", "keep")
-        if shadow not in ("keep", None) and (not isinstance(shadow, int) or shadow not in available):
-            raise InvalidInput(f"shadow must be an existing version of {name!r} or null")
+        if shadow is not None and "shadow" in doc and (isinstance(shadow, bool) or not isinstance(shadow, int)
+                                                       or shadow not in available):
+            raise InvalidInput(f"shadow: expected an existing version of {name!r} (an integer) or null, got {shadow!r}")
         current = self.registry.repo.config(name)
         traffic = set_traffic(current.traffic, weights, shadow)
         self.registry.repo.update_config(name, traffic=traffic)
@@ -128,18 +138,31 @@ class AdminApi:
         """Start a guarded rollout: {"version": N, "steps": [...], "step_interval_s": S, ...}."""
         name = request.path_params["model"]
         doc = await self._json_body(request, "canary")
-        if not isinstance(doc, dict) or not isinstance(doc.get("version"), int):
+        if not isinstance(doc, dict):
             raise InvalidInput('canary body must be {"version": N, ...rollout settings}')
+        version = _version_field(doc)
         settings = {k: v for k, v in doc.items() if k != "version"}
-        unknown = set(settings) - {"steps", "step_interval_s", "min_requests", "max_error_rate_increase",
-                                   "max_p99_ratio", "p99_slack_ms", "max_quality_drop", "min_quality_samples",
-                                   "min_shadow_agreement"}
+        unknown = sorted(set(settings) - set(CANARY_SETTINGS))
         if unknown:
-            raise InvalidInput(f"unknown rollout setting {sorted(unknown)[0]!r}")
-        rollout = start_rollout(self.registry.repo, name, doc["version"], **settings)
+            raise InvalidInput(f"{unknown[0]}: unknown rollout setting; known: {', '.join(CANARY_SETTINGS)}")
+        if "steps" in settings and not isinstance(settings["steps"], list):
+            raise InvalidInput(f"steps: expected a list of increasing percentages, got {settings['steps']!r}")
+        # RolloutConfig checks each value's type and range and names the field (rollout.FIELD: ...)
+        rollout = start_rollout(self.registry.repo, name, version, **settings)
         await self.registry.sync_model(name)
         return {"canary": rollout.canary, "primary": rollout.primary, "steps": list(rollout.steps),
                 **await self._model_status(name)}
+
+    async def promote(self, request: Request) -> dict[str, Any]:
+        """All traffic to one version at once: {"version": N} (stops a running rollout)."""
+        name = request.path_params["model"]
+        doc = await self._json_body(request, "promote")
+        if not isinstance(doc, dict) or set(doc) != {"version"}:
+            raise InvalidInput('promote body must be {"version": N}')
+        ref = self.registry.repo.promote(name, _version_field(doc))
+        await self.registry.sync_model(name)
+        log.warning("model %s: version %d promoted, all traffic to it", name, ref.version)
+        return {"promoted": ref.version, **await self._model_status(name)}
 
     async def _json_body(self, request: Request, what: str) -> Any:
         body = await read_body(request, 64 * 1024, self.config.body_timeout_s)
@@ -150,6 +173,20 @@ class AdminApi:
 
     async def _model_status(self, name: str) -> dict[str, Any]:
         return (await self.status(None))["models"].get(name, {})  # type: ignore[arg-type]
+
+
+def _version_field(doc: dict[str, Any]) -> int:
+    value = doc.get("version")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"version: expected a version number (an integer), got {value!r}")
+    return parse_version(value)
+
+
+def _states(repo, name: str) -> dict[int, str]:
+    try:
+        return repo.state(name)
+    except LeanserveError:  # the model's folder went away between the poll and this call
+        return {}
 
 
 def _is_loopback(host: str) -> bool:

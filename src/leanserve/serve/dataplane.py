@@ -63,7 +63,7 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return self.registry.initial_load_done and not self.draining
+        return self.registry.ready() and not self.draining
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "leanserve", "version": __version__, "extensions": EXTENSIONS}
