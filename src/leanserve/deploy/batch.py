@@ -181,7 +181,9 @@ def _table_chunk(index: int, table, offset: int, id_column: str | None, plan: Ma
     arrays: dict[str, np.ndarray] = {}
     for spec in signature.inputs:
         columns = plan[spec.name]
-        if len(columns) == 1 and columns[0] == spec.name and (len(spec.shape) != 2 or _is_list(table, columns[0])):
+        if spec.datatype == "BYTES" and spec.shape == (-1,) and columns == [spec.name]:
+            arrays[spec.name] = _text_column(table.column(spec.name), spec, good, reasons)
+        elif len(columns) == 1 and columns[0] == spec.name and (len(spec.shape) != 2 or _is_list(table, columns[0])):
             arrays[spec.name] = _list_column(table.column(columns[0]), spec, good, reasons)
         else:
             array = np.empty((n, len(columns)), dtype=spec.dtype)
@@ -204,6 +206,20 @@ def _table_chunk(index: int, table, offset: int, id_column: str | None, plan: Ma
         return Chunk(index, ids, arrays, rejects)
     keep = np.flatnonzero(good)
     return Chunk(index, ids.take(pa.array(keep)), {k: v[keep] for k, v in arrays.items()}, rejects)
+
+
+def _text_column(column, spec, good: np.ndarray, reasons: dict[int, str]) -> np.ndarray:
+    """A text (or binary) column as a [N] BYTES array of UTF-8 bytes, what a text pipeline takes; missing
+    values are marked bad."""
+    values = column.to_pylist()
+    array = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        if value is None:
+            good[i] = False
+            reasons.setdefault(i, f"input {spec.name!r}: missing value")
+            value = b""
+        array[i] = value.encode("utf-8") if isinstance(value, str) else bytes(value) if isinstance(value, bytes) else str(value).encode()
+    return array
 
 
 def _list_column(column, spec, good: np.ndarray, reasons: dict[int, str]) -> np.ndarray:
@@ -384,6 +400,7 @@ def run_job(session, model: str, version: int, input_path: str | Path, output: s
     for record in done.values():
         bar.update(record["rows"] + record["rejected"])
     signature = session.signature
+    admit = getattr(session, "admit", None)  # a text or image pipeline checks each row (empty, too long, corrupt)
     # Parts are written (and recorded) on a thread while the engine runs the next chunk; at most one part
     # waits, so memory stays at about three chunks whatever the input's size.
     writer = _Writer(output, manifest, signature)
@@ -391,6 +408,8 @@ def run_job(session, model: str, version: int, input_path: str | Path, output: s
         for chunk in _prefetched(read_chunks(input_path, signature, chunk_rows, id_column, allow_nonfinite)):
             if chunk.index in done:
                 continue
+            if admit is not None:
+                chunk = _admitted(chunk, admit)
             writer.put(chunk, _run(session, chunk.inputs, batch_size) if len(chunk.ids) else None)
             summary.chunks_done += 1
             summary.processed += len(chunk.ids) + len(chunk.rejects)
@@ -479,6 +498,26 @@ def _prefetched(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+def _admitted(chunk: Chunk, admit) -> Chunk:
+    """The chunk without the rows its pipeline refuses (an empty or over-long text, a corrupt image), each
+    set aside with the reason, so one bad row never fails its chunk."""
+    import pyarrow as pa
+
+    n = len(chunk.ids)
+    keep = []
+    for i in range(n):
+        try:
+            admit({k: v[i:i + 1] for k, v in chunk.inputs.items()})
+            keep.append(i)
+        except InvalidInput as exc:
+            value = chunk.ids[i]
+            chunk.rejects.append({"id": _jsonable(value.as_py() if hasattr(value, "as_py") else value), "reason": str(exc)})
+    if len(keep) == n:
+        return chunk
+    ids = chunk.ids.take(pa.array(keep, type=pa.int64())) if hasattr(chunk.ids, "take") else [chunk.ids[i] for i in keep]
+    return Chunk(chunk.index, ids, {k: v[keep] for k, v in chunk.inputs.items()}, chunk.rejects)
 
 
 def _run(session, inputs: Mapping[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
