@@ -96,7 +96,6 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
                           shadow.agreement, explanations.summary)
     guard = RolloutGuard(registry, signals, metrics, config.guard_interval_s)
     monitor = Monitor(registry, signals, metrics, config.guard_interval_s, slow_interval_s=10 * config.guard_interval_s)
-    monitor.guard = guard  # the dashboard and `leanserve monitor` show its latest verdict and reason
     extras.background = [guard, monitor]
     if prediction_log is not None:  # the slow round reads the log: its process is ready before requests come
         extras.warm_ups = [*extras.warm_ups, monitor.worker.warm_up]
@@ -114,12 +113,8 @@ def run_server(config: ServerConfig, registry_factory: Callable[..., ModelRegist
 
 
 def _text_routes(plane: DataPlane) -> list[Route]:
-    """``/v1/embeddings`` and ``/v2/models/{m}/tokenize`` (text pipelines); none when ``tokenizers`` (the
-    text extra) is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("tokenizers") is None:
-        return []
+    """``/v1/embeddings`` and ``/v2/models/{m}/tokenize``, for text pipeline versions (the module is light:
+    ``tokenizers`` is imported when a text pipeline loads)."""
     from leanserve.serve.protocol.openai import TextApi
 
     return TextApi(plane).routes()

@@ -70,6 +70,15 @@ def _admin(summary: str, body: bool = False) -> dict[str, Any]:
     return {"post": op}
 
 
+def _tokenize(params: list) -> dict[str, Any]:
+    return {"post": {"summary": "Tokens of a text or a list of texts, with ids and character spans (text pipelines)",
+                     "parameters": params,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                         "type": "object", "properties": {"text": {"description": "a string or a list of strings"}}}}}},
+                     "responses": {"200": _json({"type": "object"}, "tokens per text and the model's max_length"),
+                                   **_ERRORS}}}
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI document of every route the server answers."""
     tensor = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
@@ -101,6 +110,12 @@ def openapi_document() -> dict[str, Any]:
             "/v2/monitor": {"get": {"summary": "Monitoring picture of every model", "responses": {"200": _json({"type": "object"}, "per model: versions, figures, history, traffic, rollout, alerts")}}},
             "/v2/monitor/models/{model}": {"get": {"summary": "Monitoring picture of one model", "parameters": [_MODEL],
                                                    "responses": {"200": _json({"type": "object"}, "figures"), "404": _ERRORS["404"]}}},
+            "/v1/embeddings": {"post": {  # leanserve.serve.protocol.openai: text pipeline versions
+                "summary": "OpenAI-compatible embeddings of a text or a list of texts",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("EmbeddingsRequest")}}},
+                "responses": {"200": _json({"type": "object"}, "OpenAI's list of embeddings with usage"), **_ERRORS}}},
+            "/v2/models/{model}/tokenize": _tokenize([_MODEL]),
+            "/v2/models/{model}/versions/{version}/tokenize": _tokenize([_MODEL, _VERSION]),
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "OpenAPI document")}}},
             "/v2/admin/models": {"get": {"summary": "Loaded, loading and failed versions and traffic of every model",
@@ -139,6 +154,10 @@ def openapi_document() -> dict[str, Any]:
                 "Feedback": {"type": "object", "required": ["feedback"], "properties": {"feedback": {
                     "type": "array", "items": {"type": "object", "required": ["id", "label"], "properties": {
                         "id": {"type": "string"}, "label": {"type": "number"}}}}}},
+                "EmbeddingsRequest": {"type": "object", "required": ["model", "input"], "properties": {
+                    "model": {"type": "string"}, "input": {"description": "a string or a list of strings"},
+                    "encoding_format": {"type": "string", "enum": ["float", "base64"]},
+                    "dimensions": {"type": "integer"}}},
                 "Traffic": {"type": "object", "properties": {
                     "weights": {"type": "object", "additionalProperties": {"type": "integer"}},
                     "shadow": {"type": "integer", "nullable": True}}},
