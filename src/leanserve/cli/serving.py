@@ -19,6 +19,7 @@ def cmd_serve(args) -> int:
     config = ServerConfig.from_env(
         repo, host=args.host, port=args.port, grpc_port=None if args.grpc_port == 0 else args.grpc_port,
         max_body_bytes=args.max_body_bytes, poll_interval_s=args.poll_interval, drain_timeout_s=args.drain_timeout,
+        header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout, max_connections=args.max_connections,
         access_log=not args.no_access_log, admin_allow_remote=args.admin_allow_remote,
         monitor=not args.no_monitor, monitor_sample_rate=args.monitor_sample_rate,
         monitor_db=Path(args.monitor_db) if args.monitor_db else None,
@@ -126,8 +127,12 @@ def print_status(status: dict) -> None:
 
 
 def cmd_feedback(args) -> int:
+    import os
+
     import httpx
     import orjson
+
+    from leanserve.serve.settings import FEEDBACK_TOKEN_ENV
 
     path = Path(args.file)
     if not path.is_file():
@@ -140,8 +145,10 @@ def cmd_feedback(args) -> int:
             except orjson.JSONDecodeError as exc:
                 raise InvalidInput(f"{path}:{number}: not a JSON object ({exc})") from None
     try:
+        token = os.environ.get(FEEDBACK_TOKEN_ENV)
         response = httpx.post(f"{args.url.rstrip('/')}/v2/models/{args.model}/feedback",
-                              content=orjson.dumps({"feedback": items}), timeout=60)
+                              content=orjson.dumps({"feedback": items}), timeout=60,
+                              headers={"authorization": f"Bearer {token}"} if token else None)
     except httpx.HTTPError as exc:
         raise InvalidInput(f"cannot reach the server at {args.url}: {exc}") from None
     if response.status_code != 200:
@@ -167,10 +174,15 @@ def cmd_profile(args) -> int:
 
 def add_serve_commands(sub, command, add_repo) -> None:
     """Add serve/traffic/rollback to the main parser."""
+    from leanserve.serve.settings import ServerConfig
+
     p = command(sub, "serve", cmd_serve,
                 "serve every model in a repository over the Open Inference Protocol (HTTP and gRPC)",
                 "leanserve serve model-repo --port 8000 --grpc-port 8001\n"
                 "  LEANSERVE_ADMIN_TOKEN=secret leanserve serve model-repo   # enables the admin API on loopback\n"
+                "  LEANSERVE_FEEDBACK_TOKEN=secret leanserve serve model-repo   # feedback needs Authorization: Bearer secret\n"
+                "      (default: feedback is open: request ids are random, so a client can label only requests whose\n"
+                "      ids it holds; set a token when labels come from a trusted pipeline or canaries are judged on them)\n"
                 "  leanserve serve model-repo --executor ray --autoscale 1:4   # versions as Ray Serve deployments\n"
                 "  leanserve serve model-repo --explain-sample-interval 10   # live feature importance, budgeted\n"
                 "\nbackground work beside serving, and its switch:\n"
@@ -186,6 +198,13 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0 disables gRPC)")
     p.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body accepted")
+    p.add_argument("--header-timeout", type=float, default=ServerConfig.header_timeout_s, metavar="S",
+                   help="seconds a client has to send a request's headers (from connecting, or from the request's "
+                        "first byte on a kept-alive connection); slower connections are closed")
+    p.add_argument("--keep-alive-timeout", type=float, default=ServerConfig.keep_alive_timeout_s, metavar="S",
+                   help="seconds an idle keep-alive connection stays open (gRPC: idle connections get GOAWAY)")
+    p.add_argument("--max-connections", type=int, default=ServerConfig.max_connections, metavar="N",
+                   help="open connections served at once; requests on connections beyond it get 503 + Retry-After")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between repository checks")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
     p.add_argument("--no-access-log", action="store_true", help="do not write JSON access log lines to stderr")
@@ -236,7 +255,8 @@ def add_serve_commands(sub, command, add_repo) -> None:
                 "leanserve feedback digits-cnn --file labels.jsonl --url http://127.0.0.1:8000")
     p.add_argument("model", help="model name")
     p.add_argument("--file", required=True, help="JSON lines, one {\"id\": REQUEST_ID, \"label\": VALUE} each")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address "
+                   "(a server with a feedback token: set LEANSERVE_FEEDBACK_TOKEN here too)")
 
     p = command(sub, "monitor", cmd_monitor, "print a running server's monitoring picture of a model (as the dashboard shows it)",
                 "leanserve monitor digits-cnn --url http://127.0.0.1:8000")
