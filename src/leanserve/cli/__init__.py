@@ -51,9 +51,12 @@ def _repo(args):
 # --- commands ---------------------------------------------------------------------------------------
 
 def cmd_import(args) -> int:
+    from leanserve.hf_import import is_hf_folder
     from leanserve.repository import Repository
 
     repo = Repository(args.repo)
+    if is_hf_folder(Path(args.model)):
+        return _import_hf(args, repo)
     ref = repo.add(
         args.model, args.name,
         inputs=[TensorSpec.parse(s) for s in args.input] or None,
@@ -81,6 +84,19 @@ def cmd_import(args) -> int:
             return 1
         print(f"reference profile for drift checks from {len(next(iter(data.values())))} rows: "
               f"{profile_path(repo, ref.name, ref.version)}")
+    return 0
+
+
+def _import_hf(args, repo) -> int:
+    from leanserve.hf_import import import_folder
+
+    result = import_folder(args.model, repo, args.name, truncate=args.truncate, check=not args.no_check)
+    artifact = repo.get(result.pipeline_ref.name, result.pipeline_ref.version, verify=False)
+    print(f"imported {args.model} ({result.task}) as {result.pipeline_ref} with its pipeline "
+          f"({artifact.size_bytes:,} bytes), and the model alone as {result.tensors_ref}")
+    if result.check:
+        print("checked against the library: " + ", ".join(f"{k} {v:.6g}" for k, v in result.check.items()))
+    _print_signature(artifact.signature)
     return 0
 
 
@@ -431,9 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    p = _command(sub, "import", cmd_import, "import a model file (ONNX, TorchScript, torch.export .pt2, OpenVINO .xml) as a new version",
-                 "leanserve import model.onnx --name cnn --repo model-repo")
-    p.add_argument("model", help="model file")
+    p = _command(sub, "import", cmd_import, "import a model file (ONNX, TorchScript, torch.export .pt2, OpenVINO .xml) "
+                 "or a Hugging Face / sentence-transformers folder (with its tokenizer or image transform) as a new version",
+                 "leanserve import model.onnx --name cnn --repo model-repo\n"
+                 "  leanserve import path/to/all-MiniLM-L6-v2 --name minilm   # text in, embeddings out; also minilm-tensors")
+    p.add_argument("model", help="model file, or a Hugging Face model folder")
+    p.add_argument("--truncate", action="store_true", help="Hugging Face text models: cut texts at the model's limit "
+                   "(as sentence-transformers does) instead of refusing them with a 400")
     p.add_argument("--name", required=True, help="model name in the repository")
     p.add_argument("--input", action="append", default=[], metavar="NAME:DATATYPE:SHAPE",
                    help="input spec, e.g. x:FP32:-1,1,28,28 (needed for TorchScript; -1 = dynamic; repeat per input)")
