@@ -265,6 +265,8 @@ def test_the_server_answers_with_the_executorch_version(pte_edge, live_server_fa
     import httpx
 
     repo, _, _ = pte_edge
+    assert repo.state("cnn") == {1: "serving", 2: "registered"}  # an edge artifact is never served unasked
+    repo.promote("cnn", 2)
     server = live_server_factory(repo.root)
     image = digits[1][:2]
     body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
