@@ -551,11 +551,15 @@ def ceiling_runs(repo: leanserve.Repository, workload: Workload, folder: Path, o
     pb_bodies = grpc_bodies(folder / "ceiling-grpc", workload)
     model_file = repo.get(workload.model, repo.versions(workload.model)[-1]).model_path
     port = free_port()
-    bare_command = [sys.executable, str(BARE_SERVER), str(model_file), "--port", str(port)]
+    from leanserve.serve.registry import serving_threads
+
+    threads = opts.threads or serving_threads()  # the bare handler runs ONNX Runtime as leanserve does
+    bare_command = [sys.executable, str(BARE_SERVER), str(model_file), "--port", str(port), "--threads", str(threads)]
     figures = CeilingFigures([], [], [], [], [], {"bare": [], "default": [], "sampler": []})
     rounds = 2 if opts.quick else 3
     print(f"ceiling: bare ASGI handler, leanserve defaults, leanserve + live explanation sampling; "
-          f"{rounds} rounds, measured from {AFTER_READY_S:g} s after ready:")
+          f"{rounds} rounds, measured from {AFTER_READY_S:g} s after ready; ONNX Runtime intra-op threads {threads} "
+          f"in both (leanserve's default: the usable cores less one)")
     with Server(repo.root, [workload.model], folder / "ceiling-default.log", grpc=True) as default, \
             Server(repo.root, [workload.model], folder / "ceiling-sampler.log", extra=SAMPLER_FLAGS) as sampler:
         bare = Server(repo.root, [], folder / "ceiling-bare.log", command=bare_command)

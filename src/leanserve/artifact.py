@@ -8,6 +8,7 @@ This module imports no engine (no torch, no onnxruntime): reading a manifest mus
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import math
@@ -113,6 +114,10 @@ class Signature:
                 return spec
         raise InvalidInput(f"unexpected input {name!r}; the model takes: {', '.join(self.input_names)}")
 
+    @functools.cached_property
+    def _input_names(self) -> frozenset[str]:
+        return frozenset(s.name for s in self.inputs)
+
     @property
     def input_names(self) -> list[str]:
         return [s.name for s in self.inputs]
@@ -137,7 +142,8 @@ class Signature:
         or extra input, a wrong datatype, a wrong rank or dimension, or (unless ``allow_nonfinite``)
         NaN/Inf values.
         """
-        extra = [n for n in inputs if n not in {s.name for s in self.inputs}]
+        names = self._input_names
+        extra = [n for n in inputs if n not in names] if len(inputs) > len(names) or not inputs.keys() <= names else ()
         if extra:
             raise InvalidInput(f"unexpected input {extra[0]!r}; the model takes: {', '.join(self.input_names)}")
         for spec in self.inputs:
@@ -160,8 +166,14 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray, allow_nonfinite: bool) ->
     if not isinstance(array, np.ndarray):
         raise InvalidInput(f"input {spec.name!r}: expected a numpy array, got {type(array).__name__}")
     check_declared(spec, v2_datatype(array.dtype), array.shape)
-    if not allow_nonfinite and array.dtype.kind == "f" and not np.isfinite(array).all():
+    if not allow_nonfinite and array.dtype.kind == "f" and not _all_finite(array):
         raise InvalidInput(f"input {spec.name!r} contains NaN or Inf values, which this model does not accept")
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    # NaN and Inf reach a float64 sum, and float32/16 values cannot overflow it: one reduction instead of a
+    # boolean array. A float64 sum can overflow on finite values, so an infinite sum is checked in full.
+    return bool(np.isfinite(array.sum(dtype=np.float64))) or bool(np.isfinite(array).all())
 
 
 def check_declared(spec: TensorSpec, datatype: str, shape: tuple[int, ...]) -> None:

@@ -96,6 +96,7 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
                           shadow.agreement, explanations.summary)
     guard = RolloutGuard(registry, signals, metrics, config.guard_interval_s)
     monitor = Monitor(registry, signals, metrics, config.guard_interval_s, slow_interval_s=10 * config.guard_interval_s)
+    monitor.guard = guard  # the dashboard and `leanserve monitor` show its latest verdict and reason
     extras.background = [guard, monitor]
     if prediction_log is not None:  # the slow round reads the log: its process is ready before requests come
         extras.warm_ups = [*extras.warm_ups, monitor.worker.warm_up]

@@ -109,7 +109,7 @@ class DataPlane:
             explain = self.explainer.plan(handle, request)  # checked before inference runs
         call = Call(handle.ref.name, handle, request, protocol, time.perf_counter(), routed.shadow)
         metrics = handle.metrics
-        metrics.in_flight.inc()
+        metrics.in_flight_count[0] += 1
         try:
             call.outputs = await self._run(call)
             call.outcome = SUCCESS
@@ -118,7 +118,7 @@ class DataPlane:
             raise
         finally:
             call.elapsed_s = time.perf_counter() - call.started
-            metrics.in_flight.dec()
+            metrics.in_flight_count[0] -= 1
             metrics.request_seconds.observe(call.elapsed_s)
             metrics.outcome(protocol, call.outcome).inc()
             for after in self._after:

@@ -47,7 +47,7 @@ class ServerMetrics:
     def for_version(self, model: str, version: int) -> VersionMetrics:
         """The metric children of one version, looked up once instead of per request."""
         labels = (model, str(version))
-        return VersionMetrics(
+        bound = VersionMetrics(
             request_seconds=self.request_seconds.labels(*labels),
             queue_seconds=self.queue_seconds.labels(*labels),
             compute_seconds=self.compute_seconds.labels(*labels),
@@ -60,6 +60,13 @@ class ServerMetrics:
             timed_out=self.rejected.labels(*labels, "timeout"),
             _requests=self.requests, _labels=labels,
         )
+        self.bind_in_flight(bound)
+        return bound
+
+    def bind_in_flight(self, version: VersionMetrics) -> None:
+        """Export ``version.in_flight_count`` (a plain counter the data plane keeps) as the in-flight gauge,
+        read when scraped instead of updated twice per request."""
+        self.in_flight.labels(*version._labels).set_function(lambda: version.in_flight_count[0])
 
 
 @dataclass(frozen=True)
@@ -71,7 +78,7 @@ class VersionMetrics:
     compute_seconds: Histogram
     batch_size: Histogram
     queue_depth: Gauge
-    in_flight: Gauge
+    in_flight: Gauge  # set from in_flight_count when scraped
     cache_hit: Counter
     cache_miss: Counter
     overloaded: Counter
@@ -79,6 +86,7 @@ class VersionMetrics:
     _requests: Counter
     _labels: tuple[str, str]
     _outcomes: dict = field(default_factory=dict)
+    in_flight_count: list = field(default_factory=lambda: [0])  # requests being served, a one-item box
 
     def outcome(self, protocol: str, outcome: str) -> Counter:
         """The request counter child of one protocol and outcome (bound once, then a dict lookup)."""

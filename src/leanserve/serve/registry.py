@@ -286,6 +286,8 @@ class ModelRegistry:
         if runtime.performance_hint == "auto":  # engines that tune for one goal follow the serving mode
             batched = config.batching.enabled and batchable(artifact.signature)
             runtime = dataclasses.replace(runtime, performance_hint="throughput" if batched else "latency")
+        if not runtime.intra_op_threads:
+            runtime = dataclasses.replace(runtime, intra_op_threads=serving_threads(config.batching.instances))
         sessions = [load_session(artifact, runtime) for _ in range(config.batching.instances)]
         if config.warmup:
             started = time.perf_counter()
@@ -365,6 +367,14 @@ class ModelRegistry:
             self._watcher.cancel()
         for name in list(self.models):
             await self._unload_all(name)
+
+
+def serving_threads(instances: int = 1) -> int:
+    """Engine threads per instance when a version's settings leave it to the server: the usable cores
+    less one, which the event loop needs (decoding, encoding, the network), shared among the instances.
+    On 2 cores the digits CNN served 4,200 req/s with 1 engine thread and 3,500 with ONNX Runtime's own
+    default of 2, whose second thread fought the event loop for its core (bare handler, same machine)."""
+    return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, instances))
 
 
 def _wanted_versions(repo: Repository, name: str, config: ModelConfig, available: list[int]) -> set[int]:

@@ -126,6 +126,7 @@ def openapi_document() -> dict[str, Any]:
             "/v2/admin/models/{model}/traffic": _admin("Set traffic weights and shadow version (persisted)", body=True),
             "/v2/admin/models/{model}/rollback": _admin("Move all traffic to the previous version"),
             "/v2/admin/models/{model}/canary": _admin("Start a guarded canary rollout of a version", body=True),
+            "/v2/admin/models/{model}/promote": _admin("Give all traffic to a registered version", body=True),
         },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -234,23 +234,36 @@ async def _read_asgi_body(receive, declared: bytes | None, max_bytes: int, timeo
             raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared.decode('latin-1')!r}")
         if int(declared) > max_bytes:
             raise PayloadTooLarge(f"request body of {int(declared)} bytes exceeds the limit of {max_bytes} bytes")
+    # A timer that cancels this task, lighter than asyncio.timeout (which cost ~10 us a request here).
+    task = asyncio.current_task()
+    expired: list[bool] = []
+    timer = asyncio.get_running_loop().call_later(timeout_s, _expire, task, expired)
     chunks, size = [], 0
     try:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise NotReady("the client disconnected before sending its whole body")
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > max_bytes:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-    except TimeoutError:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise NotReady("the client disconnected before sending its whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"request body exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        task.uncancel()
         raise BodyTimeout(f"the request body did not arrive within {timeout_s:g} s") from None
+    finally:
+        timer.cancel()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _expire(task: asyncio.Task, expired: list[bool]) -> None:
+    expired.append(True)
+    task.cancel()
 
 
 def error_headers(exc: LeanserveError, status: int, request_id: str | None) -> list[tuple[bytes, bytes]]:
