@@ -152,11 +152,12 @@ class BatchingConfig:
     timeout_ms: int = 30_000
     pad_values: Mapping[str, float] = field(default_factory=dict)
     max_batch_tokens: int = 0
+    max_queue_wait_ms: int = 0
 
     def __post_init__(self) -> None:
         _check(isinstance(self.enabled, bool), "batching.enabled", "expected true or false")
         for name, low in (("max_batch_size", 1), ("max_queue_delay_us", 0), ("max_queue_size", 1), ("instances", 1),
-                          ("timeout_ms", 1), ("max_batch_tokens", 0)):
+                          ("timeout_ms", 1), ("max_batch_tokens", 0), ("max_queue_wait_ms", 0)):
             value = getattr(self, name)
             _check(_is_int(value) and value >= low, f"batching.{name}", f"expected an integer >= {low}, got {value!r}")
         _check(

@@ -185,3 +185,36 @@ def test_preferred_batch_size_dispatches_without_waiting_out_the_delay():
     session, results = run(scenario())  # with a 5 s delay and no preferred size this would time out
     assert session.batches == [(4, 3)]
     assert all(timing.batch_rows == 4 for _, timing in results)
+
+
+def test_requests_are_shed_once_the_queue_wait_passes_its_budget():
+    async def scenario():
+        session = RecordingSession()
+        session.release.clear()  # the engine is stuck on the first batch: everything behind it waits
+        batcher = Batcher([session], BatchingConfig(max_batch_size=1, max_queue_wait_ms=30), metrics())
+        running = asyncio.create_task(batcher.infer({"x": np.ones((1, 3), np.float32)}))
+        await asyncio.sleep(0.02)
+        queued = asyncio.create_task(batcher.infer({"x": np.ones((1, 3), np.float32)}))
+        await asyncio.sleep(0.06)  # the queued request has now waited past its 30 ms budget
+        with pytest.raises(Overloaded, match="wait over 30 ms"):
+            batcher.admit()  # a newcomer is refused before anything is spent on it
+        session.release.set()
+        await running
+        with pytest.raises(Overloaded, match="waited over 30 ms in the queue"):
+            await queued  # the late one is refused, not run late
+        assert len(session.batches) == 1
+        assert (await batcher.infer({"x": np.ones((1, 3), np.float32)}))[0]["y"].shape == (1, 3)  # served again
+        await batcher.close()
+
+    run(scenario())
+
+
+def test_the_automatic_queue_budget_never_sheds_before_the_first_batch_has_run():
+    async def scenario():
+        session = RecordingSession(delay_s=0.2)  # a slow first batch
+        batcher = Batcher([session], BatchingConfig(max_batch_size=1), metrics())
+        results = await asyncio.gather(*(batcher.infer({"x": np.ones((1, 3), np.float32)}) for _ in range(2)))
+        assert len(results) == 2  # the second waited 200 ms behind the first: not shed
+        await batcher.close()
+
+    run(scenario())

@@ -25,6 +25,7 @@ from leanserve.runtime import Session
 from leanserve.serve.metrics import VersionMetrics
 
 log = logging.getLogger(__name__)
+_MIN_AUTO_BUDGET_S = 0.05  # the automatic queue budget's floor
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Batcher:
         # so a bad row is that request's error, not its batch's; it returns the request's length in tokens.
         self._admit = getattr(self._sessions[0], "admit", None)
         self._max_tokens = config.max_batch_tokens if self._can_batch else 0
+        self._batch_s: float | None = None  # moving average of engine time per batch (s); None before the first
 
     @property
     def queue_depth(self) -> int:
@@ -102,11 +104,7 @@ class Batcher:
         Raises Overloaded when the queue is full, RequestTimeout when the deadline passes first,
         NotReady when the batcher is closing.
         """
-        if self._closed:
-            raise NotReady("this model version is unloading; retry to reach the current version")
-        if len(self._queue) >= self.config.max_queue_size:
-            self._metrics.overloaded.inc()
-            raise Overloaded(f"the queue is full ({self.config.max_queue_size} requests waiting); retry shortly")
+        self.admit()
         rows = self._rows(inputs)
         length = self._admit(inputs) if self._admit is not None else 0
         loop = asyncio.get_running_loop()
@@ -121,6 +119,30 @@ class Batcher:
             return await future
         finally:
             timer.cancel()
+
+    def admit(self) -> None:
+        """Refuse a new request now, before anything is spent on it, when this version is overloaded: its
+        queue is full, or the oldest queued request has already waited past the queue budget (see
+        ``BatchingConfig.max_queue_wait_ms``). Raises Overloaded (503 + Retry-After) or NotReady."""
+        if self._closed:
+            raise NotReady("this model version is unloading; retry to reach the current version")
+        queue = self._queue
+        if len(queue) >= self.config.max_queue_size:
+            self._metrics.overloaded.inc()
+            raise Overloaded(f"the queue is full ({self.config.max_queue_size} requests waiting); retry shortly")
+        if queue and time.perf_counter() - queue[0].enqueued > self._queue_budget_s():  # a standing queue
+            self._metrics.overloaded.inc()
+            raise Overloaded(f"the server is overloaded: queued requests already wait over "
+                             f"{self._queue_budget_s() * 1000:.0f} ms; retry shortly")
+
+    def _queue_budget_s(self) -> float:
+        """Seconds a request may wait in the queue (infinite until the first batch has run, when the budget
+        is automatic: a slow model's first requests must not be shed for waiting behind its first batch)."""
+        if self.config.max_queue_wait_ms:
+            return self.config.max_queue_wait_ms / 1000
+        if self._batch_s is None:
+            return float("inf")
+        return max(_MIN_AUTO_BUDGET_S, 4 * self._batch_s)
 
     def _expire(self, future: asyncio.Future, timeout_s: float) -> None:
         if not future.done():
@@ -163,6 +185,7 @@ class Batcher:
     def _take(self, batch: _Batch | None = None) -> _Batch:
         batch = batch or _Batch()
         now = time.perf_counter()
+        budget = self._queue_budget_s()
         while self._queue and batch.rows + self._queue[0].rows <= self._max_rows:
             if self._max_tokens and batch.items and self._over_budget(batch, self._queue[0]):
                 break
@@ -171,6 +194,11 @@ class Batcher:
                 continue
             if now > item.deadline:
                 item.future.set_exception(RequestTimeout("the request timed out in the queue"))
+                continue
+            if now - item.enqueued > budget:  # shed: it would answer late anyway, and the ones behind it later still
+                self._metrics.overloaded.inc()
+                item.future.set_exception(Overloaded(f"the server is overloaded: this request waited over "
+                                                     f"{budget * 1000:.0f} ms in the queue; retry shortly"))
                 continue
             batch.items.append(item)
             batch.rows += item.rows
@@ -211,6 +239,8 @@ class Batcher:
             wanted = self._union_outputs(batch.items)
             results = await loop.run_in_executor(self._executor, session.run, merged, wanted)
             compute_s = time.perf_counter() - started
+            # recent engine time per batch, for the automatic queue budget
+            self._batch_s = compute_s if self._batch_s is None else 0.8 * self._batch_s + 0.2 * compute_s
             self._metrics.compute_seconds.observe(compute_s)
             self._metrics.batch_size.observe(batch.rows)
             self._split(batch.items, results, padded, started, compute_s, batch.rows)

@@ -7,6 +7,7 @@ these functions, so a tensor is decoded and checked the same way whichever trans
 from __future__ import annotations
 
 import math
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -203,6 +204,22 @@ def parse_rest(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     if not isinstance(doc, dict):
         raise InvalidInput("request body must be a JSON object with an 'inputs' list")
     return doc, binary
+
+
+# The usual order of a V2 tensor's header (tritonclient, KServe's SDK, leanserve's own encoder).
+_DECLARED = re.compile(rb'\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"datatype"\s*:\s*"([A-Z0-9]+)"\s*,\s*"shape"\s*:\s*\[([\d\s,]*)\]')
+
+
+def precheck_declared(body: bytes, signature: Signature, max_elements: int) -> None:
+    """Check the tensor headers of a large JSON body against ``signature`` before it is parsed: a regular
+    expression finds each ``{"name", "datatype", "shape"`` header in the raw bytes (a scan, no objects),
+    so a body that declares a wrong shape is refused without building millions of Python floats. Headers
+    in another key order are left to the full parse. Raises InvalidInput."""
+    for match in _DECLARED.finditer(body):
+        name = match.group(1).decode("utf-8", errors="replace")
+        shape = tuple(int(d) for d in match.group(3).split(b",") if d.strip())
+        check_shape(name, list(shape), max_elements)
+        check_declared(signature.input(name), match.group(2).decode("ascii"), shape)
 
 
 def request_from_rest(doc: dict[str, Any], binary: memoryview, *, max_elements: int,

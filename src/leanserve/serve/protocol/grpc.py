@@ -143,6 +143,7 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             if key is None and "routing_key" in request.parameters:
                 key = str(_param_value(request.parameters["routing_key"]))
             routed = self.plane.route(request.model_name, request.model_version or None, key)
+            routed.handle.batcher.admit()  # shed before decoding, as REST does
             infer_request = decode_request(request, self.config.max_elements, routed.handle.signature)
             if infer_request.id is None:
                 infer_request.id = new_request_id()

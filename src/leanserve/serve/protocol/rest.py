@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from leanserve.errors import BodyTimeout, InvalidInput, LeanserveError, NotReady, PayloadTooLarge
+from leanserve.errors import BodyTimeout, InvalidInput, LeanserveError, NotReady, Overloaded, PayloadTooLarge
 from leanserve.serve.accesslog import AccessLog
 from leanserve.serve.dataplane import DataPlane
-from leanserve.serve.protocol.codec import BINARY_HEADER, encode_rest, parse_rest, request_from_rest
+from leanserve.serve.protocol.codec import BINARY_HEADER, encode_rest, parse_rest, precheck_declared, request_from_rest
 from leanserve.serve.protocol.errors import http_status
 from leanserve.serve.protocol.feedback import MAX_FEEDBACK_ITEMS, check_feedback_token, feedback_items
 from leanserve.serve.settings import ServerConfig
@@ -24,6 +24,7 @@ from leanserve.serve.settings import ServerConfig
 log = logging.getLogger(__name__)
 JSON = "application/json"
 BINARY_HEADER_BYTES = BINARY_HEADER.encode()
+LARGE_BODY_BYTES = 1 << 20  # bodies above this are admitted a few at a time (ServerConfig.max_large_bodies)
 
 
 _ID_BYTES = 16
@@ -101,6 +102,7 @@ class RestApi:
         self.plane = plane
         self.config = config
         self.access_log = access_log
+        self._large_in_progress = 0  # bodies over LARGE_BODY_BYTES being read or parsed now
 
     def routes(self) -> list[Route]:
         """Every route but infer and explain, which ``infer`` answers as plain ASGI (see ``serve/app.py``)."""
@@ -176,14 +178,24 @@ class RestApi:
         headers = _headers(scope)
         request_id = headers.get(b"x-request-id")
         request_id = request_id.decode("latin-1") if request_id else None
-        status, served = 200, None
+        status, served, large = 200, None, False
         try:
-            body = await _read_asgi_body(receive, headers.get(b"content-length"), self.config.max_body_bytes,
-                                         self.config.body_timeout_s)
-            header_length = headers.get(BINARY_HEADER_BYTES)
-            doc, binary = parse_rest(body, header_length.decode("latin-1") if header_length is not None else None)
+            # Admission first, from what is known before the body is read: the model, its queue, the size.
             key = headers.get(b"x-routing-key")
-            routed = self.plane.route(model, version, key.decode("latin-1") if key is not None else _routing_key(doc))
+            key = key.decode("latin-1") if key is not None else None
+            routed = self.plane.route(model, version, key)
+            routed.handle.batcher.admit()
+            declared = headers.get(b"content-length")
+            large = declared is not None and declared.isdigit() and int(declared) > LARGE_BODY_BYTES
+            if large:
+                self._admit_large()
+            body = await _read_asgi_body(receive, declared, self.config.max_body_bytes, self.config.body_timeout_s)
+            header_length = headers.get(BINARY_HEADER_BYTES)
+            if large and header_length is None:  # refuse a wrong declared shape before parsing megabytes of JSON
+                precheck_declared(body, routed.handle.signature, self.config.max_elements)
+            doc, binary = parse_rest(body, header_length.decode("latin-1") if header_length is not None else None)
+            if key is None and (body_key := _routing_key(doc)) is not None:
+                routed = self.plane.route(model, version, body_key)
             infer_request = request_from_rest(doc, binary, max_elements=self.config.max_elements,
                                               signature=routed.handle.signature)
             request_id = request_id or infer_request.id or new_request_id()
@@ -205,6 +217,9 @@ class RestApi:
             payload, out_headers = orjson.dumps({"error": str(exc)}), error_headers(exc, status, request_id)
             if status >= 500 and status not in (503, 504):
                 log.error("request %s to %s failed: %s", request_id, model, exc)
+        finally:
+            if large:
+                self._large_in_progress -= 1
         out_headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": payload})
@@ -215,6 +230,15 @@ class RestApi:
                 version=served or version, ms=round((time.perf_counter() - started) * 1000, 3),
                 client=client[0] if client else None,
             )
+
+
+    def _admit_large(self) -> None:
+        # Large bodies cost their size in memory several times over while parsing: only a few at a time.
+        if self._large_in_progress >= self.config.max_large_bodies:
+            raise Overloaded(f"{self._large_in_progress} large requests (over {LARGE_BODY_BYTES // (1 << 20)} MiB) "
+                             "are being read already; retry shortly (the binary tensor extension is far cheaper "
+                             "than JSON for large tensors)")
+        self._large_in_progress += 1
 
 
 class _RoutedInfer:
