@@ -12,15 +12,16 @@ from leanserve.monitor.store import PredictionLog
 
 
 class LiveStatsObserver:
-    """Every served request's latency and outcome into the live window (a client's invalid input is not
-    counted against the version)."""
+    """Every request a version answered into its live window, as the client saw it: an answer refused
+    for invalid input counts as an error too (a canary that refuses what the primary accepts, say a
+    post-processed version missing its ``group`` parameter, must show it to the rollout guard). Bodies
+    that fail to decode never reach a version and are not counted."""
 
     def __init__(self, stats: LiveStats) -> None:
         self.stats = stats
 
     def after(self, call) -> None:
-        if call.outcome != "invalid":
-            self.stats.record(call.model, call.handle.ref.version, call.elapsed_s * 1000, call.outcome == "success")
+        self.stats.record(call.model, call.handle.ref.version, call.elapsed_s * 1000, call.outcome == "success")
 
 
 class PredictionLogObserver:
