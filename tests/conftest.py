@@ -136,8 +136,10 @@ class LiveServer:
                                    poll_interval_s=0.1, drain_timeout_s=5.0, **overrides)
         self.log_lines: list[str] = []
         self.server = build_server(self.config, AccessLog(True, _ListStream(self.log_lines)))
-        self._uvicorn = uvicorn.Server(uvicorn.Config(self.server.app, host="127.0.0.1", port=self.port,
-                                                      log_level="warning", access_log=False, lifespan="on"))
+        from leanserve.serve.connections import uvicorn_config
+
+        # the same uvicorn settings `leanserve serve` runs with (header timeout, connection cap)
+        self._uvicorn = uvicorn.Server(uvicorn_config(self.config, self.server.app, lifespan="on"))
         self._thread = threading.Thread(target=self._uvicorn.run, daemon=True)
 
     @property
