@@ -556,7 +556,7 @@ def ceiling_runs(repo: leanserve.Repository, workload: Workload, folder: Path, o
     threads = opts.threads or serving_threads()  # the bare handler runs ONNX Runtime as leanserve does
     bare_command = [sys.executable, str(BARE_SERVER), str(model_file), "--port", str(port), "--threads", str(threads)]
     figures = CeilingFigures([], [], [], [], [], {"bare": [], "default": [], "sampler": []})
-    rounds = 2 if opts.quick else 3
+    rounds = 3 if opts.quick else 5
     print(f"ceiling: bare ASGI handler, leanserve defaults, leanserve + live explanation sampling; "
           f"{rounds} rounds, measured from {AFTER_READY_S:g} s after ready; ONNX Runtime intra-op threads {threads} "
           f"in both (leanserve's default: the usable cores less one)")
