@@ -98,7 +98,7 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
     monitor = Monitor(registry, signals, metrics, config.guard_interval_s, slow_interval_s=10 * config.guard_interval_s)
     monitor.guard = guard  # the dashboard and `leanserve monitor` show its latest verdict and reason
     extras.background = [guard, monitor]
-    if prediction_log is not None:  # the slow round reads the log: its process is ready before requests come
+    if prediction_log is not None:  # the slow round reads the log: its process starts (and imports) with the server
         extras.warm_ups = [*extras.warm_ups, monitor.worker.warm_up]
     extras.routes = [*MonitoringApi(monitor).routes(), *_text_routes(plane)]
     core = build_app(config, registry, plane, metrics, extras, access_log)

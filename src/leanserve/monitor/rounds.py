@@ -109,9 +109,10 @@ class RoundWorker:
         self._pool: ProcessPoolExecutor | None = None
 
     def warm_up(self) -> None:
-        """Start the process and import its libraries now, blocking (the server runs this before it reports
-        ready, so seconds of imports never compete with requests)."""
-        self._start().submit(_load_modules).result()
+        """Start the process and have it import its libraries now, without waiting for them: at the lowest
+        priority, in a process of its own, the seconds of imports never hold the server's GIL and yield
+        the CPU to requests, and the first round then finds them done."""
+        self._start().submit(_load_modules)
 
     async def run(self, function, *args):
         """``function(*args)`` in the worker process; its exceptions are raised here."""
