@@ -44,8 +44,8 @@ def test_round_worker_runs_at_lowest_priority_and_ends_with_a_killed_server(affi
                 return False
 
         wait_until(ready, timeout_s=60, what="server ready")
-        (worker,) = spawned_children(server.pid)  # started (and warmed up) before ready
-        assert os.getpriority(os.PRIO_PROCESS, worker) == 19
+        (worker,) = spawned_children(server.pid)  # started with the server
+        wait_until(lambda: os.getpriority(os.PRIO_PROCESS, worker) == 19, timeout_s=30, what="the worker at nice 19")
         server.send_signal(signal.SIGKILL)
         server.wait(timeout=10)
         wait_until(lambda: not alive(worker), timeout_s=10, what="the worker to end with its server")
