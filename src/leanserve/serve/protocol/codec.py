@@ -206,20 +206,24 @@ def parse_rest(body: bytes, header_length: str | None) -> tuple[dict[str, Any], 
     return doc, binary
 
 
-# The usual order of a V2 tensor's header (tritonclient, KServe's SDK, leanserve's own encoder).
-_DECLARED = re.compile(rb'\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"datatype"\s*:\s*"([A-Z0-9]+)"\s*,\s*"shape"\s*:\s*\[([\d\s,]*)\]')
+# A V2 tensor's header: its name, datatype and shape, in any order, before its data (as every client writes them).
+_DECLARED = re.compile(rb'\{\s*(?:"(?:name|datatype|shape)"\s*:\s*(?:"[^"\\]*"|\[[\d\s,]*\])\s*,\s*){3}')
 
 
 def precheck_declared(body: bytes, signature: Signature, max_elements: int) -> None:
     """Check the tensor headers of a large JSON body against ``signature`` before it is parsed: a regular
-    expression finds each ``{"name", "datatype", "shape"`` header in the raw bytes (a scan, no objects),
-    so a body that declares a wrong shape is refused without building millions of Python floats. Headers
-    in another key order are left to the full parse. Raises InvalidInput."""
+    expression finds each tensor's ``name``, ``datatype`` and ``shape`` (in any order, ahead of its
+    ``data``) in the raw bytes, so a body that declares a wrong shape is refused without building millions
+    of Python floats. A header it cannot find this way is left to the full parse. Raises InvalidInput."""
     for match in _DECLARED.finditer(body):
-        name = match.group(1).decode("utf-8", errors="replace")
-        shape = tuple(int(d) for d in match.group(3).split(b",") if d.strip())
-        check_shape(name, list(shape), max_elements)
-        check_declared(signature.input(name), match.group(2).decode("ascii"), shape)
+        header = orjson.loads(match.group(0).rstrip().rstrip(b",") + b"}")
+        if set(header) != {"name", "datatype", "shape"} or not isinstance(header["name"], str):
+            continue  # a key given twice, or an odd header: the full parse will say what is wrong
+        name, datatype = header["name"], header["datatype"]
+        if not isinstance(datatype, str) or not isinstance(header["shape"], list):
+            continue
+        shape = check_shape(name, header["shape"], max_elements)
+        check_declared(signature.input(name), datatype, shape)
 
 
 def request_from_rest(doc: dict[str, Any], binary: memoryview, *, max_elements: int,
