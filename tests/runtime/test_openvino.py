@@ -176,7 +176,7 @@ def test_the_auto_hint_follows_the_serving_mode(affine_onnx, tmp_path, batching,
     repo = Repository(tmp_path / "repo")
     ref = repo.add(affine_onnx, "affine", runtime="openvino")
     config = ModelConfig(batching=BatchingConfig(enabled=batching), warmup=False)
-    _, sessions = ModelRegistry(repo, ServerMetrics())._load_blocking(ref, config)
+    sessions = ModelRegistry(repo, ServerMetrics())._load_blocking(ref, config)[1]
     assert str(sessions[0].compiled.get_property("PERFORMANCE_HINT")) == hint
 
 

@@ -123,6 +123,7 @@ class RayModelRegistry(ModelRegistry):
     def _load_blocking(self, ref: VersionRef, config):
         from ray import serve
 
+        digest = self.repo.manifest_digest(ref.name, ref.version)  # the registry knows a version by it
         artifact = self.repo.get(ref.name, ref.version)  # verifies checksums before anything is deployed
         deployment = serve.deployment(VersionReplica, name=f"{ref.name}-{ref.version}").options(
             **self.options.deployment_options(config.batching.instances))
@@ -132,7 +133,7 @@ class RayModelRegistry(ModelRegistry):
         handle = serve.run(deployment.bind(str(self.repo.root), ref.name, ref.version, threads),
                            name=app_name(ref), route_prefix=None)
         session = RemoteSession(handle, artifact.signature)
-        return artifact, [session] * self.options.batch_slots(config.batching.instances)
+        return artifact, [session] * self.options.batch_slots(config.batching.instances), digest
 
     async def _unload(self, entry: ModelEntry, version: int) -> None:
         from ray import serve

@@ -133,7 +133,8 @@ def build_c_edge(repo: Repository, name: str, version: int | str | None = None, 
                                 f"{footprint.flash_bytes:,} bytes, RAM {footprint.ram_bytes:,} bytes); nothing was "
                                 "registered", report)
         folder = _artifact_folder(chosen, signature, work / "artifact")
-        ref = repo.add(folder / MODEL_FILE, name, serve=False,  # C sources cannot be served provenance=_provenance(source, chosen), metrics=_metrics(report),
+        ref = repo.add(folder / MODEL_FILE, name, serve=False,  # C sources cannot be served
+                       provenance=_provenance(source, chosen), metrics=_metrics(report),
                        attachments=[chosen.qdq, *files], check_load=False)
         stored = repo.get(ref.name, ref.version, verify=False).path
     return COutcome(ref, report, tuple(stored / f.name for f in files))

@@ -194,8 +194,9 @@ class RestApi:
             if large and header_length is None:  # refuse a wrong declared shape before parsing megabytes of JSON
                 precheck_declared(body, routed.handle.signature, self.config.max_elements)
             doc, binary = parse_rest(body, header_length.decode("latin-1") if header_length is not None else None)
-            if key is None and (body_key := _routing_key(doc)) is not None:
-                routed = self.plane.route(model, version, body_key)
+            # routed again now that the body is here: a parameter may carry the routing key, and a reload
+            # may have swapped the version while the body arrived (the first routing only admitted it)
+            routed = self.plane.route(model, version, key if key is not None else _routing_key(doc))
             infer_request = request_from_rest(doc, binary, max_elements=self.config.max_elements,
                                               signature=routed.handle.signature)
             request_id = request_id or infer_request.id or new_request_id()
