@@ -20,7 +20,7 @@ def cmd_serve(args) -> int:
         repo, host=args.host, port=args.port, grpc_port=None if args.grpc_port == 0 else args.grpc_port,
         max_body_bytes=args.max_body_bytes, poll_interval_s=args.poll_interval, drain_timeout_s=args.drain_timeout,
         header_timeout_s=args.header_timeout, keep_alive_timeout_s=args.keep_alive_timeout, max_connections=args.max_connections,
-        max_large_bodies=args.max_large_bodies,
+        max_large_bodies=args.max_large_bodies, shed_hold_s=args.shed_hold,
         access_log=not args.no_access_log, admin_allow_remote=args.admin_allow_remote,
         monitor=not args.no_monitor, monitor_sample_rate=args.monitor_sample_rate,
         monitor_db=Path(args.monitor_db) if args.monitor_db else None,
@@ -209,6 +209,9 @@ def add_serve_commands(sub, command, add_repo) -> None:
     p.add_argument("--max-large-bodies", type=int, default=ServerConfig.max_large_bodies, metavar="N",
                    help="request bodies over 1 MiB read and parsed at once; more get 503 + Retry-After, unread. "
                         "Load is also shed by queueing delay: see batching.max_queue_wait_ms (leanserve config)")
+    p.add_argument("--shed-hold", type=float, default=ServerConfig.shed_hold_s, metavar="S",
+                   help="seconds a shed request's 503 (and a refused large body's error) is held before it is sent, "
+                        "so clients that ignore Retry-After cannot spend the server on refusals (0: at once)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between repository checks")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on SIGTERM")
     p.add_argument("--no-access-log", action="store_true", help="do not write JSON access log lines to stderr")

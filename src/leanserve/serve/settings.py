@@ -25,6 +25,7 @@ class ServerConfig:
     max_elements: int = 16 * 1024 * 1024  # per tensor
     body_timeout_s: float = 30.0  # a client must send its whole body within this
     max_large_bodies: int = 2  # bodies over 1 MiB read and parsed at once; more get 503 + Retry-After unread
+    shed_hold_s: float = 1.0  # a shed request's 503 (or a refused large body's error) is sent after this long
     # Connections (see serve/connections.py). A request's headers must arrive within header_timeout_s of
     # the connection opening or of the request's first byte; an idle keep-alive connection is closed
     # after keep_alive_timeout_s; beyond max_connections open at once, each new connection's request
@@ -48,6 +49,8 @@ class ServerConfig:
         for name, flag in (("header_timeout_s", "--header-timeout"), ("keep_alive_timeout_s", "--keep-alive-timeout")):
             if not getattr(self, name) > 0:
                 raise InvalidInput(f"{name} ({flag}) must be a number of seconds > 0, got {getattr(self, name)!r}")
+        if not (isinstance(self.shed_hold_s, (int, float)) and 0 <= self.shed_hold_s <= 60):
+            raise InvalidInput(f"shed_hold_s (--shed-hold) must be seconds from 0 to 60, got {self.shed_hold_s!r}")
         if not (isinstance(self.max_large_bodies, int) and self.max_large_bodies >= 1):
             raise InvalidInput(f"max_large_bodies (--max-large-bodies) must be an integer >= 1, got {self.max_large_bodies!r}")
         if not (isinstance(self.max_connections, int) and self.max_connections >= 1):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from leanserve.artifact import Signature, check_declared
 from leanserve.dtypes import v2_datatype
-from leanserve.errors import InvalidInput, LeanserveError
+from leanserve.errors import InvalidInput, LeanserveError, Overloaded
 from leanserve.serve.dataplane import DataPlane
 from leanserve.serve.protocol import grpc_predict_v2_pb2 as pb
 from leanserve.serve.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -150,6 +151,8 @@ class GrpcService(pb_grpc.GRPCInferenceServiceServicer):
             result = await self.plane.infer(routed, infer_request, "grpc")
             return encode_response(result)
         except LeanserveError as exc:
+            if isinstance(exc, Overloaded) and self.config.shed_hold_s:
+                await asyncio.sleep(self.config.shed_hold_s)  # held like REST's 503, see RestApi.infer
             await context.abort(grpc_status(exc), str(exc))
 
 

@@ -178,7 +178,7 @@ class RestApi:
         headers = _headers(scope)
         request_id = headers.get(b"x-request-id")
         request_id = request_id.decode("latin-1") if request_id else None
-        status, served, large = 200, None, False
+        status, served, large, hold = 200, None, False, False
         try:
             # Admission first, from what is known before the body is read: the model, its queue, the size.
             key = headers.get(b"x-routing-key")
@@ -215,12 +215,18 @@ class RestApi:
                 out_headers.append((BINARY_HEADER_BYTES, str(header_len).encode()))
         except LeanserveError as exc:
             status = http_status(exc)
+            hold = isinstance(exc, Overloaded) or large
             payload, out_headers = orjson.dumps({"error": str(exc)}), error_headers(exc, status, request_id)
             if status >= 500 and status not in (503, 504):
                 log.error("request %s to %s failed: %s", request_id, model, exc)
         finally:
             if large:
                 self._large_in_progress -= 1
+        if hold and self.config.shed_hold_s:
+            # Held, not sent at once: a client that ignores Retry-After and retries in a tight loop would
+            # otherwise spend the event loop on requests it will be refused (a tarpit for shed load, and
+            # for large bodies that were refused)
+            await asyncio.sleep(self.config.shed_hold_s)
         out_headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": payload})
