@@ -124,6 +124,11 @@ def test_demo_trains_exports_imports_and_reports_accuracy(capsys, tmp_path):
     accuracy = float(out.split("held-out accuracy: ")[1].split("%")[0])
     assert accuracy > 85.0
     assert "digits-cnn:1" in out
+    # the files the README's first session names, beside the repository
+    for name in ("request.npz", "eval.npz", "calib.npz", "my_model.onnx"):
+        assert (tmp_path / name).is_file(), name
+    assert len(list((tmp_path / "images").glob("*.png"))) == 32
+    assert set(np.load(tmp_path / "eval.npz")) == {"image", "labels"}
 
 
 def test_demo_stores_a_reference_profile_for_drift(tmp_path, capsys):

@@ -87,6 +87,7 @@ class DemoResult:
     max_abs_diff: float
     request_file: Path
     request_label: int
+    example_files: tuple[Path, ...] = ()
 
 
 def run_demo(repo: Repository, name: str = "digits-cnn", epochs: int = 15, progress: bool = True) -> DemoResult:
@@ -116,4 +117,33 @@ def run_demo(repo: Repository, name: str = "digits-cnn", epochs: int = 15, progr
     acc = accuracy(model.predict({"image": x_test})["logits"], y_test)
     request_file = repo.root.resolve().parent / "digits-request.json"
     request_file.write_bytes(encode_json_request({"image": x_test[:1]}))
-    return DemoResult(ref, acc, result.exporter, result.max_abs_diff, request_file, int(y_test[0]))
+    examples = write_examples(repo.root.resolve().parent, x_train, x_test, y_test, repo.get(ref.name, ref.version).model_path)
+    return DemoResult(ref, acc, result.exporter, result.max_abs_diff, request_file, int(y_test[0]), examples)
+
+
+def write_examples(folder: Path, x_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, model_file: Path) -> tuple[Path, ...]:
+    """The files the README's first session uses, beside the repository: ``request.npz`` (4 held-out
+    images), ``eval.npz`` (held-out images with ``labels``), ``calib.npz`` (128 training images),
+    ``images/`` (32 held-out digits as PNG, for a batch job) and ``my_model.onnx`` (the demo's ONNX file,
+    to try ``leanserve import`` on). Existing files are left alone."""
+    import shutil
+
+    from PIL import Image
+
+    written = []
+    arrays = {"request.npz": {"image": x_test[:4]}, "eval.npz": {"image": x_test, "labels": y_test},
+              "calib.npz": {"image": x_train[:128]}}
+    for name, data in arrays.items():
+        if not (folder / name).exists():
+            np.savez(folder / name, **data)
+            written.append(folder / name)
+    images = folder / "images"
+    if not images.exists():
+        images.mkdir()
+        for i, image in enumerate(x_test[:32]):
+            Image.fromarray((image[0] * 255).clip(0, 255).astype(np.uint8), mode="L").save(images / f"digit-{i:02d}.png")
+        written.append(images)
+    if not (folder / "my_model.onnx").exists():
+        shutil.copyfile(model_file, folder / "my_model.onnx")
+        written.append(folder / "my_model.onnx")
+    return tuple(written)

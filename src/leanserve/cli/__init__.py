@@ -384,6 +384,8 @@ def cmd_demo(args) -> int:
     print(f"exported with the {result.exporter} exporter (max abs diff vs PyTorch {result.max_abs_diff:.2g})")
     print(f"imported as {result.ref} into {args.repo}")
     print(f"held-out accuracy: {result.accuracy:.2%} on scikit-learn digits")
+    if result.example_files:
+        print("wrote example data for the README's first session: " + ", ".join(p.name for p in result.example_files))
     if args.serve:
         return _serve_demo(args, result)
     return 0
