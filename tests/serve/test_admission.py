@@ -9,6 +9,8 @@ import time
 import httpx
 import orjson
 
+from conftest import wait_until
+
 
 
 
@@ -29,7 +31,8 @@ def test_a_large_body_beyond_the_cap_gets_503_with_retry_after_before_it_is_sent
     slow = socket.create_connection(("127.0.0.1", server.port))
     try:
         slow.sendall(post_head(big) + b'{"inputs": [')  # takes the one large-body slot and keeps it
-        time.sleep(0.3)
+        rest = server.server.app.rest
+        wait_until(lambda: rest._large_in_progress == 1, timeout_s=10, what="the slow body to hold the slot")
         started = time.monotonic()
         reply = raw_request(server.port, post_head(big))  # no body sent at all
         assert reply.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in reply.lower()
