@@ -183,6 +183,28 @@ def test_feedback_spammers_do_not_make_the_server_reread_the_log(server):
     assert (counts.correct, counts.labelled) == (120, 160)  # every fourth label (0) is wrong: x's arg-max is 3
 
 
+def test_a_locked_log_answers_503_with_retry_after_and_the_labels_can_be_sent_again(server, monkeypatch):
+    import sqlite3
+
+    from leanserve.monitor import store, writer
+
+    rid = infer(server)
+    wait_until(lambda: logged(server, 1), what="sample logged")
+    monkeypatch.setattr(store, "JOIN_WAIT_S", 0.2)
+    _, newest = writer.segments(server.server.prediction_log.config.path)[-1]
+    holder = sqlite3.connect(newest, timeout=5)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the segment's write lock
+    try:
+        busy = feedback(server, [{"id": rid, "label": 3}])
+    finally:
+        holder.rollback()
+        holder.close()
+    assert busy.status_code == 503 and "send the feedback again" in busy.json()["error"]
+    assert busy.headers["retry-after"]
+    again = feedback(server, [{"id": rid, "label": 3}])
+    assert again.status_code == 200 and again.json()["accepted"] == 1
+
+
 def test_live_quality_equals_the_quality_recomputed_from_the_log(server):
     from leanserve.monitor.quality import rolling_quality
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from leanserve.errors import InvalidInput
+from leanserve.errors import InvalidInput, Overloaded
 from leanserve.monitor import writer
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,9 @@ def log_exists(path: Path) -> bool:
     return Path(path).is_dir() and bool(writer.segments(Path(path)))
 
 
+JOIN_WAIT_S = 10.0  # how long a feedback write waits for the log's write lock
+
+
 class PredictionLog:
     """Samples of live traffic in SQLite, written by a child process (``writer.py``: see there why a
     process). The caller's thread packs each sample and, every ``_FRAME_ROWS`` samples, hands a frame to
@@ -161,6 +164,9 @@ class PredictionLog:
         if not writer.segments(config.path):
             writer.create_segment(config.path, 1)
         self._lock = threading.Lock()  # record() may be called from several threads (gRPC, REST)
+        # Feedback calls run in worker threads; SQLite lets one write at a time and its busy handler
+        # backs off in growing sleeps, so concurrent callers queue here instead of racing for the lock.
+        self._join_lock = threading.Lock()
         self._meta: list[list] = []  # samples not yet framed: their metadata...
         self._blobs = bytearray()  # ... and their packed tensors
         self._pending = bytearray()  # framed bytes the pipe has not taken yet
@@ -296,7 +302,9 @@ class PredictionLog:
         mode = "rw" if writable else "ro"
         for _, path in reversed(writer.segments(self.config.path)):
             try:
-                db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=1.0)
+                # the writer process runs at low priority: on a saturated machine it can hold the write
+                # lock for a while between two of its time slices
+                db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, timeout=JOIN_WAIT_S)
             except sqlite3.OperationalError:
                 continue
             with contextlib.closing(db):
@@ -317,12 +325,21 @@ class PredictionLog:
             else:
                 wanted[request_id] = label
         joined: list[Joined] = []
-        self._join(model, wanted, joined, duplicate)
-        if wanted and not self.read_only and self._unwritten():
-            self.stats.waits_for_writer += 1
-            self.written_through(wait_s)
-            self._join(model, wanted, joined, duplicate)
+        try:
+            self._locked_join(model, wanted, joined, duplicate)
+            if wanted and not self.read_only and self._unwritten():
+                self.stats.waits_for_writer += 1
+                self.written_through(wait_s)
+                self._locked_join(model, wanted, joined, duplicate)
+        except sqlite3.OperationalError as exc:
+            # Each segment's labels commit together; a segment that stayed locked took none of its labels,
+            # so the client can send the whole call again (labels already taken come back as duplicates).
+            raise Overloaded(f"the prediction log is busy ({exc}); send the feedback again", retry_after_s=1.0) from exc
         return FeedbackResult(joined, list(wanted), duplicate)
+
+    def _locked_join(self, model: str, wanted: dict[str, Any], joined: list[Joined], duplicate: list[str]) -> None:
+        with self._join_lock:
+            self._join(model, wanted, joined, duplicate)
 
     def _join(self, model: str, wanted: dict[str, Any], joined: list[Joined], duplicate: list[str]) -> None:
         """Label the rows of the ids in ``wanted`` (newest segment first), taking each id found out of it."""
