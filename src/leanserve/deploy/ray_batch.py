@@ -1,4 +1,4 @@
-"""The batch job of ``batch.py`` on Ray Data: the same chunks, parts, rejects and manifest, run by a pool
+"""The Ray executor of ``deploy/batch/``: batch jobs on Ray Data: the same chunks, parts, rejects and manifest, run by a pool
 of actors (one engine session each) on a local Ray or an existing cluster.
 
 One read task runs ``read_chunks`` (the local executor's reader, so chunk boundaries, ids and rejects are
@@ -22,16 +22,16 @@ import pickle
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from leanserve.deploy.batch import (JobSummary, _open_manifest, _run, _save_manifest, _write_part, finish_job,
-                                    count_rows, job_fingerprint, read_chunks)
+from leanserve.deploy.batch import BatchJob, ChunkRecord, JobSettings, JobSummary, execute, open_job, run_chunk
+from leanserve.deploy.batch.chunk import jsonable
+from leanserve.deploy.batch.output import write_part
 from leanserve.deploy.ray_cluster import RayUnavailable, connect
-from leanserve.errors import InferenceError, InvalidInput, LeanserveError
+from leanserve.errors import InferenceError, LeanserveError
 from leanserve.repository import Repository
 
 # Asked per actor and for the read task. Whole CPUs per actor on a 2-CPU machine leave none for the read
@@ -42,11 +42,10 @@ READ_CPUS = 0.25
 
 @dataclass
 class RayJobSummary(JobSummary):
-    """A job's summary plus where Ray's time went."""
+    """A job's summary plus Ray's start-up and pool size (the first chunk's wait shows actors starting and
+    sessions loading)."""
 
     ray_start_s: float = 0.0  # starting (or joining) Ray
-    first_chunk_s: float = 0.0  # from the job's start on Ray to its first finished chunk: actors start, sessions load
-    steady_rows_per_s: float = 0.0  # rows over the actors' busy window (first chunk begun to last ended)
     actors: int = 0
 
 
@@ -60,51 +59,31 @@ def run_job_ray(repo: Repository | str | Path, model: str, version: int | str | 
     ``address`` joins a cluster (else a local Ray with ``num_cpus``, default all); ``actors`` sets the pool
     size (default: one per CPU). Raises RayUnavailable (Ray missing, cluster unreachable, no progress for
     ``stall_timeout_s``), InvalidInput (bad input or output, as the local job) and InferenceError."""
-    from tqdm import tqdm
-
-    if chunk_rows < 1 or batch_size < 1:
-        raise InvalidInput("--chunk-rows and --batch-size must be >= 1")
+    settings = JobSettings(chunk_rows, batch_size, id_column, allow_nonfinite)
     repo = repo if isinstance(repo, Repository) else Repository(repo, create=False)
-    input_path, output = Path(input_path), Path(output)
-    if not input_path.exists():
-        raise InvalidInput(f"{input_path}: no such input file or folder")
     artifact = repo.get(model, version)
-    version = int(artifact.path.name)
-    manifest = _open_manifest(output, job_fingerprint(model, version, input_path, chunk_rows, id_column, allow_nonfinite))
-    done = {int(k) for k in manifest["chunks"]}
-    cluster = connect(address, num_cpus)
-    summary = RayJobSummary(chunks_skipped=len(done), ray_start_s=cluster.start_s)
-    bar = tqdm(total=count_rows(input_path), unit="rows", unit_scale=True, desc=f"{model}:{version} (ray)",
-               disable=not progress)
-    bar.update(sum(c["rows"] + c["rejected"] for c in manifest["chunks"].values()))
+    job, manifest = open_job(model, int(artifact.path.name), artifact.signature, input_path, output, settings)
+    cluster = connect(address, num_cpus)  # after the job is checked: a bad --output fails without starting Ray
     try:
-        summary.actors = actors or max(1, int(cluster.cpus))
-        dataset = _dataset(repo.root, model, version, artifact.signature, input_path, output, done, chunk_rows,
-                           batch_size, id_column, allow_nonfinite, summary.actors)
-        started = time.perf_counter()
-        busy_from, busy_to = float("inf"), 0.0
-        for record in _watched(dataset, stall_timeout_s, summary.actors):
-            rows = record["rows"] + record["rejected"]
-            if not summary.chunks_done:
-                summary.first_chunk_s = time.perf_counter() - started
-            busy_from, busy_to = min(busy_from, record.pop("began")), max(busy_to, record.pop("ended"))
-            manifest["chunks"][str(record["index"])] = {k: record[k] for k in ("part", "rows", "rejected", "rejects")}
-            _save_manifest(output, manifest)
-            summary.chunks_done += 1
-            summary.processed += rows
-            bar.update(rows)
-        summary.elapsed_s = time.perf_counter() - started
-        if busy_to > busy_from:
-            summary.steady_rows_per_s = summary.processed / (busy_to - busy_from)
+        executor = RayExecutor(repo.root, actors or max(1, int(cluster.cpus)), stall_timeout_s)
+        summary = RayJobSummary(ray_start_s=cluster.start_s, actors=executor.actors)
+        return execute(job, manifest, executor, progress=progress, summary=summary, label=" (ray)")
     finally:
-        bar.close()
         cluster.shutdown()
-    finish_job(output, manifest, summary)
-    return summary
 
 
-def _dataset(root: Path, model: str, version: int, signature, input_path: Path, output: Path, done: set[int],
-             chunk_rows: int, batch_size: int, id_column: str | None, allow_nonfinite: bool, actors: int):
+class RayExecutor:
+    """Runs a job's chunks on a pool of ``actors`` Ray actors (one engine session each) of an already
+    connected Ray; raises RayUnavailable when no chunk finishes for ``stall_timeout_s``."""
+
+    def __init__(self, root: Path, actors: int, stall_timeout_s: float = 600.0) -> None:
+        self.root, self.actors, self.stall_timeout_s = Path(root), actors, stall_timeout_s
+
+    def run(self, job: BatchJob) -> Iterator[ChunkRecord]:
+        return _watched(_dataset(self.root, job, self.actors), self.stall_timeout_s, self.actors)
+
+
+def _dataset(root: Path, job: BatchJob, actors: int):
     import logging
 
     import ray.data
@@ -114,15 +93,13 @@ def _dataset(root: Path, model: str, version: int, signature, input_path: Path, 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours (tqdm) counts rows; Ray's would print over it
     context.print_on_execution_start = False
-    source = _chunk_source(input_path, signature, chunk_rows, id_column, allow_nonfinite, done)
-    return ray.data.read_datasource(source, num_cpus=READ_CPUS).map_batches(
+    return ray.data.read_datasource(_chunk_source(job), num_cpus=READ_CPUS).map_batches(
         _ChunkRunner, batch_size=1, batch_format="pyarrow", compute=ActorPoolStrategy(size=actors),
-        num_cpus=ACTOR_CPUS, fn_constructor_kwargs={"root": str(root), "model": model, "version": version,
-                                                    "output": str(output), "batch_size": batch_size})
+        num_cpus=ACTOR_CPUS, fn_constructor_kwargs={"root": str(root), "job": job})
 
 
-def _watched(dataset, stall_timeout_s: float, actors: int):
-    """The dataset's result rows, raising RayUnavailable when none arrives for ``stall_timeout_s``:
+def _watched(dataset, stall_timeout_s: float, actors: int) -> Iterator[ChunkRecord]:
+    """The records of the dataset's chunks, raising RayUnavailable when none arrives for ``stall_timeout_s``:
     a job whose actors cannot be placed waits silently forever in Ray Data."""
     results: queue.Queue = queue.Queue(maxsize=64)
     end = object()
@@ -149,14 +126,12 @@ def _watched(dataset, stall_timeout_s: float, actors: int):
             raise item
         if isinstance(item, BaseException):
             raise InferenceError(f"the Ray job failed: {str(item).strip().splitlines()[-1]}") from item
-        yield {"index": int(item["index"]), "part": item["part"] or None, "rows": int(item["rows"]),
-               "rejected": int(item["rejected"]), "rejects": json.loads(item["rejects"]),
-               "began": float(item["began"]), "ended": float(item["ended"])}
+        yield ChunkRecord(int(item["index"]), item["part"] or None, int(item["rows"]), int(item["rejected"]),
+                          json.loads(item["rejects"]), float(item["began"]), float(item["ended"]))
 
 
-def _chunk_source(path: Path, signature, chunk_rows: int, id_column: str | None, allow_nonfinite: bool,
-                  done: set[int]):
-    """A Ray Data source of the input's chunks not yet done, one block each, read by ``read_chunks``.
+def _chunk_source(job: BatchJob):
+    """A Ray Data source of the job's pending chunks, one block each, read by the local executor's reader.
     (Defined here because its base class comes from Ray, an optional extra.)"""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
@@ -164,10 +139,9 @@ def _chunk_source(path: Path, signature, chunk_rows: int, id_column: str | None,
     def read():
         import pyarrow as pa
 
-        for chunk in read_chunks(path, signature, chunk_rows, id_column, allow_nonfinite):
-            if chunk.index not in done:
-                # A chunk is our own object between our own processes; Ray would pickle it either way.
-                yield pa.table({"index": [chunk.index], "chunk": [pickle.dumps(chunk, protocol=5)]})
+        for chunk in job.pending_chunks():
+            # A chunk is our own object between our own processes; Ray would pickle it either way.
+            yield pa.table({"index": [chunk.index], "chunk": [pickle.dumps(chunk, protocol=5)]})
 
     class ChunkSource(Datasource):
         def get_name(self) -> str:
@@ -184,18 +158,17 @@ def _chunk_source(path: Path, signature, chunk_rows: int, id_column: str | None,
 
 
 class _ChunkRunner:
-    """One actor of the pool: loads the version once (engine threads: 1), runs chunks, writes their parts."""
+    """One actor of the pool: loads the version once (engine threads: 1), runs chunks as the local executor
+    does (``run_chunk``: the pipeline's admission, then batches), writes their parts."""
 
-    def __init__(self, root: str, model: str, version: int, output: str, batch_size: int) -> None:
+    def __init__(self, root: str, job: BatchJob) -> None:
         from leanserve.runtime import load_session
 
         repo = Repository(root, create=False)
-        artifact = repo.get(model, version)
-        runtime = repo.config(model).runtime
+        artifact = repo.get(job.model, job.version)
+        runtime = repo.config(job.model).runtime
         self.session = load_session(artifact, replace(runtime, intra_op_threads=1, inter_op_threads=1))
-        self.signature = artifact.signature
-        self.output = Path(output)
-        self.batch_size = batch_size
+        self.job = job
 
     def __call__(self, batch) -> dict[str, Any]:
         records = [self._one(pickle.loads(blob)) for blob in batch.column("chunk").to_pylist()]
@@ -203,14 +176,7 @@ class _ChunkRunner:
 
     def _one(self, chunk) -> dict[str, Any]:
         began = time.time()  # wall clock: comparable across the actors of one machine (roughly, of a cluster)
-        part = ""
-        if len(chunk.ids):
-            part = f"part-{chunk.index:05d}.parquet"
-            outputs = _run(self.session, chunk.inputs, self.batch_size)
-            _write_part(self.output / part, chunk.ids, outputs, self.signature)
-        return {"index": chunk.index, "part": part, "rows": len(chunk.ids), "rejected": len(chunk.rejects),
-                "rejects": json.dumps(chunk.rejects, default=_jsonable), "began": began, "ended": time.time()}
-
-
-def _jsonable(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
+        chunk, outputs = run_chunk(self.session, chunk, self.job.settings.batch_size)
+        record = write_part(self.job.output, chunk, outputs, self.job.signature, began)
+        return {"index": record.index, "part": record.part or "", "rows": record.rows, "rejected": record.rejected,
+                "rejects": json.dumps(record.rejects, default=jsonable), "began": record.began, "ended": record.ended}
