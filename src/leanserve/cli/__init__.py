@@ -556,28 +556,28 @@ def build_parser() -> argparse.ArgumentParser:
     from leanserve.cli.serving import add_serve_commands
 
     add_serve_commands(sub, _command, _add_repo)
-    from leanserve.optimize.cli import add_optimize_command
+    from leanserve.cli.optimize import add_optimize_command
 
     add_optimize_command(sub, _command, _add_repo)
-    from leanserve.runtime.cli import add_bench_command
+    from leanserve.cli.bench import add_bench_command
 
     add_bench_command(sub, _command, _add_repo)
     from leanserve.cli.tune import add_tune_command
 
     add_tune_command(sub, _command, _add_repo)
-    from leanserve.deploy.edge_cli import add_edge_command
+    from leanserve.cli.edge import add_edge_command
 
     add_edge_command(sub, _command, _add_repo)
-    from leanserve.deploy.k8s_cli import add_k8s_command
+    from leanserve.cli.k8s import add_k8s_command
 
     add_k8s_command(sub, _command, _add_repo)
-    from leanserve.fairness.cli import add_mitigate_command
+    from leanserve.cli.fairness import add_mitigate_command
 
     add_mitigate_command(sub, _command, _add_repo)
-    from leanserve.learn.federated_cli import add_federate_commands
+    from leanserve.cli.federate import add_federate_commands
 
     add_federate_commands(sub, _command, _add_repo)
-    from leanserve.learn.cli import add_learn_command
+    from leanserve.cli.learn import add_learn_command
 
     add_learn_command(sub, _command, _add_repo)
     return parser
