@@ -309,7 +309,7 @@ def _read_tvm(path: Path) -> tuple[list[Path], Signature]:
 # --- post-processed (a base model + a per-group decision rule) ----------------------------------------
 
 def _read_postprocessed(path: Path) -> tuple[list[Path], Signature]:
-    from leanserve.runtime.postprocessed import PostprocessSpec, signature_of
+    from leanserve.fairness.postprocessed import PostprocessSpec, signature_of
 
     spec = PostprocessSpec.read(path)
     base = read_model(path.parent / spec.base_model)
@@ -324,8 +324,7 @@ def _read_postprocessed(path: Path) -> tuple[list[Path], Signature]:
 # --- pipeline (a model with its pre- and post-processing stages) -------------------------------------
 
 def _read_pipeline(path: Path) -> tuple[list[Path], Signature]:
-    from leanserve.pipeline import PipelineSpec
-    from leanserve.runtime.pipeline import signature_of
+    from leanserve.pipeline import PipelineSpec, signature_of
 
     spec = PipelineSpec.read(path)
     inner = read_model(path.parent / spec.model_file)

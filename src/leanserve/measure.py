@@ -222,3 +222,30 @@ def cpu_description() -> dict[str, Any]:
         pass
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
     return {"model": model, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags]}
+
+
+# Largest difference between engines on the same model, relative to the output's scale (its largest
+# magnitude, at least 1): float engines reorder sums (1e-3 is generous for fp32); int8 engines quantize
+# activations their own way, so quantized recipes get a looser bound and are judged by the budget.
+_TOLERANCE = {"float32": 1e-3, "float64": 1e-6, "float16": 1e-2, "bfloat16": 3e-2}
+_QUANTIZED_TOLERANCE = 0.1
+
+
+def outputs_mismatch(outputs: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], loose: bool = False) -> str | None:
+    """None when every output matches the reference within its dtype's tolerance, else what differs.
+    Integer and boolean outputs (class ids, masks) may differ on at most 1% of elements (ties)."""
+    for name, ref in reference.items():
+        got = outputs.get(name)
+        if got is None or got.shape != ref.shape:
+            return f"output {name!r}: shape {None if got is None else list(got.shape)}, expected {list(ref.shape)}"
+        if ref.dtype.kind == "f":
+            scale = max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
+            worst = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) / scale if ref.size else 0.0
+            tolerance = _QUANTIZED_TOLERANCE if loose else _TOLERANCE.get(ref.dtype.name, 1e-3)
+            if not worst <= tolerance:
+                return f"output {name!r}: largest difference {worst:.3g} of its scale (tolerance {tolerance:g})"
+        elif ref.dtype.kind in "iub":
+            share = float(np.mean(got != ref)) if ref.size else 0.0
+            if share > 0.01:
+                return f"output {name!r}: {share:.1%} of elements differ (tolerance 1%)"
+    return None

@@ -9,7 +9,7 @@ from leanserve.cli import main
 from leanserve.errors import InvalidInput, UnsupportedFormat
 from leanserve.optimize.recipe import Recipe, parse_engines, parse_recipe
 from leanserve.optimize.run import optimize
-from leanserve.optimize.search import outputs_mismatch
+from leanserve.measure import outputs_mismatch
 from leanserve.runtime import ENGINES, load_session
 
 

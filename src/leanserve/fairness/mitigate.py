@@ -27,8 +27,7 @@ import numpy as np
 from leanserve.artifact import ModelArtifact, Provenance
 from leanserve.errors import InvalidInput
 from leanserve.fairness.metrics import FairnessReport, fairness_report
-from leanserve.repository import Repository
-from leanserve.runtime.postprocessed import (
+from leanserve.fairness.postprocessed import (
     GROUP_INPUT,
     GroupRule,
     PostprocessedSession,
@@ -37,6 +36,7 @@ from leanserve.runtime.postprocessed import (
     positive_score,
     signature_of,
 )
+from leanserve.repository import Repository
 
 CONSTRAINTS = ("demographic_parity", "equalized_odds")
 SPEC_FILE = "postprocess.json"
@@ -289,7 +289,7 @@ def mitigate(repo: Repository, name: str, *, group_parameter: str = "group", con
     base = repo.get(name, base_ref.version)
     if base.manifest.format == "postprocessed":
         raise InvalidInput(f"version {base_ref.version} of {name!r} is already post-processed; mitigate its base version")
-    signature = signature_of(base.signature)
+    signature_of(base.signature)  # InvalidInput now, before reading feedback, when the base is no binary classifier
     data = feedback or read_feedback(Path(db) if db else repo.root / ".monitor" / "predictions.db", name, base_ref.version)
     check_enough(data, min_per_group)
     provenance = {"constraint": constraint, "base_version": base_ref.version, "fit_rows": len(data)}
@@ -297,7 +297,7 @@ def mitigate(repo: Repository, name: str, *, group_parameter: str = "group", con
     try:
         def session_for(rules: dict[str, GroupRule]) -> PostprocessedSession:
             spec = PostprocessSpec(base.manifest.model_file, base.manifest.format, group_parameter, rules, provenance)
-            return PostprocessedSession(base_session, spec, signature)
+            return PostprocessedSession(base_session, spec)
 
         held_out = cross_fitted(session_for, data, constraint, folds, seed)
     finally:

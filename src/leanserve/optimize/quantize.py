@@ -30,6 +30,7 @@ from onnxruntime.quantization import (
 
 from leanserve.errors import InvalidInput
 from leanserve.optimize.steps import PassContext, StepResult
+from leanserve.runtime.onnxruntime import TRT_CALIBRATION_TABLE  # the engine owns the name it loads
 
 log = logging.getLogger(__name__)
 QUANTIZABLE = ("Conv", "MatMul", "Gemm", "ConvTranspose", "Attention")
@@ -272,7 +273,6 @@ def gemm_to_matmul(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> int:
     return count
 
 
-TRT_CALIBRATION_TABLE = "calibration.flatbuffers"  # the name ONNX Runtime's TensorRT provider is given
 
 
 def write_trt_calibration(src: Path, folder: Path, ctx: PassContext, method: str = "minmax") -> list[Path]:

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leanserve.artifact import Signature, TensorSpec
 from leanserve.errors import ModelLoadError
+
+TEXT, IMAGE = "text", "image"  # the user-facing input's name, by the input stage's kind
+TOKEN_COUNT = "token_count"
 
 SPEC_FILE = "pipeline.json"
 SPEC_KIND = "leanserve.pipeline/v1"
@@ -63,3 +67,18 @@ class PipelineSpec:
                        dict(data["post"]), tuple(names[1:]), dict(data.get("provenance") or {}))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelLoadError(f"{path.name}: not a pipeline spec ({exc})") from exc
+
+
+def signature_of(spec: PipelineSpec, inner: Signature) -> Signature:
+    """The user-facing signature of a pipeline around a model with signature ``inner``: ``text`` or
+    ``image`` BYTES in, the post stage's outputs (and ``token_count`` for text) out. Raises ModelLoadError
+    for an unknown input stage."""
+    from leanserve.pipeline.post import PostStage
+
+    kind = spec.pre.get("kind")
+    if kind not in (TEXT, IMAGE):
+        raise ModelLoadError(f"pipeline input stage must be text or image, got {kind!r}")
+    outputs = PostStage(spec.post).outputs()
+    if kind == TEXT:  # tokens per text, special tokens included: usage counts, and what was cut
+        outputs = (*outputs, TensorSpec(TOKEN_COUNT, "INT64", (-1,)))
+    return Signature((TensorSpec(kind, "BYTES", (-1,)),), outputs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from leanserve.artifact import ModelArtifact, Signature
 from leanserve.config import RuntimeOptions
-from leanserve.errors import ModelLoadError, UnsupportedFormat
+from leanserve.errors import InvalidInput, ModelLoadError, UnsupportedFormat
 
 # engine name -> (module, extra that installs it)
 ENGINES: dict[str, tuple[str, str | None]] = {
@@ -24,7 +25,7 @@ ENGINES: dict[str, tuple[str, str | None]] = {
     "openvino": ("leanserve.runtime.openvino", "openvino"),
     "tvm": ("leanserve.runtime.tvm", "tvm"),
     "executorch": ("leanserve.runtime.executorch", "edge"),
-    "postprocessed": ("leanserve.runtime.postprocessed", None),
+    "postprocessed": ("leanserve.fairness.postprocessed", None),
     "pipeline": ("leanserve.runtime.pipeline", "text"),
 }
 
@@ -80,7 +81,18 @@ def load_session(artifact: ModelArtifact, options: RuntimeOptions | None = None)
                                 f"into a device's firmware; it is not served or run by leanserve: serve its parent "
                                 f"version ({artifact.manifest.provenance.parent or 'the ONNX version'}) instead")
     engine = options.engine or artifact.manifest.default_runtime
-    return engine_module(engine).load(artifact, options)
+    module = engine_module(engine)
+    if not hasattr(module, "wrap"):
+        return module.load(artifact, options)
+    # A model inside stages (pipeline) or a decision rule (post-processed): the inner model is loaded
+    # here, with its format's engine, so the wrapping module never imports the runtime that loads it.
+    inner_options = replace(options, engine=None) if options.engine == engine else options
+    inner = load_session(module.inner_artifact(artifact), inner_options)
+    try:
+        return module.wrap(inner, artifact)
+    except (InvalidInput, ModelLoadError, UnsupportedFormat):
+        inner.close()
+        raise
 
 
 def load_file(path: str | Path, options: RuntimeOptions | None = None) -> Session:

@@ -16,7 +16,7 @@ import numpy as np
 from leanserve.artifact import ModelArtifact, Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
-from leanserve.measure import PeakMemory, Speed, measure_speed, run_all
+from leanserve.measure import PeakMemory, Speed, measure_speed, outputs_mismatch, run_all
 from leanserve.runtime import load_file, prepare
 
 
@@ -55,7 +55,6 @@ def compare_engines(artifact: ModelArtifact, engines: Sequence[str], data: Mappi
     """Measure ``artifact`` (an ONNX version) on each engine; ONNX Runtime first, as the reference the
     others' outputs are checked against (engines added for the comparison when not asked for).
     ``time_budget_s`` is what an ahead-of-time engine may spend compiling (TVM tunes with it; 0: untuned)."""
-    from leanserve.optimize.search import outputs_mismatch
 
     if artifact.manifest.format != "onnx":
         raise UnsupportedFormat(f"bench compares engines on ONNX versions; this version is {artifact.manifest.format}")

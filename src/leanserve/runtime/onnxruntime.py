@@ -17,6 +17,8 @@ from leanserve.errors import ModelLoadError, UnsupportedFormat
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 import onnxruntime as ort  # noqa: E402  (telemetry must be off before import)
 
+TRT_CALIBRATION_TABLE = "calibration.flatbuffers"  # the int8 table's name, as TensorRT's provider is given it
+
 log = logging.getLogger(__name__)
 
 _GPU_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
@@ -122,7 +124,6 @@ def provider_options(providers: Sequence[str], options: RuntimeOptions, artifact
 
 
 def _trt_int8(artifact: ModelArtifact, cache: Path) -> dict[str, str]:
-    from leanserve.optimize.quantize import TRT_CALIBRATION_TABLE
 
     settings = {"trt_int8_enable": "True"}
     table = artifact.path / TRT_CALIBRATION_TABLE

@@ -14,30 +14,12 @@ inner model alone as ``NAME-tensors``, for clients that tokenize themselves.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
-
 import numpy as np
 
 from leanserve.artifact import Manifest, ModelArtifact, Signature, TensorSpec
-from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, ModelLoadError
-from leanserve.pipeline import PipelineSpec
+from leanserve.pipeline import TEXT, TOKEN_COUNT, PipelineSpec
 from leanserve.pipeline.post import PostStage
-
-TEXT, IMAGE = "text", "image"
-TOKEN_COUNT = "token_count"
-
-
-def signature_of(spec: PipelineSpec, inner: Signature) -> Signature:
-    """The user-facing signature of a pipeline around a model with signature ``inner``."""
-    kind = spec.pre.get("kind")
-    if kind not in (TEXT, IMAGE):
-        raise ModelLoadError(f"pipeline input stage must be text or image, got {kind!r}")
-    outputs = PostStage(spec.post).outputs()
-    if kind == TEXT:  # tokens per text, special tokens included: usage counts, and what was cut
-        outputs = (*outputs, TensorSpec(TOKEN_COUNT, "INT64", (-1,)))
-    return Signature((TensorSpec(kind, "BYTES", (-1,)),), outputs)
-
 
 class PipelineSession:
     """Pre-processing, the inner model's session, post-processing."""
@@ -95,24 +77,17 @@ class PipelineSession:
         self._inner.close()
 
 
-def inner_artifact(artifact: ModelArtifact, spec: PipelineSpec) -> ModelArtifact:
+def inner_artifact(artifact: ModelArtifact) -> ModelArtifact:
     """The inner model of a pipeline version as an artifact its own engine loads (checksums were
-    verified with the version)."""
+    verified with the version). Raises ModelLoadError for an unreadable spec or model."""
     from leanserve.formats import read_model
 
+    spec = PipelineSpec.read(artifact.model_path)
     source = read_model(artifact.path / spec.model_file)
     return ModelArtifact(artifact.path, Manifest(spec.model_format, spec.model_file, source.signature, {}))
 
 
-def load(artifact: ModelArtifact, options: RuntimeOptions) -> PipelineSession:
-    """Load the inner model with its format's engine, and the stages. Raises ModelLoadError."""
-    from leanserve.runtime import load_session
-
-    spec = PipelineSpec.read(artifact.model_path)
-    inner_options = replace(options, engine=None) if options.engine == PipelineSession.engine else options
-    inner = load_session(inner_artifact(artifact, spec), inner_options)
-    try:
-        return PipelineSession(inner, spec, artifact.path, artifact.signature)
-    except (InvalidInput, ModelLoadError):
-        inner.close()
-        raise
+def wrap(inner, artifact: ModelArtifact) -> PipelineSession:
+    """The version's session around ``inner``, the session of its ``inner_artifact``: loads the stages.
+    Raises ModelLoadError (or InvalidInput for a stage's bad settings)."""
+    return PipelineSession(inner, PipelineSpec.read(artifact.model_path), artifact.path, artifact.signature)

@@ -1,4 +1,4 @@
-"""Post-processed engine: a base model plus a per-group decision rule, e.g. a fairness mitigation.
+"""Post-processed engine: a base model plus a per-group decision rule, the served form of a fairness mitigation.
 
 A post-processed version holds the base model's files and ``postprocess.json``: the request parameter
 that names each request's group, the groups known when the rule was fitted, and per group a randomized
@@ -13,6 +13,10 @@ requests each group's decisions follow the fitted probabilities.
 The group reaches the session as the ``group_index`` input (INT64 [-1]); the data plane fills it from
 the request parameter with ``request_inputs`` before batching, so a missing parameter or a group never
 seen in fitting is one request's 400, never a failed batch.
+
+The module knows nothing of files or other engines: the runtime loads the base model (``inner_artifact``)
+with its own engine and hands the session to ``wrap``; ``formats`` reads a version's signature with
+``PostprocessSpec`` and ``signature_of``.
 """
 
 from __future__ import annotations
@@ -21,14 +25,13 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from leanserve.artifact import Manifest, ModelArtifact, Signature, TensorSpec
-from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, ModelLoadError
 
 SPEC_KIND = "leanserve.postprocess/group-thresholds"
@@ -160,14 +163,16 @@ def row_uniforms(inputs: Mapping[str, np.ndarray], names: Sequence[str]) -> np.n
 
 
 class PostprocessedSession:
-    """The base model's session followed by the per-group rule."""
+    """The base model's session followed by the per-group rule. Its signature is the base's plus the
+    ``group_index`` input and the ``positive_probability`` output (``signature_of``); raises InvalidInput
+    when the base is not a binary classifier."""
 
     engine = "postprocessed"
 
-    def __init__(self, base, spec: PostprocessSpec, signature: Signature) -> None:
+    def __init__(self, base, spec: PostprocessSpec) -> None:
         self._base = base
         self.spec = spec
-        self.signature = signature
+        self.signature = signature_of(base.signature)
         self._rules = list(spec.rules.values())
         self._index = {g: i for i, g in enumerate(spec.groups)}
         self._base_inputs = base.signature.input_names
@@ -218,23 +223,25 @@ class PostprocessedSession:
         self._base.close()
 
 
-def base_artifact(artifact: ModelArtifact, spec: PostprocessSpec) -> ModelArtifact:
-    """The base model inside a post-processed version, as an artifact its own engine can load
-    (checksums were verified with the version)."""
-    from leanserve.formats import read_model
+def base_signature(signature: Signature) -> Signature:
+    """The base model's signature inside a post-processed one: ``signature_of`` undone."""
+    if signature.input_names[-1:] != [GROUP_INPUT] or signature.output_names[-1:] != [PROBABILITY_OUTPUT]:
+        raise ModelLoadError(f"not a post-processed signature: it lacks {GROUP_INPUT!r} or {PROBABILITY_OUTPUT!r}")
+    return Signature(tuple(signature.inputs[:-1]), tuple(signature.outputs[:-1]))
 
-    source = read_model(artifact.path / spec.base_model)
-    manifest = Manifest(format=spec.base_format, model_file=spec.base_model, signature=source.signature, files={})
+
+def inner_artifact(artifact: ModelArtifact) -> ModelArtifact:
+    """The base model inside a post-processed version, as an artifact its own engine loads (checksums
+    were verified with the version). Raises ModelLoadError for an unreadable spec."""
+    spec = PostprocessSpec.read(artifact.model_path)
+    manifest = Manifest(format=spec.base_format, model_file=spec.base_model,
+                        signature=base_signature(artifact.signature), files={})
     return ModelArtifact(artifact.path, manifest)
 
 
-def load(artifact: ModelArtifact, options: RuntimeOptions) -> PostprocessedSession:
-    """Load the base model with its format's engine, and the rule. Raises ModelLoadError."""
-    from leanserve.runtime import load_session
-
-    spec = PostprocessSpec.read(artifact.model_path)
-    base = base_artifact(artifact, spec)
-    # a model-wide engine setting (e.g. openvino) applies to the base model
-    base_options = replace(options, engine=None) if options.engine == PostprocessedSession.engine else options
-    session = load_session(base, base_options)
-    return PostprocessedSession(session, spec, artifact.signature)
+def wrap(base, artifact: ModelArtifact) -> PostprocessedSession:
+    """The version's session around ``base``, the session of its ``inner_artifact``. Raises ModelLoadError."""
+    try:
+        return PostprocessedSession(base, PostprocessSpec.read(artifact.model_path))
+    except InvalidInput as exc:
+        raise ModelLoadError(f"{artifact.model_path.name}: {exc}") from exc
