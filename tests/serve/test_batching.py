@@ -209,6 +209,39 @@ def test_requests_are_shed_once_the_queue_wait_passes_its_budget():
     run(scenario())
 
 
+def test_the_automatic_budget_serves_a_short_queue_through_a_stall_and_sheds_a_standing_one():
+    async def stall(queued: int, stall_s: float) -> tuple[Batcher, RecordingSession, list]:
+        session = RecordingSession()
+        batcher = Batcher([session], BatchingConfig(max_batch_size=2, max_queue_delay_us=0), metrics())
+        await batcher.infer({"x": np.ones((1, 3), np.float32)})  # the budget is now automatic: 50 ms here
+        one = lambda: asyncio.create_task(batcher.infer({"x": np.ones((1, 3), np.float32)}))  # noqa: E731
+        session.release.clear()  # the machine stalls: the engine is stuck on the next batch
+        running = one()
+        await asyncio.sleep(0.01)
+        waiting = [one() for _ in range(queued)]
+        await asyncio.sleep(stall_s)  # the queued requests wait past the budget
+        return batcher, session, [running, *waiting]
+
+    async def scenario():
+        batcher, session, short = await stall(2, 0.08)  # two rows: the next batch clears them
+        batcher.admit()  # not refused: the queue does not stand
+        session.release.set()
+        assert all(isinstance(r, tuple) for r in await asyncio.gather(*short, return_exceptions=True))
+        await batcher.close()
+
+        # four rows queued: more than the next batch takes. (The stalled batch raises the budget to
+        # 4 x its moving average, about 0.8 x the stall: still under what the queue waited.)
+        batcher, session, standing = await stall(4, 0.3)
+        with pytest.raises(Overloaded, match="already wait over"):
+            batcher.admit()
+        session.release.set()
+        kinds = [type(r).__name__ for r in await asyncio.gather(*standing, return_exceptions=True)]
+        assert kinds == ["tuple", "Overloaded", "Overloaded", "tuple", "tuple"]  # the oldest go, one batch is served
+        await batcher.close()
+
+    run(scenario())
+
+
 def test_the_automatic_queue_budget_never_sheds_before_the_first_batch_has_run():
     async def scenario():
         session = RecordingSession(delay_s=0.2)  # a slow first batch

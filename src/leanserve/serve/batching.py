@@ -130,10 +130,19 @@ class Batcher:
         if len(queue) >= self.config.max_queue_size:
             self._metrics.overloaded.inc()
             raise Overloaded(f"the queue is full ({self.config.max_queue_size} requests waiting); retry shortly")
-        if queue and time.perf_counter() - queue[0].enqueued > self._queue_budget_s():  # a standing queue
+        if self._standing() and time.perf_counter() - queue[0].enqueued > self._queue_budget_s():
             self._metrics.overloaded.inc()
             raise Overloaded(f"the server is overloaded: queued requests already wait over "
                              f"{self._queue_budget_s() * 1000:.0f} ms; retry shortly")
+
+    def _standing(self, extra: int = 0) -> bool:
+        """Whether the queue may be shed. With the automatic budget, only a queue the next batches cannot
+        clear (more rows than one batch per instance) is shed: a short queue that waited through a stall
+        of the machine (a noisy neighbour, a pause of the GIL) is served, not refused. An explicit
+        ``max_queue_wait_ms`` is the user's bound and is kept whatever the queue's length."""
+        if self.config.max_queue_wait_ms:
+            return bool(self._queue) or extra > 0
+        return len(self._queue) + extra > self._max_rows * len(self._sessions)
 
     def _queue_budget_s(self) -> float:
         """Seconds a request may wait in the queue (infinite until the first batch has run, when the budget
@@ -195,7 +204,8 @@ class Batcher:
             if now > item.deadline:
                 item.future.set_exception(RequestTimeout("the request timed out in the queue"))
                 continue
-            if now - item.enqueued > budget:  # shed: it would answer late anyway, and the ones behind it later still
+            # shed from the head while the queue stands: it would answer late anyway, the ones behind it later still
+            if now - item.enqueued > budget and self._standing(extra=1):
                 self._metrics.overloaded.inc()
                 item.future.set_exception(Overloaded(f"the server is overloaded: this request waited over "
                                                      f"{budget * 1000:.0f} ms in the queue; retry shortly"))
