@@ -36,8 +36,8 @@ def cnn_section(work: Path, seconds: float) -> list[tuple[str, str, bool]]:
     import torch
 
     import leanserve
-    from leanserve.deploy.edge import build_edge
-    from leanserve.deploy.edge_device import PROFILES, run_on_device
+    from leanserve.deploy.edge.build import build_edge
+    from leanserve.deploy.edge.device import PROFILES, run_on_device
     from leanserve.demo import digits_dataset, train_cnn
     from leanserve.from_torch import export
     from leanserve.torch_source import save_program
@@ -63,7 +63,7 @@ def cnn_section(work: Path, seconds: float) -> list[tuple[str, str, bool]]:
     if importlib.util.find_spec("executorch") is None:
         print("  ExecuTorch is not installed (pip install 'leanserve[edge]'): no .pte figures")
         return verdicts
-    from leanserve.deploy.edge_executorch import FP32, build
+    from leanserve.deploy.edge.executorch import FP32, build
     from leanserve.torch_source import load_program
 
     fp32 = build(load_program(repo.get("cnn", 1)).module(), (torch.from_numpy(x_test[:1]),), repo.get("cnn", 1).signature,
@@ -83,8 +83,8 @@ def cnn_section(work: Path, seconds: float) -> list[tuple[str, str, bool]]:
 
 def minilm_section(work: Path, seconds: float) -> list[tuple[str, str, bool]]:
     import leanserve
-    from leanserve.deploy.edge import build_edge
-    from leanserve.deploy.edge_device import PROFILES
+    from leanserve.deploy.edge.build import build_edge
+    from leanserve.deploy.edge.device import PROFILES
     from minilm import INPUTS, SENTENCES, export_minilm_onnx, load_minilm, tokenize
 
     _, tokenizer = load_minilm()

@@ -81,8 +81,8 @@ def mlp_model(work: Path):
 
 def measure(name: str, work: Path, build) -> list[str]:
     import leanserve
-    from leanserve.deploy.edge import build_edge
-    from leanserve.deploy.edge_c.build import build_c_edge
+    from leanserve.deploy.edge.build import build_edge
+    from leanserve.deploy.edge.c.build import build_c_edge
 
     folder = work / name
     folder.mkdir()

@@ -36,8 +36,8 @@ import torch
 
 from leanserve.demo import build_cnn, digits_dataset, train_cnn
 from leanserve.from_torch import export
-from leanserve.learn import federated
-from leanserve.learn.federated_server import RoundSettings, evaluate_module
+from leanserve.learn.federated import core as federated
+from leanserve.learn.federated.server import RoundSettings, evaluate_module
 from leanserve.learn.partition import by_class, dirichlet
 from leanserve.measure import cpu_description
 from leanserve.repository import Repository

@@ -8,9 +8,9 @@ from leanserve.errors import InvalidInput
 
 
 def cmd_edge(args) -> int:
-    from leanserve.deploy.edge import DoesNotFit, build_edge
+    from leanserve.deploy.edge.build import DoesNotFit, build_edge
     from leanserve.cli.subject import subject
-    from leanserve.deploy.edge_device import device_profile
+    from leanserve.deploy.edge.device import device_profile
     from leanserve.repository import Repository
 
     name, _, version = args.model.partition(":")
@@ -40,7 +40,7 @@ def cmd_edge(args) -> int:
 
 
 def _edge_c(args, repo, name: str, version: str | None) -> int:
-    from leanserve.deploy.edge_c.build import DoesNotFitMcu, build_c_edge, mcu_profile
+    from leanserve.deploy.edge.c.build import DoesNotFitMcu, build_c_edge, mcu_profile
 
     profile = mcu_profile(args.profile)
     try:

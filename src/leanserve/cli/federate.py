@@ -65,9 +65,9 @@ def add_federate_commands(sub, command, add_repo) -> None:
 
 
 def cmd_federate(args) -> int:
-    from leanserve.learn import federated
-    from leanserve.learn.federated_deploy import Terminated
-    from leanserve.learn.federated_server import RoundSettings
+    from leanserve.learn.federated import core as federated
+    from leanserve.learn.federated.deploy import Terminated
+    from leanserve.learn.federated.server import RoundSettings
     from leanserve.learn.partition import parse_partition
     from leanserve.repository import Repository
     from leanserve.torch_source import has_source, load_source
@@ -104,7 +104,7 @@ def cmd_federate(args) -> int:
 
 def _tls_files(args):
     """The --tls-cert/--tls-key pair, checked, or None; InvalidInput when only one is given or without --listen."""
-    from leanserve.learn.federated_proxy import TlsFiles
+    from leanserve.learn.federated.proxy import TlsFiles
 
     if args.tls_cert is None and args.tls_key is None:
         return None
@@ -132,7 +132,7 @@ def _print_result(result, as_json: bool) -> None:
 
 
 def cmd_federate_client(args) -> int:
-    from leanserve.learn.federated_deploy import run_client
+    from leanserve.learn.federated.deploy import run_client
 
     if not Path(args.data).is_file():
         raise InvalidInput(f"--data {args.data}: no such file")

@@ -10,8 +10,8 @@ import pytest
 from conftest import affine_inputs
 from leanserve import Repository
 from leanserve.cli import main
-from leanserve.deploy.edge import OPERATORS_FILE, REPORT_JSON, REPORT_MD, convert_to_ort
-from leanserve.deploy.edge_device import PROFILES, DeviceProfile, run_on_device
+from leanserve.deploy.edge.build import OPERATORS_FILE, REPORT_JSON, REPORT_MD, convert_to_ort
+from leanserve.deploy.edge.device import PROFILES, DeviceProfile, run_on_device
 from leanserve.errors import ModelLoadError, UnsupportedFormat
 from leanserve.formats import read_model
 from leanserve.model import load
@@ -286,8 +286,8 @@ def test_a_file_that_is_not_an_executorch_program_is_refused_with_a_reason(tmp_p
 def test_without_an_int8_program_in_budget_the_fp32_program_is_chosen_and_matches_onnx(cnn_repo, digits_cnn_onnx,
                                                                                         digits, tmp_path):
     pytest.importorskip("executorch")
-    from leanserve.deploy.edge_executorch import choose_program
-    from leanserve.deploy.edge_report import Accuracy
+    from leanserve.deploy.edge.executorch import choose_program
+    from leanserve.deploy.edge.report import Accuracy
     from leanserve.runtime import load_file
 
     ref = _with_program(cnn_repo, digits_cnn_onnx)
@@ -361,11 +361,11 @@ def test_executorch_calibration_of_a_fixed_batch_model_falls_back_row_by_row_log
     import torch
 
     from leanserve.artifact import Signature, TensorSpec
-    from leanserve.deploy.edge_executorch import STATIC_INT8, build
+    from leanserve.deploy.edge.executorch import STATIC_INT8, build
 
     signature = Signature((TensorSpec.parse("x:FP32:-1,3"),), (TensorSpec.parse("y:FP32:-1,2"),))
     calibration = {"x": np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)}
-    with caplog.at_level("WARNING", logger="leanserve.deploy.edge_executorch"):
+    with caplog.at_level("WARNING", logger="leanserve.deploy.edge.executorch"):
         program = build(_one_row_only_model(), (torch.zeros(1, 3),), signature, STATIC_INT8, tmp_path, calibration)
     assert "calibrating row by row" in caplog.text
     assert program.fallbacks and program.fallbacks[0].startswith("int8 calibration ran row by row (a dynamic batch")

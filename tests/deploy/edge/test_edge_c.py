@@ -14,12 +14,12 @@ from onnx import TensorProto, helper
 
 from leanserve import Repository
 from leanserve.cli import main
-from leanserve.deploy.edge import REPORT_JSON, REPORT_MD
-from leanserve.deploy.edge_c.arena import plan_arena
-from leanserve.deploy.edge_c.build import REFERENCE_FILE
-from leanserve.deploy.edge_c.cortex_m import MCU_PROFILES, missing_tools
-from leanserve.deploy.edge_c.lower import UnsupportedOperator, lower
-from leanserve.deploy.edge_c.verify import HostModel, compile_host, ort_outputs
+from leanserve.deploy.edge.build import REPORT_JSON, REPORT_MD
+from leanserve.deploy.edge.c.arena import plan_arena
+from leanserve.deploy.edge.c.build import REFERENCE_FILE
+from leanserve.deploy.edge.c.cortex_m import MCU_PROFILES, missing_tools
+from leanserve.deploy.edge.c.lower import UnsupportedOperator, lower
+from leanserve.deploy.edge.c.verify import HostModel, compile_host, ort_outputs
 from leanserve.errors import UnsupportedFormat
 
 needs_cross = pytest.mark.skipif(bool(missing_tools()), reason=f"{', '.join(missing_tools())} not installed "
@@ -237,7 +237,7 @@ def test_bad_profiles_and_missing_data_fail_with_one_line(affine_repo, capsys, a
 
 @needs_cc
 def test_requantization_rounds_once_to_the_nearest_ties_to_even(tmp_path):
-    from leanserve.deploy.edge_c import codegen
+    from leanserve.deploy.edge.c import codegen
 
     kernels = tmp_path / "kernels.c"
     shutil.copy(codegen.__file__.replace("codegen.py", "kernels.c"), kernels)

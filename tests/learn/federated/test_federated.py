@@ -22,9 +22,9 @@ pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
 from leanserve.errors import InvalidInput, LeanserveError  # noqa: E402
-from leanserve.learn import federated  # noqa: E402
-from leanserve.learn.federated_client import build_client_app, load_client_data, train_locally  # noqa: E402
-from leanserve.learn.federated_server import FedProxM, RoundSettings, RoundsOutcome, build_strategy  # noqa: E402
+from leanserve.learn.federated import core as federated  # noqa: E402
+from leanserve.learn.federated.client import build_client_app, load_client_data, train_locally  # noqa: E402
+from leanserve.learn.federated.server import FedProxM, RoundSettings, RoundsOutcome, build_strategy  # noqa: E402
 from leanserve.learn.partition import by_class, dirichlet, iid, parse_partition  # noqa: E402
 from leanserve.repository import VersionRef  # noqa: E402
 
@@ -257,7 +257,7 @@ NO_PHONING_HOME = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "
 
 
 def test_flower_processes_run_without_telemetry_update_checks_or_installs(monkeypatch, tmp_path):
-    from leanserve.learn.federated_deploy import flower_env
+    from leanserve.learn.federated.deploy import flower_env
 
     for key in NO_PHONING_HOME:
         monkeypatch.delenv(key, raising=False)
@@ -290,7 +290,7 @@ def _live_processes_mentioning(text: str) -> list[str]:
 def _no_process_left(port: int) -> bool:
     """No process of a federation on ``port`` lives: none naming the port, and no Flower process of any
     federation (whose environment names its SuperLink's socket)."""
-    from leanserve.learn.federated_socket import SOCKET_ENV
+    from leanserve.learn.federated.socket_patch import SOCKET_ENV
 
     return not _live_processes_mentioning(f"127.0.0.1:{port}") and not _live_processes_mentioning(f"{SOCKET_ENV}=")
 
@@ -470,7 +470,7 @@ def test_federate_client_refuses_a_data_file_that_is_not_npz(tmp_path, capsys):
 
 
 def test_the_supernode_command_names_its_data_and_its_own_runtime_port(tmp_path):
-    from leanserve.learn.federated_deploy import supernode_command
+    from leanserve.learn.federated.deploy import supernode_command
 
     command = supernode_command("10.0.0.5:9092", tmp_path / "d.npz", runtime_port=9555)
     assert command[command.index("--superlink") + 1] == "10.0.0.5:9092"

@@ -22,7 +22,7 @@ pytest.importorskip("torch")
 
 from test_federated import NO_PHONING_HOME, _eval_file, _leanserve, _untrained_cnn_repo  # noqa: E402
 
-from leanserve.learn.federated_socket import SOCKET_ENV  # noqa: E402
+from leanserve.learn.federated.socket_patch import SOCKET_ENV  # noqa: E402
 
 STRANGER_APP = '''\
 from pathlib import Path

@@ -1,13 +1,13 @@
 """Edge artifacts: a version turned into a small file for a device runtime, tested under a device profile.
 
 ``build_edge`` makes one of three artifacts (``--target c``, C99 sources for
-microcontrollers, is built by ``edge_c``). ``--target ort``: the ONNX version quantized to int8 within an
+microcontrollers, is built by ``c/``). ``--target ort``: the ONNX version quantized to int8 within an
 accuracy budget (the optimizer's search, int8 recipes only) and converted to ONNX Runtime's ORT format
 with the operator list that a reduced-size ONNX Runtime build needs. ``--target executorch``: the
 version's torch.export program lowered to an ExecuTorch program with the XNNPACK delegate, int8 (PT2E)
-when within budget (``edge_executorch``). Either runs in a child process held to a profile's threads and
-memory (``edge_device``) and is registered as a new version with a Markdown + JSON device report
-(``edge_report``). Nothing is registered when any step fails, including a run that does not fit the
+when within budget (``executorch``). Either runs in a child process held to a profile's threads and
+memory (``device``) and is registered as a new version with a Markdown + JSON device report
+(``report``). Nothing is registered when any step fails, including a run that does not fit the
 profile's memory.
 
 With evaluation data, the int8 choice is made on a selection part of it and the artifact's accuracy is
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from leanserve.artifact import ModelArtifact, Provenance, Signature
-from leanserve.deploy.edge_device import PROFILES, DeviceProfile, host_notes, run_on_device
-from leanserve.deploy.edge_report import REPORT_JSON, REPORT_MD, Accuracy, EdgeReport, measure_accuracy, write_report
+from leanserve.deploy.edge.device import PROFILES, DeviceProfile, host_notes, run_on_device
+from leanserve.deploy.edge.report import REPORT_JSON, REPORT_MD, Accuracy, EdgeReport, measure_accuracy, write_report
 from leanserve.errors import InvalidInput, LeanserveError, ModelLoadError, UnsupportedFormat
 from leanserve.holdout import Split
 from leanserve.formats import read_model
@@ -116,7 +116,7 @@ def build_edge(
     artifact = repo.get(name, version)
     source = f"{name}:{artifact.path.name}"
     if target == "executorch":
-        from leanserve.deploy.edge_executorch import require_executorch
+        from leanserve.deploy.edge.executorch import require_executorch
 
         require_executorch(artifact)
     elif artifact.manifest.format != "onnx":
@@ -167,7 +167,7 @@ def _build_ort(repo, name, artifact, split, calib_path, max_drop, time_budget_s,
 
 
 def _build_pte(artifact: ModelArtifact, data, calib, max_drop: str, work: Path) -> _Built:
-    from leanserve.deploy.edge_executorch import choose_program
+    from leanserve.deploy.edge.executorch import choose_program
 
     program = choose_program(artifact, work / "pte", data=data, calib=calib,
                              check=lambda path: measure_accuracy(artifact, path, data, max_drop))

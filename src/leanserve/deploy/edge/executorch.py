@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from leanserve.artifact import ModelArtifact, Signature, TensorSpec
-from leanserve.deploy.edge_report import Accuracy
+from leanserve.deploy.edge.report import Accuracy
 from leanserve.errors import UnsupportedFormat
 from leanserve.formats import pte_sidecar
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from leanserve.artifact import ModelArtifact
-from leanserve.deploy.edge_device import DeviceProfile, DeviceRun
+from leanserve.deploy.edge.device import DeviceProfile, DeviceRun
 from leanserve.measure import METRICS, choose_metric, cpu_description, quality_drop, run_all
 
 REPORT_MD = "edge-report.md"
@@ -98,7 +98,7 @@ def _device_lines(run: DeviceRun, profile: DeviceProfile, target: str) -> list[s
     if not run.fits:
         return [f"- **did not run within the profile's {profile.memory_mb} MB memory cap "
                 f"({profile.threads} thread(s))**: {run.error}"]
-    if target == "executorch":  # the cap is on the program's share (edge_device says why)
+    if target == "executorch":  # the cap is on the program's share (device.py says why)
         memory = (f"- peak memory of the program: {run.peak_rss_mb - run.runtime_rss_mb:.1f} MB of {profile.memory_mb} MB "
                   f"({run.peak_rss_mb:.1f} MB resident in all, {run.runtime_rss_mb:.1f} MB of it ExecuTorch's Python "
                   "runtime and libtorch before the program loads)")

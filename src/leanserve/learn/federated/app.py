@@ -21,8 +21,8 @@ import numpy as np
 from flwr.serverapp import ServerApp
 
 from leanserve.errors import LeanserveError
-from leanserve.learn.federated_client import build_client_app, node_data_path
-from leanserve.learn.federated_server import Dropped, RoundSettings, RoundsOutcome
+from leanserve.learn.federated.client import build_client_app, node_data_path
+from leanserve.learn.federated.server import Dropped, RoundSettings, RoundsOutcome
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ server_app = ServerApp()
 
 @server_app.main()
 def _main(grid, context) -> None:
-    from leanserve.learn.federated_server import run_rounds
+    from leanserve.learn.federated.server import run_rounds
 
     handler = logging.StreamHandler()  # flwr-serverapp forwards this process's stderr to the run's log
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))

@@ -12,7 +12,7 @@ source attached, and starts a guarded canary against the serving version.
 over partitions of one data set. Flower's ``run_simulation`` is deprecated in favour of ``flwr run``, which
 needs an app project and a SuperLink; for an in-process API call it is still the direct route.
 ``federate_deployed`` runs the same rounds with real clients: a Flower SuperLink and ``flwr run`` of
-leanserve's Flower app (``federated_deploy``, ``federated_app``), SuperNodes joining with
+leanserve's Flower app (``deploy``, ``app``), SuperNodes joining with
 ``leanserve federate-client``.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from leanserve.artifact import Provenance
 from leanserve.errors import InvalidInput, LeanserveError
-from leanserve.learn.federated_server import Dropped, RoundSettings, RoundsOutcome
+from leanserve.learn.federated.server import Dropped, RoundSettings, RoundsOutcome
 from leanserve.learn.partition import Partitioner, iid
 from leanserve.repository import Repository, VersionRef
 
@@ -96,7 +96,7 @@ class TrainingData:
 
 def load_training_data(path: str | Path, input_name: str) -> TrainingData:
     """An ``.npz`` with the model input and ``labels`` as TrainingData; InvalidInput when either is missing."""
-    from leanserve.learn.federated_client import load_client_data
+    from leanserve.learn.federated.client import load_client_data
 
     x, y = load_client_data(path, input_name)
     return TrainingData(input_name, x, y)
@@ -139,14 +139,14 @@ def federate_deployed(repo: Repository, name: str, settings: RoundSettings, held
                       version: int | None = None, join_timeout_s: float = 300.0, register: bool = True,
                       canary: bool = True, tls=None) -> FederatedResult:
     """Run the rounds with real clients: Flower's Fleet API is served on ``listen`` (HOST:PORT; in TLS with
-    ``tls``, a ``federated_proxy.TlsFiles``) in front of a SuperLink no one else can reach, which waits up to
+    ``tls``, a ``proxy.TlsFiles``) in front of a SuperLink no one else can reach, which waits up to
     ``join_timeout_s`` for ``settings.clients`` SuperNodes (``leanserve federate-client``), and the server
     evaluates every aggregate on ``held_out``. Registers the result as ``federate`` does. Every Flower
     process is stopped before this returns or raises. Raises InvalidInput for bad settings or an unusable
     address, LeanserveError when too few clients joined, the run failed or no round completed (nothing is
     registered then)."""
-    from leanserve.learn.federated_app import Job, read_outcome, write_job
-    from leanserve.learn.federated_deploy import run_federation
+    from leanserve.learn.federated.app import Job, read_outcome, write_job
+    from leanserve.learn.federated.deploy import run_federation
     from leanserve.torch_source import load_source
 
     check_settings(settings)
@@ -178,8 +178,8 @@ def _simulate(module, files: list[Path], held_out: TrainingData, settings: Round
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    from leanserve.learn.federated_client import build_client_app
-    from leanserve.learn.federated_server import run_rounds
+    from leanserve.learn.federated.client import build_client_app
+    from leanserve.learn.federated.server import run_rounds
 
     outcomes: list[RoundsOutcome] = []
     server = ServerApp()

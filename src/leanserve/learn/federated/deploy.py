@@ -3,9 +3,9 @@ SuperLink, and the app run on it) and ``leanserve federate-client`` (a Flower Su
 
 The server side is Flower's supported deployment route, fenced in: a ``flower-superlink`` process (one HTTP
 API carries its Fleet API for the SuperNodes, its Control API for submitting runs and its Runtime API for the
-ServerApp process it starts), then ``flwr run`` of the app project of ``federated_app``, streaming the
+ServerApp process it starts), then ``flwr run`` of the app project of ``app``, streaming the
 ServerApp's log until the run ends. The SuperLink listens only on a Unix socket in a folder only this user
-can enter (``federated_socket``); the address the user asked for is served by ``federated_proxy``, which
+can enter (``socket_patch``); the address the user asked for is served by ``proxy``, which
 forwards the Fleet API and refuses everything else. So no port this opens accepts a run (code) from anyone.
 
 Every Flower process is started in a session (process group) of its own and is stopped, with all its
@@ -33,10 +33,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from leanserve.errors import InvalidInput, LeanserveError
-from leanserve.learn.federated_app import write_app_project
-from leanserve.learn.federated_client import DATA_PATH_KEY, load_client_data
-from leanserve.learn.federated_proxy import FleetFront, TlsFiles
-from leanserve.learn.federated_socket import SOCKET_ENV, sitecustomize_source
+from leanserve.learn.federated.app import write_app_project
+from leanserve.learn.federated.client import DATA_PATH_KEY, load_client_data
+from leanserve.learn.federated.proxy import FleetFront, TlsFiles
+from leanserve.learn.federated.socket_patch import SOCKET_ENV, sitecustomize_source
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def run_federation(listen: str, job_dir: Path, *, tls: TlsFiles | None = None, s
     """Serve Flower's Fleet API on ``listen`` (HOST:PORT; TLS with ``tls``) in front of a SuperLink on a
     private Unix socket, run the federation app whose job folder is ``job_dir`` on it, copy the ServerApp's
     log to stderr until the run ends, and stop every process. The outcome is left in ``job_dir``
-    (``federated_app.read_outcome``). Raises InvalidInput when the address is unusable or taken,
+    (``app.read_outcome``). Raises InvalidInput when the address is unusable or taken,
     LeanserveError when the SuperLink or the run could not start, Terminated on SIGTERM."""
     host, port = parse_address(listen, "--listen")
     if not _is_loopback(host) and tls is None:
@@ -158,7 +158,7 @@ def _socket_path(work: Path) -> Path:
 
 
 def _superlink_env(work: Path, sock_path: Path) -> dict[str, str]:
-    """The environment of every server-side Flower process: ``flower_env`` plus ``federated_socket``'s
+    """The environment of every server-side Flower process: ``flower_env`` plus ``socket_patch``'s
     patch, loaded by a ``sitecustomize`` on PYTHONPATH, pointing them all at ``sock_path``."""
     site = work / "site"
     site.mkdir(exist_ok=True)

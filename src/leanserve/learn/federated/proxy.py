@@ -1,6 +1,6 @@
 """The one port ``leanserve federate --listen`` opens: Flower's Fleet API and nothing else, optionally in TLS.
 
-The SuperLink itself listens on a Unix socket only this user can reach (``federated_socket``). This front
+The SuperLink itself listens on a Unix socket only this user can reach (``socket_patch``). This front
 accepts the SuperNodes' calls on HOST:PORT and forwards those whose method and path are exactly one of the
 Fleet API's routes (taken from Flower's own router, so the list follows the pinned Flower) to the socket;
 everything else, the Control API that submits runs and the Runtime API that ServerApps use included, is

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from flwr.serverapp.strategy import FedAvgM, Strategy
 
-from leanserve.learn.federated_client import INPUT_KEY, MODEL_KEY
+from leanserve.learn.federated.client import INPUT_KEY, MODEL_KEY
 
 log = logging.getLogger(__name__)
 

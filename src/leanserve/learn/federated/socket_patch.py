@@ -4,10 +4,10 @@ Flower 1.42's SuperLink serves its Control API (submit a run, i.e. code), its Ru
 and its Fleet API (the SuperNodes') on one TCP host:port, with no authentication on Control unless
 Flower's enterprise add-on provides OIDC. Its server-side programs (``flower-superlink``,
 ``flower-superexec``, ``flwr-serverapp`` and the ``flwr`` CLI) accept only TCP addresses, so
-``federated_deploy`` starts each of them with ``install`` run first (a ``sitecustomize`` on their
+``deploy`` starts each of them with ``install`` run first (a ``sitecustomize`` on their
 PYTHONPATH) and the socket's path in ``SOCKET_ENV``: the SuperLink's uvicorn then binds that socket, in a
 folder only this user can enter, and every httpx client of theirs connects to it whatever address it was
-given. Nothing listens on TCP; ``federated_proxy`` alone puts the Fleet API, and nothing else, on the
+given. Nothing listens on TCP; ``proxy`` alone puts the Fleet API, and nothing else, on the
 address the user chose.
 
 Why a patch rather than a setting: Flower offers none (uvicorn's ``uds`` and httpx's ``HTTPTransport(uds=)``

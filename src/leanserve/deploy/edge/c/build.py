@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from leanserve.artifact import ModelArtifact, Provenance
-from leanserve.deploy.edge_c.arena import plan_arena
-from leanserve.deploy.edge_c.codegen import MODEL_FILE, SOURCE_FILES, Sources, write_sources
-from leanserve.deploy.edge_c.cortex_m import BOARD, MCU_PROFILES, McuProfile, check_on_cortex_m, missing_tools
-from leanserve.deploy.edge_c.lower import Program, lower
-from leanserve.deploy.edge_c.report import CReport, QemuCheck, Quality, write_report
-from leanserve.deploy.edge_c.verify import HostModel, agreement, compile_host, ort_outputs
+from leanserve.deploy.edge.c.arena import plan_arena
+from leanserve.deploy.edge.c.codegen import MODEL_FILE, SOURCE_FILES, Sources, write_sources
+from leanserve.deploy.edge.c.cortex_m import BOARD, MCU_PROFILES, McuProfile, check_on_cortex_m, missing_tools
+from leanserve.deploy.edge.c.lower import Program, lower
+from leanserve.deploy.edge.c.report import CReport, QemuCheck, Quality, write_report
+from leanserve.deploy.edge.c.verify import HostModel, agreement, compile_host, ort_outputs
 from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
 from leanserve.repository import Repository, VersionRef
 
@@ -245,7 +245,7 @@ def _artifact_folder(chosen: _Candidate, signature, folder: Path) -> Path:
 def _provenance(source: str, chosen: _Candidate) -> Provenance:
     return Provenance(source=f"leanserve edge {source} --target c", parent=source,
                       recipe={"name": f"static int8 ({chosen.method})", "target": "c",
-                              "converter": "leanserve.deploy.edge_c (QDQ ONNX lowered to C99)"})
+                              "converter": "leanserve.deploy.edge.c (QDQ ONNX lowered to C99)"})
 
 
 def _metrics(report: CReport) -> dict:

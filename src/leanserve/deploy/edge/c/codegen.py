@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from leanserve.deploy.edge_c.arena import Arena
-from leanserve.deploy.edge_c.lower import Layer, Program
+from leanserve.deploy.edge.c.arena import Arena
+from leanserve.deploy.edge.c.lower import Layer, Program
 
 KERNEL_FILES = ("kernels.c", "kernels.h")
 MODEL_FILE = "model.c"
@@ -45,7 +45,7 @@ def write_sources(program: Program, arena: Arena, folder: Path, model_name: str 
     (folder / "leanserve.h").write_text(_api_header(program, arena, input_size, output_size), encoding="utf-8")
     (folder / "model.h").write_text(_constants_header(program), encoding="utf-8")
     (folder / MODEL_FILE).write_text(_model_source(program, arena, input_size, output_size, model_name), encoding="utf-8")
-    kernels = resources.files("leanserve.deploy.edge_c")
+    kernels = resources.files("leanserve.deploy.edge.c")
     for name in KERNEL_FILES:
         with resources.as_file(kernels / name) as src:
             shutil.copyfile(src, folder / name)

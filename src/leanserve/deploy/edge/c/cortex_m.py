@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from leanserve.deploy.edge_c.verify import CompileError
+from leanserve.deploy.edge.c.verify import CompileError
 
 CPU_FLAGS = ("-mcpu=cortex-m4", "-mthumb", "-Os")
 CFLAGS = (*CPU_FLAGS, "-std=c99", "-Wall", "-Wextra", "-Werror", "-ffunction-sections", "-fdata-sections")

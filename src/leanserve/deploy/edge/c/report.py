@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from leanserve.deploy.edge_c.cortex_m import Footprint, McuProfile
-from leanserve.deploy.edge_c.verify import Agreement
-from leanserve.deploy.edge_report import REPORT_JSON, REPORT_MD
+from leanserve.deploy.edge.c.cortex_m import Footprint, McuProfile
+from leanserve.deploy.edge.c.verify import Agreement
+from leanserve.deploy.edge.report import REPORT_JSON, REPORT_MD
 from leanserve.measure import cpu_description
 
 
