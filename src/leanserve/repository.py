@@ -381,6 +381,25 @@ class Repository:
                 shutil.rmtree(stage, ignore_errors=True)
 
 
+def versions_to_load(repo: Repository, name: str, config: ModelConfig, available: list[int]) -> set[int]:
+    """Versions a server loads: those traffic sends requests to or shadows, plus the version policy's (see
+    VersionPolicy); a model without traffic settings gets ``Repository.default_served``. What the server
+    loads and what a deployment bundle carries are this one answer."""
+    traffic, policy, present = config.traffic, config.version_policy, set(available)
+    shadow = {traffic.shadow} & present if traffic.shadow else set()
+    if not traffic.weights:
+        return shadow | set(repo.default_served(name, config, available))
+    pinned = set(traffic.version_weights()) & present
+    if policy.kind != "latest":
+        return pinned | shadow | set(policy.select(available))
+    recent = set(pinned)  # latest n: the served versions, then the most recently served others
+    for earlier in reversed(traffic.history):
+        for version in sorted((int(v) for v, w in earlier.items() if w > 0), reverse=True):
+            if len(recent) < policy.n and version in present:
+                recent.add(version)
+    return recent | shadow
+
+
 def _sweep_stale(staging: Path) -> None:
     """Remove staging folders left by writers that died (their pid no longer runs)."""
     for entry in staging.iterdir():

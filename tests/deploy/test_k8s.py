@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+import leanserve
 import leanserve.deploy
+from leanserve.deploy import bundle as bundle_module
 
 yaml = pytest.importorskip("yaml")
 k8s = pytest.importorskip("leanserve.deploy.k8s")
@@ -104,7 +106,7 @@ def test_the_repository_is_copied_without_its_runtime_state(affine_repo, tmp_pat
     out = tmp_path / "k8s"
     assert run_k8s(affine_repo.root, out) == 0
     assert (out / "models" / "affine" / "1" / "manifest.json").is_file()
-    assert [p for p in (out / "models").rglob(".*")] == []
+    assert [p for p in (out / "models").rglob(".*")] == []  # no profiles here, and no runtime state
 
 
 def test_the_dockerfile_builds_a_lean_non_root_server_image(bundle):
@@ -182,7 +184,7 @@ def test_an_out_folder_with_other_files_is_left_alone(affine_repo, tmp_path, cap
 
 
 def test_a_rerun_replaces_its_earlier_output_and_keeps_a_users_wheel(affine_repo, bundle):
-    wheel = bundle / "wheels" / "leanserve-0.1.0-py3-none-any.whl"
+    wheel = bundle / "wheels" / "mylib-1.0-py3-none-any.whl"
     wheel.write_bytes(b"wheel")
     assert run_k8s(affine_repo.root, bundle, "--image", "registry.local:5000/leanserve:2") == 0
     assert container(bundle)["image"] == "registry.local:5000/leanserve:2" and wheel.read_bytes() == b"wheel"
@@ -195,7 +197,7 @@ def test_a_write_that_fails_midway_leaves_the_earlier_output_whole(affine_repo, 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(k8s.shutil, "copytree", disk_full)
+    monkeypatch.setattr(bundle_module.shutil, "copytree", disk_full)
     spec = k8s.DeploySpec(name="repo", image="ghcr.io/acme/leanserve:2")
     with pytest.raises(OSError):
         k8s.write_bundle(spec, affine_repo.root, bundle)
@@ -221,3 +223,34 @@ def test_write_bundle_refuses_a_file_in_the_way(affine_repo, tmp_path):
     (tmp_path / "k8s").write_text("x")
     with pytest.raises(InvalidInput, match="a file is in the way"):
         k8s.write_bundle(k8s.DeploySpec(name="m", image=IMAGE), affine_repo.root, tmp_path / "k8s")
+
+
+def test_the_install_step_installs_the_bundles_wheel_offline(bundle, tmp_path):
+    import subprocess
+
+    text = (bundle / "Dockerfile").read_text()
+    (run,) = [line for line in text.splitlines() if line.startswith("RUN pip install --no-index")]
+    command = run.removeprefix("RUN ").split(" \\")[0].split(" && ")[0].replace("/tmp/wheels", str(bundle / "wheels"))
+    assert command == k8s.install_command(str(bundle / "wheels"))
+    args = command.split()
+    assert args[:2] == ["pip", "install"]
+    target = tmp_path / "site"  # a throwaway install folder: --no-index, so nothing is fetched
+    done = subprocess.run([sys.executable, "-m", *args, "--target", str(target), "--quiet"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (target / "leanserve" / "deploy" / "batch" / "runner.py").is_file()
+    assert (target / "leanserve" / "deploy" / "edge" / "c" / "kernels.c").is_file()  # package data travels
+    assert [p.name for p in target.glob("leanserve-*.dist-info")] == [f"leanserve-{leanserve.__version__}.dist-info"]
+
+
+def test_only_the_versions_a_server_loads_travel_with_their_profiles(affine_repo, tmp_path):
+    source = affine_repo.get("affine").model_path
+    affine_repo.add(source, "affine", serve=True)  # version 2 takes all traffic; 1 is retired
+    profiles = affine_repo.root / "affine" / ".profiles"
+    profiles.mkdir(exist_ok=True)
+    for version in (1, 2):
+        (profiles / f"{version}.json").write_text("{}")
+    out = tmp_path / "k8s"
+    assert run_k8s(affine_repo.root, out) == 0
+    assert sorted(p.name for p in (out / "models" / "affine").iterdir()) == [".profiles", "2", "config.json"]
+    assert [p.name for p in (out / "models" / "affine" / ".profiles").iterdir()] == ["2.json"]

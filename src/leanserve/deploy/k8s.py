@@ -12,10 +12,7 @@ Needs the ``k8s`` extra (``kubernetes``, ``pyyaml``).
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -37,6 +34,7 @@ from kubernetes.client import (
 from kubernetes.utils import parse_quantity
 
 from leanserve import __version__
+from leanserve.deploy import bundle
 from leanserve.errors import InvalidInput, LeanserveError
 
 MODEL_DIR = "/mnt/models"  # where KServe's storage initializer puts a predictor's storageUri
@@ -48,7 +46,6 @@ MODEL_FORMAT = "leanserve"  # a leanserve repository folder, whatever the format
 TORCH_CPU_PIN = "torch==2.13.0"  # the Makefile's TORCH_PIN; a test keeps the two equal
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 STORAGE_SCHEMES = ("s3", "gs", "pvc", "https", "hdfs", "webhdfs", "oci", "hf")  # what KServe can fetch; no plain http
-BUNDLE_FILES = ("Dockerfile", "clusterservingruntime.yaml", "inferenceservice.yaml", "models", "wheels")
 
 # Docker's image reference grammar: [registry[:port]/]path[:tag][@digest]
 _DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?))*(?::[0-9]+)?"
@@ -260,6 +257,11 @@ def to_yaml(manifest: ClusterServingRuntime | InferenceService) -> str:
         return yaml.safe_dump(client.sanitize_for_serialization(manifest), sort_keys=False)
 
 
+def install_command(wheels: str) -> str:
+    """The Dockerfile's step that installs leanserve itself: from the wheels in ``wheels`` only, offline."""
+    return f"pip install --no-index --find-links {wheels} --no-deps leanserve=={__version__}"
+
+
 def dockerfile(spec: DeploySpec) -> str:
     """A Dockerfile for the server on python:3.11-slim: leanserve and the extras the repository needs (the
     CPU build of torch only when asked for), a non-root user, a health check on /v2/health/ready."""
@@ -269,12 +271,10 @@ def dockerfile(spec: DeploySpec) -> str:
              f"RUN useradd --uid {APP_UID} --create-home --shell /usr/sbin/nologin leanserve"]
     if "torch" in spec.extras:
         lines.append(f"RUN pip install --index-url {TORCH_CPU_INDEX} {TORCH_CPU_PIN}")
-    lines += ["# leanserve from a wheel put in wheels/ if there is one, else from the package index",
-              "COPY wheels/ /tmp/wheels/",
-              'RUN set -eu; wheel="$(find /tmp/wheels -name \'leanserve-*.whl\' | head -n 1)"; \\',
-              f'    if [ -n "$wheel" ]; then pip install --find-links /tmp/wheels "$wheel{extras}"; \\',
-              f'    else pip install "leanserve{extras}=={__version__}"; fi; \\',
-              "    rm -rf /tmp/wheels"]
+    lines += ["COPY wheels/ /tmp/wheels/",
+              "# leanserve only from the bundle's wheel (no index can stand in for it), then its dependencies",
+              f"RUN {install_command('/tmp/wheels')} \\",
+              f'    && pip install --find-links /tmp/wheels "leanserve{extras}=={__version__}" && rm -rf /tmp/wheels']
     if spec.baked_in:
         lines.append(f"COPY --chown={APP_UID}:{APP_UID} models/ {MODEL_DIR}/")
     else:
@@ -293,62 +293,15 @@ def dockerfile(spec: DeploySpec) -> str:
 # --- the bundle on disk -------------------------------------------------------------------------------
 
 def write_bundle(spec: DeploySpec, repo: Path, out: Path) -> list[Path]:
-    """Write the Dockerfile, both manifests and (baked-in) a copy of ``repo`` into the folder ``out``.
-
-    Everything is written into a sibling folder and renamed into place, so ``out`` is either the old
-    bundle or the new one, never a mix; wheels a user put in a previous bundle's ``wheels/`` are kept.
-    Raises InvalidInput when ``out`` is a file or holds files this command did not write.
+    """Write the Dockerfile, both manifests, a wheel of leanserve in ``wheels/`` and (baked-in) the versions of
+    ``repo`` a server would load, with their profiles, into the folder ``out`` (see ``bundle.write_bundle``:
+    all or nothing, a user's other wheels kept). Raises InvalidInput when ``out`` is a file or holds files
+    this command did not write, or when no leanserve wheel can be built or found (saying how to provide one).
     Returns the paths written, relative to ``out``.
     """
-    _check_out(out)
-    staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir(parents=True)
-    try:
-        _fill(staging, spec, repo, out)
-        written = sorted(p.relative_to(staging) for p in staging.rglob("*") if p.is_file())
-        _swap_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return written
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise InvalidInput(f"--out {out}: a file is in the way; give a new or empty folder")
-    if out.is_dir():
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in BUNDLE_FILES)
-        if foreign:
-            raise InvalidInput(f"--out {out} holds files this command did not write ({', '.join(foreign[:5])}); "
-                               "give a new or empty folder")
-
-
-def _fill(folder: Path, spec: DeploySpec, repo: Path, out: Path) -> None:
-    (folder / "Dockerfile").write_text(dockerfile(spec), encoding="utf-8")
-    (folder / "clusterservingruntime.yaml").write_text(to_yaml(serving_runtime(spec)), encoding="utf-8")
-    (folder / "inferenceservice.yaml").write_text(to_yaml(inference_service(spec)), encoding="utf-8")
-    wheels = folder / "wheels"
-    wheels.mkdir()
-    (wheels / "README").write_text("Put a leanserve wheel here to install it instead of the package index's.\n",
-                                   encoding="utf-8")
-    for wheel in (out / "wheels").glob("*.whl") if (out / "wheels").is_dir() else ():
-        shutil.copy2(wheel, wheels / wheel.name)
-    if spec.baked_in:
-        # dot-entries are the repository's runtime state (locks, staging, prediction log, rollout events)
-        shutil.copytree(repo, folder / "models", ignore=lambda _, names: [n for n in names if n.startswith(".")])
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(staging, out)
-        return
-    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-    os.rename(out, old)
-    try:
-        os.rename(staging, out)
-    except OSError:
-        os.rename(old, out)  # put the previous bundle back before reporting the failure
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    texts = {"Dockerfile": dockerfile(spec), "clusterservingruntime.yaml": to_yaml(serving_runtime(spec)),
+             "inferenceservice.yaml": to_yaml(inference_service(spec))}
+    return bundle.write_bundle(out, texts, repo if spec.baked_in else None)
 
 
 def _quantity(what: str, value: str) -> Decimal:

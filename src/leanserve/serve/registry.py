@@ -32,7 +32,7 @@ from prometheus_client import Counter
 from leanserve.artifact import MANIFEST_FILE, ModelArtifact, Signature
 from leanserve.config import ModelConfig, TrafficConfig
 from leanserve.errors import LeanserveError, ModelLoadError, ModelNotFound, NotReady
-from leanserve.repository import CONFIG_FILE, Repository, VersionRef, is_version_folder, parse_version
+from leanserve.repository import CONFIG_FILE, Repository, VersionRef, is_version_folder, parse_version, versions_to_load
 from leanserve.runtime import example_inputs, load_session
 from leanserve.serve.batching import Batcher, batchable
 from leanserve.serve.cache import ResponseCache
@@ -198,7 +198,7 @@ class ModelRegistry:
         for version in sorted(changed):
             log.warning("model %s version %d was replaced on disk (manifest %s… -> %s…); reloading it", entry.name,
                         version, entry.versions[version].digest[:12], (digests.get(version) or "?")[:12])
-        wanted = set() if entry.unloaded_by_admin else _wanted_versions(self.repo, entry.name, entry.config, available)
+        wanted = set() if entry.unloaded_by_admin else versions_to_load(self.repo, entry.name, entry.config, available)
         entry.should_serve = bool(wanted)
         targets = sorted(wanted | changed) if reload else sorted((wanted - set(entry.versions)) | changed)
         for version in targets:  # load first, so there is never a moment with nothing to serve
@@ -375,24 +375,6 @@ def serving_threads(instances: int = 1) -> int:
     On 2 cores the digits CNN served 4,200 req/s with 1 engine thread and 3,500 with ONNX Runtime's own
     default of 2, whose second thread fought the event loop for its core (bare handler, same machine)."""
     return max(1, (len(os.sched_getaffinity(0)) - 1) // max(1, instances))
-
-
-def _wanted_versions(repo: Repository, name: str, config: ModelConfig, available: list[int]) -> set[int]:
-    """Versions to load: those traffic sends requests to or shadows, plus the version policy's (see
-    VersionPolicy); a model without traffic settings gets ``Repository.default_served``."""
-    traffic, policy, present = config.traffic, config.version_policy, set(available)
-    shadow = {traffic.shadow} & present if traffic.shadow else set()
-    if not traffic.weights:
-        return shadow | set(repo.default_served(name, config, available))
-    pinned = set(traffic.version_weights()) & present
-    if policy.kind != "latest":
-        return pinned | shadow | set(policy.select(available))
-    recent = set(pinned)  # latest n: the served versions, then the most recently served others
-    for earlier in reversed(traffic.history):
-        for version in sorted((int(v) for v, w in earlier.items() if w > 0), reverse=True):
-            if len(recent) < policy.n and version in present:
-                recent.add(version)
-    return recent | shadow
 
 
 def _fingerprint(folder: Path) -> tuple:
