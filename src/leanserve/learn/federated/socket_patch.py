@@ -23,7 +23,7 @@ SOCKET_ENV = "LEANSERVE_FLOWER_SOCKET"
 
 def sitecustomize_source() -> str:
     """The ``sitecustomize.py`` that makes a Flower process use the socket (run ``install`` at start-up)."""
-    return f"from leanserve.learn.{__name__.rsplit('.', 1)[1]} import install\ninstall()\n"
+    return f"from {__name__} import install\ninstall()\n"
 
 
 def install() -> None:
