@@ -75,7 +75,8 @@ class Attribution:
     """Attributions of a batch: ``values`` shaped like the explained input; per row the explained output
     column (``targets``, -1 when the output has one value per row or the score is a similarity), the
     row's score and the baseline's score. ``background`` names what hidden features were replaced by
-    (``fallback``: why zeros stood in for the version's reference data, when they did)."""
+    (``fallback``: why zeros stood in for the version's reference data, when they did). ``tokens``, for
+    text, holds each attributed position's token as a string (``(rows, sequence)``, "" at padding)."""
 
     method: str
     values: np.ndarray
@@ -86,6 +87,7 @@ class Attribution:
     score: str = COLUMN
     background: str = "zeros"
     fallback: str | None = None
+    tokens: np.ndarray | None = None
 
 
 def columns(outputs: np.ndarray) -> np.ndarray:

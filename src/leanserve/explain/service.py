@@ -39,7 +39,7 @@ from leanserve.explain.methods import (
     ExplanationUnavailable,
 )
 from leanserve.explain.settings import ExplainConfig, ExplainPlan, read_plan
-from leanserve.explain.targets import Target
+from leanserve.explain.targets import Target, TokenInputs
 from leanserve.explain.tokens import check_lengths
 from leanserve.explain.worker import VersionTools, prepare, run_plan
 
@@ -59,6 +59,7 @@ class ExplanationService:
         self._tools: dict[tuple[str, int], VersionTools] = {}
         self._importance: dict[tuple[str, int], VersionImportance] = {}
         self._last_sample: dict[tuple[str, int], float] = {}
+        self._text: dict[tuple[str, int], tuple[Any, TokenInputs | None]] = {}  # (artifact, its text's tokens)
         self._sample_not_before = 0.0  # the CPU budget of live sampling (see ``sample``)
         self.sample_cpu_s = 0.0  # CPU seconds spent on live samples
         self._tasks: set[asyncio.Task] = set()
@@ -107,11 +108,19 @@ class ExplanationService:
         return plan
 
     async def finish(self, plan: ExplainPlan, handle, request, response):
-        """The response with the attribution output ``plan`` asks for added."""
+        """The response with the attribution output ``plan`` asks for added (and, for text, the tokens
+        the attributions belong to, as strings: ``<input>__tokens``)."""
+        from leanserve.explain.text import TOKENS_SUFFIX
+
         result = await self.explain(handle, plan, request.inputs)
         name = plan.target.input.name + ATTRIBUTION_SUFFIX
-        response.outputs = {**response.outputs, name: result.values}
-        response.output_parameters = {**response.output_parameters, name: _describe(plan, result)}
+        outputs = {name: result.values}
+        described = _describe(plan, result)
+        if result.tokens is not None:
+            outputs[plan.target.input.name + TOKENS_SUFFIX] = result.tokens
+            described["explained_tokens"] = plan.target.input.name + TOKENS_SUFFIX
+        response.outputs = {**response.outputs, **outputs}
+        response.output_parameters = {**response.output_parameters, name: described}
         return response
 
     async def explain(self, handle, plan: ExplainPlan, inputs: dict[str, np.ndarray]) -> Attribution:
@@ -228,11 +237,23 @@ class ExplanationService:
         return PERMUTATION
 
     def _plan(self, handle, params: dict[str, Any], inputs: dict[str, np.ndarray]) -> ExplainPlan:
-        plan = read_plan(params, handle.signature, self.config, lambda target: self.default_method(handle, target))
+        plan = read_plan(params, handle.signature, self.config, lambda target: self.default_method(handle, target),
+                         self._text_tokens(handle))
         self._check_method(handle, plan.method)
         if plan.target.tokens is not None:
             check_lengths(inputs, plan.target.tokens, self.config.max_tokens)
         return plan
+
+    def _text_tokens(self, handle) -> TokenInputs | None:
+        """The token inputs behind a text pipeline version's text (None for other versions), read from its
+        ``pipeline.json`` once per loaded artifact."""
+        from leanserve.explain.text import text_tokens
+
+        key = (handle.ref.name, handle.ref.version)
+        known = self._text.get(key)
+        if known is None or known[0] is not handle.artifact:
+            known = self._text[key] = (handle.artifact, text_tokens(handle.artifact))
+        return known[1]
 
     def _check_method(self, handle, method: str) -> None:
         from leanserve.torch_source import has_source

@@ -34,7 +34,7 @@ from leanserve.explain.methods import (
     SIMILARITY,
     ExplanationUnavailable,
 )
-from leanserve.explain.targets import Target, explain_target
+from leanserve.explain.targets import Target, TokenInputs, explain_target
 from leanserve.explain.tokens import mask_id_for
 
 
@@ -54,10 +54,11 @@ class ExplainPlan:
 
 
 def read_plan(params: dict[str, Any], signature: Signature, config: ExplainConfig,
-              default_method: Callable[[Target], str]) -> ExplainPlan:
+              default_method: Callable[[Target], str], text: TokenInputs | None = None) -> ExplainPlan:
     """The explanation ``params`` ask for on a version of this signature.
 
-    ``default_method`` picks the method when none is asked for. Raises InvalidInput for a malformed or
+    ``default_method`` picks the method when none is asked for; ``text`` is the token inputs of a text
+    pipeline's model (its BYTES input is then explained per token). Raises InvalidInput for a malformed or
     out-of-range parameter, ExplanationUnavailable when the model or the method cannot explain (the
     message names what is missing and what would work).
     """
@@ -68,7 +69,7 @@ def read_plan(params: dict[str, Any], signature: Signature, config: ExplainConfi
     score = _optional(params, "explain_score", str) or COLUMN
     if score not in SCORES:
         raise InvalidInput(f"explain_score must be one of {', '.join(SCORES)}, got {score!r}")
-    target = explain_target(signature, _optional(params, "explain_output", str), score)
+    target = explain_target(signature, _optional(params, "explain_output", str), score, text)
     method = method or default_method(target)
     if method == INTEGRATED_GRADIENTS and (target.tokens is not None or score != COLUMN):
         what = f"token ids ({target.input.name})" if target.tokens is not None else "the similarity score"

@@ -38,17 +38,21 @@ class Target:
     tokens: TokenInputs | None = None
 
 
-def explain_target(signature: Signature, output: str | None = None, score: str = COLUMN) -> Target:
+def explain_target(signature: Signature, output: str | None = None, score: str = COLUMN,
+                   text: TokenInputs | None = None) -> Target:
     """The input and output an explanation of this signature covers.
 
     Explainable inputs: one floating-point input, or integer token ids ``[batch, sequence]`` with integer
-    companions of the same shape; all with a variable leading batch axis. Explainable outputs: floating
+    companions of the same shape, or (``text``: the token inputs a text pipeline's tokenizer makes) one
+    BYTES text input, explained per token; all with a variable leading batch axis. Explainable outputs: floating
     point, ``[batch]`` or ``[batch, classes]`` for the ``column`` score, any shape with several values per
     row for ``similarity``; ``output`` names it (default: the first floating-point output). Raises
     ExplanationUnavailable saying which condition fails, InvalidInput for an unknown output.
     """
     floats = [s for s in signature.inputs if s.datatype in FLOAT_TYPES]
-    if len(signature.inputs) == 1 and floats:
+    if text is not None and len(signature.inputs) == 1 and signature.inputs[0].datatype == "BYTES":
+        spec, tokens = signature.inputs[0], text
+    elif len(signature.inputs) == 1 and floats:
         spec, tokens = floats[0], None
     elif not floats and any(s.datatype in INTEGER_TYPES for s in signature.inputs):
         tokens = token_inputs(signature)
@@ -56,7 +60,7 @@ def explain_target(signature: Signature, output: str | None = None, score: str =
     else:
         raise ExplanationUnavailable(f"{_unexplainable(signature)}: attributions need one floating-point input "
                                      "(features, pixels, embeddings) or integer token ids with their attention_mask "
-                                     "and token_type_ids; strings cannot be masked")
+                                     "and token_type_ids; strings cannot be masked unless the version's pipeline tokenizes them")
     for s in signature.inputs:
         if not s.shape or s.shape[0] != -1:
             raise ExplanationUnavailable(f"input {s.name!r} has shape {list(s.shape)}: explanations need a variable "

@@ -42,7 +42,8 @@ class VersionTools:
             if self._session is None:
                 options = self.runtime
                 engine = options.engine or self.artifact.manifest.default_runtime
-                if engine == "onnxruntime":  # other engines' thread settings are process-wide (PyTorch)
+                # other engines' thread settings are process-wide (PyTorch); a pipeline passes them to its model
+                if engine in ("onnxruntime", "pipeline"):
                     options = replace(options, intra_op_threads=self.config.engine_threads, inter_op_threads=1)
                 self._session = load_session(self.artifact, options)
             return self._session
@@ -75,6 +76,10 @@ def run_plan(tools: VersionTools, plan: ExplainPlan, inputs: dict[str, np.ndarra
     deadline.check()  # it may have waited in the queue past its budget
     deadline = deadline.extended(prepare(plan.method, config.engine_threads))  # once per process, not the request's
     try:
+        if plan.target.input.datatype == "BYTES":  # a text pipeline's text, explained per token
+            from leanserve.explain.text import explain_text
+
+            return explain_text(tools.session(), plan, inputs[plan.target.input.name], deadline, config)
         if plan.target.tokens is not None:
             return _explain_tokens(tools, plan, inputs, deadline, config)
         return _explain_features(tools, plan, inputs, deadline, config)
