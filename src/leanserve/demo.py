@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from leanserve.artifact import Provenance
+from leanserve.errors import InvalidInput
 from leanserve.repository import Repository, VersionRef
 from leanserve.serve.protocol.codec import encode_json_request
 
@@ -98,6 +99,8 @@ def run_demo(repo: Repository, name: str = "digits-cnn", epochs: int = 15, progr
     from leanserve.model import load
     from leanserve.torch_source import save_program, save_source
 
+    if epochs < 1:
+        raise InvalidInput(f"epochs must be at least 1, got {epochs}: an untrained model is no demo")
     x_train, x_test, y_train, y_test = digits_dataset()
     module = train_cnn(x_train, y_train, epochs=epochs, progress=progress)
     with tempfile.TemporaryDirectory() as tmp:

@@ -223,3 +223,48 @@ def _max_abs_diff(path, input_names, output_names, args, expected) -> float:
         for g, e in zip(got, expected)
     ]
     return max(diffs, default=0.0)
+
+
+def load_factory(spec: str):
+    """Run ``FILE.py:FUNCTION``, a user's function returning ``(module, example_inputs)``, and return that pair.
+
+    The user's own code runs, on the user's request. Raises InvalidInput for a malformed spec, a missing
+    file or function, or a function returning something else.
+    """
+    import importlib.util
+
+    path, _, func = spec.rpartition(":")
+    if not path or not func or not path.endswith(".py"):
+        raise InvalidInput(f"{spec!r}: expected FILE.py:FUNCTION, a function returning (module, example_inputs)")
+    if not Path(path).is_file():
+        raise InvalidInput(f"{path}: no such file")
+    module_spec = importlib.util.spec_from_file_location("leanserve_user_factory", path)
+    user = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(user)
+    if not hasattr(user, func):
+        raise InvalidInput(f"{path} has no function {func!r}")
+    result = getattr(user, func)()
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise InvalidInput(f"{spec} must return (module, example_inputs)")
+    return result
+
+
+def export_and_register(module, example_inputs, path: str | Path, repo, name: str, *, source: str | None = None,
+                        **export_options):
+    """Export ``module`` to ONNX at ``path`` (see ``export``, which takes ``export_options``) and import the
+    file as the next version of ``name`` in ``repo``, with the module itself attached: TorchScript (for
+    learning and explanations) and, where it exports, a torch.export program (for device compilers).
+
+    Returns (ExportResult, VersionRef). Raises what ``export`` and ``Repository.add`` raise.
+    """
+    import tempfile
+
+    from leanserve.artifact import Provenance
+    from leanserve.torch_source import save_program, save_source
+
+    result = export(module, example_inputs, path, **export_options)
+    with tempfile.TemporaryDirectory() as tmp:
+        sources = [save_source(module, example_inputs, tmp), save_program(module, example_inputs, tmp)]
+        ref = repo.add(result.path, name, provenance=Provenance(source=source, exporter=result.exporter),
+                       metrics={"export_max_abs_diff": result.max_abs_diff}, attachments=[s for s in sources if s])
+    return result, ref

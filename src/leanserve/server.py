@@ -17,6 +17,7 @@ nothing on the request path. What runs in the background, and its switch:
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -26,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-from leanserve.errors import LeanserveError
+from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.explain.service import ExplanationService, ImportanceSampler
 from leanserve.monitor.live import LiveStats
 from leanserve.monitor.observers import LiveSignals, LiveStatsObserver, PredictionLogObserver
@@ -106,11 +107,35 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
 
 
 def run_server(config: ServerConfig, registry_factory: Callable[..., ModelRegistry] = ModelRegistry) -> None:
-    """Serve until SIGINT/SIGTERM, then drain in-flight requests and exit."""
+    """Serve until SIGINT/SIGTERM, then drain in-flight requests and exit. Raises InvalidInput, before
+    anything starts, when the HTTP or gRPC port is taken."""
+    check_ports(config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("leanserve").setLevel(logging.INFO)
     server = build_server(config, registry_factory=registry_factory)
     run_app(config, server.app)
+
+
+def check_ports(config: ServerConfig) -> None:
+    """Raise InvalidInput naming the port when the HTTP or gRPC port cannot be bound on ``config.host``
+    (taken by another process, or both the same). Checked before start-up: uvicorn reports a taken
+    port only after the server has said it is serving, and gRPC's bind fails inside the lifespan."""
+    if config.grpc_port is not None and config.grpc_port == config.port and config.port != 0:
+        raise InvalidInput(f"--port and --grpc-port are both {config.port}: give gRPC another port (or 0 to turn it off)")
+    for what, flag, port in (("HTTP", "--port", config.port), ("gRPC", "--grpc-port", config.grpc_port)):
+        if not port:  # None: gRPC off; 0: any free port
+            continue
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(config.host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as exc:
+            raise InvalidInput(f"--host {config.host}: not an address of this machine ({exc.strerror})") from None
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise InvalidInput(f"the {what} port {config.host}:{port} is not free ({exc.strerror}); "
+                                   f"stop what holds it or choose another with {flag}") from None
 
 
 def _text_routes(plane: DataPlane) -> list[Route]:

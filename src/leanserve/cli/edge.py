@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import sys
 
+from leanserve.cli.args import (add_json, add_model_ref, add_repo, command, config_default, fraction, given,
+                                model_ref, open_repo, print_json, subject)
 from leanserve.errors import InvalidInput
+
+BUILD = "leanserve.deploy.edge.build:build_edge"
 
 
 def cmd_edge(args) -> int:
     from leanserve.deploy.edge.build import DoesNotFit, build_edge
-    from leanserve.cli.subject import subject
     from leanserve.deploy.edge.device import device_profile
-    from leanserve.repository import Repository
 
-    name, _, version = args.model.partition(":")
-    repo = Repository(args.repo, create=False)
+    repo = open_repo(args)
+    name, version = model_ref(args)
     version = subject(repo, name, version).version
     if args.serve and args.target == "c":
         raise InvalidInput("--serve: C sources (--target c) are compiled into firmware and cannot be served")
@@ -23,15 +25,16 @@ def cmd_edge(args) -> int:
     profile = device_profile(args.profile or "phone", threads=args.threads, memory_mb=args.memory_mb)
     try:
         outcome = build_edge(repo, name, version or None, target=args.target, profile=profile, eval_path=args.eval,
-                             calib_path=args.calib, max_drop=args.max_accuracy_drop, report_dir=args.report_dir,
-                             time_budget_s=args.time_budget, probe_time_s=args.seconds, progress=args.progress,
-                             holdout_path=args.holdout, holdout_fraction=args.holdout_fraction, seed=args.seed,
-                             serve=args.serve)
+                             calib_path=args.calib, report_dir=args.report_dir, progress=args.progress,
+                             holdout_path=args.holdout, serve=args.serve,
+                             **given(args, max_drop="max_accuracy_drop", time_budget_s="time_budget",
+                                     probe_time_s="seconds", holdout_fraction="holdout_fraction", seed="seed"))
     except DoesNotFit as exc:
-        print(exc.report.to_markdown())
+        _print_report(args, exc.report, None)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(outcome.report.to_markdown())
+    if _print_report(args, outcome.report, outcome.ref):
+        return 0
     print(f"registered {outcome.ref} ({outcome.report.artifact_bytes:,} bytes, "
           f"{outcome.report.size_ratio:.1%} of the fp32 original); report: {outcome.files[0]}")
     print(f"{outcome.ref} takes all traffic now" if args.serve else
@@ -45,18 +48,29 @@ def _edge_c(args, repo, name: str, version: str | None) -> int:
     profile = mcu_profile(args.profile)
     try:
         outcome = build_c_edge(repo, name, version, profile=profile, eval_path=args.eval, calib_path=args.calib,
-                               max_drop=args.max_accuracy_drop, report_dir=args.report_dir)
+                               report_dir=args.report_dir, **given(args, max_drop="max_accuracy_drop"))
     except DoesNotFitMcu as exc:
-        print(exc.report.to_markdown())
+        _print_report(args, exc.report, None)
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(outcome.report.to_markdown())
+    if _print_report(args, outcome.report, outcome.ref):
+        return 0
     print(f"registered {outcome.ref} (C99 sources, {outcome.report.artifact_bytes:,} bytes compiled; not served); "
           f"report: {outcome.files[0]}")
     return 0
 
 
-def add_edge_command(sub, command, add_repo) -> None:
+def _print_report(args, report, ref) -> bool:
+    """The device report as Markdown, or with --json as one JSON document (then True: nothing else to say)."""
+    if args.json:
+        print_json({**report.to_dict(), "registered": str(ref) if ref else None})
+        return True
+    print(report.to_markdown())
+    return False
+
+
+def register(sub) -> None:
+    """Add edge."""
     p = command(sub, "edge", cmd_edge,
                 "build a device artifact (int8 ORT format, or an ExecuTorch .pte) of a version, test it under a device "
                 "profile, register it",
@@ -68,7 +82,8 @@ def add_edge_command(sub, command, add_repo) -> None:
                 "  profiles: phone (1 thread, 512 MB), pi4 (4 threads, 1024 MB), tiny (1 thread, 256 MB); "
                 "--target c: cortex-m4 (256 KB flash, 64 KB RAM)\n"
                 "  (exit status 1, nothing registered, when the artifact does not run within the profile)")
-    p.add_argument("model", help="MODEL or MODEL:VERSION (ort: an ONNX version; executorch: one with a PyTorch program)")
+    add_model_ref(p, "MODEL or MODEL:VERSION (ort: an ONNX version; executorch: one with a PyTorch program; "
+                  "default: the version serving most traffic)")
     p.add_argument("--target", default="ort", metavar="NAME",
                    help="ort (ONNX Runtime's ORT format, for its mobile and minimal builds) or executorch "
                         "(a .pte with the XNNPACK delegate, for PyTorch's on-device runtime) or c (C99 int8 sources "
@@ -81,17 +96,20 @@ def add_edge_command(sub, command, add_repo) -> None:
                    "when --calib is given)")
     p.add_argument("--holdout", metavar="NPZ", help="held-out data the artifact's accuracy is reported on (default: "
                    "hold out --holdout-fraction of --eval's rows; the int8 choice uses the rest)")
-    p.add_argument("--holdout-fraction", type=float, default=0.3, metavar="F",
-                   help="share of --eval's rows held out from the choice to report accuracy on, when no --holdout")
-    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    config_default(p.add_argument("--holdout-fraction", type=fraction, metavar="F",
+                                  help="share of --eval's rows held out from the choice to report accuracy on, "
+                                       "when no --holdout"), BUILD, "holdout_fraction")
+    config_default(p.add_argument("--seed", type=int, help="seed of the held-out split"), BUILD, "seed")
     p.add_argument("--serve", action="store_true", help="send all server traffic to the new artifact at once "
-                   "(default: registered only; serve it later with leanserve promote or canary)")
+                   "(otherwise registered only; serve it later with leanserve promote or canary)")
     p.add_argument("--calib", metavar="NPZ", help="calibration data for static int8 (default: the evaluation inputs)")
-    p.add_argument("--max-accuracy-drop", default="1%",
-                   help="largest quality drop accepted: 1%% = 1 point, 1%%rel = 1%% of the original, 0.01 as is")
+    config_default(p.add_argument("--max-accuracy-drop", help="largest quality drop accepted: 1%% = 1 point, "
+                                  "1%%rel = 1%% of the original, 0.01 as is"), BUILD, "max_drop")
     p.add_argument("--report-dir", metavar="DIR", help="also write the device report here (kept when nothing is registered)")
-    p.add_argument("--seconds", type=float, default=1.0, help="at least this long timing latency under the profile")
-    p.add_argument("--time-budget", type=float, default=300.0, metavar="S",
-                   help="seconds the int8 search may take (ort; executorch tries at most two int8 programs)")
+    config_default(p.add_argument("--seconds", type=float, help="at least this long timing latency under the profile"),
+                   BUILD, "probe_time_s")
+    config_default(p.add_argument("--time-budget", type=float, metavar="S", help="seconds the int8 search may take "
+                                  "(ort; executorch tries at most two int8 programs)"), BUILD, "time_budget_s")
     p.add_argument("--progress", action="store_true", help="show the int8 search's progress")
+    add_json(p, "the device report and the version registered")
     add_repo(p)

@@ -9,47 +9,53 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from leanserve.cli.args import add_json, add_repo, command, config_default, given, open_repo, positive_int, subject
 from leanserve.errors import InvalidInput
 
+ROUNDS = "leanserve.learn.federated.server:RoundSettings"
 
-def add_federate_commands(sub, command, add_repo) -> None:
-    """Register ``federate`` and ``federate-client`` on the CLI's subparsers."""
+
+def register(sub) -> None:
+    """Add federate and federate-client."""
     p = command(sub, "federate", cmd_federate,
                 "train a version with Flower (simulated clients on this machine, or real ones with --listen); "
                 "register the result as a guarded canary",
                 "leanserve federate digits-cnn --strategy fedprox --rounds 20 --clients 10 --data digits.npz\n"
                 "  leanserve federate digits-cnn --listen 10.0.0.5:9092 --clients 3 --data held-out.npz")
     p.add_argument("model", help="model whose version has a PyTorch source (leanserve demo / export --name keep one)")
-    p.add_argument("--version", default=None, help="version to start from (default: latest)")
-    p.add_argument("--strategy", choices=("fedavg", "fedprox"), default="fedavg", help="Flower strategy")
-    p.add_argument("--rounds", type=int, default=20, help="federated rounds")
-    p.add_argument("--clients", type=int, default=10, help="clients per round (simulated, or SuperNodes to wait for)")
-    p.add_argument("--dp", metavar="CLIP,NOISE", default=None,
+    p.add_argument("--version", help="version to start from (default: the version serving most traffic)")
+    config_default(p.add_argument("--strategy", choices=("fedavg", "fedprox"), help="Flower strategy"), ROUNDS, "strategy")
+    config_default(p.add_argument("--rounds", type=positive_int, help="federated rounds"), ROUNDS, "rounds")
+    config_default(p.add_argument("--clients", type=positive_int, help="clients per round (simulated, or SuperNodes to "
+                                  "wait for)"), ROUNDS, "clients")
+    p.add_argument("--dp", metavar="CLIP,NOISE",
                    help="differential privacy: server-side clipping norm and Gaussian noise multiplier, e.g. 1.0,0.5")
-    p.add_argument("--data", metavar="NPZ", default=None,
+    p.add_argument("--data", metavar="NPZ",
                    help="labelled data (.npz: the model input and 'labels'). Simulation: split among the clients less a "
                         "held-out 20%% the server evaluates on; --listen: the server's held-out evaluation data. "
                         "Default: scikit-learn digits (the demo CNN's task; its test split with --listen)")
     p.add_argument("--partition", default="iid", help="simulation: iid, dirichlet:ALPHA or classes:N")
-    p.add_argument("--listen", metavar="HOST:PORT", default=None,
+    p.add_argument("--listen", metavar="HOST:PORT",
                    help="run a real federation: waits for --clients `leanserve federate-client` SuperNodes on this "
                         "address. The port serves only Flower's Fleet API (what SuperNodes call); the SuperLink's "
                         "Control API (which accepts runs, i.e. code) and Runtime API listen on a Unix socket in a "
                         "folder only you can enter, so no one else can submit code, loopback included. Any "
                         "SuperNode that reaches the port can join and train: use --tls-cert/--tls-key and a "
                         "trusted network. Flower's SuperNode key authentication is not wired up here")
-    p.add_argument("--tls-cert", metavar="PEM", default=None,
+    p.add_argument("--tls-cert", metavar="PEM",
                    help="--listen: certificate (chain) the port presents; clients pass its CA as --root-certificates")
-    p.add_argument("--tls-key", metavar="PEM", default=None, help="--listen: the certificate's private key")
-    p.add_argument("--join-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="--listen: how long to wait for the clients to connect")
-    p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round on each client")
-    p.add_argument("--lr", type=float, default=0.02, help="clients' SGD learning rate")
-    p.add_argument("--mu", type=float, default=0.01, help="FedProx proximal weight mu")
-    p.add_argument("--server-momentum", type=float, default=0.9,
-                   help="momentum of the server's update (Flower's FedAvgM); 0 for plain averaging")
+    p.add_argument("--tls-key", metavar="PEM", help="--listen: the certificate's private key")
+    config_default(p.add_argument("--join-timeout", type=float, metavar="SECONDS",
+                                  help="--listen: how long to wait for the clients to connect"),
+                   "leanserve.learn.federated.core:federate_deployed", "join_timeout_s")
+    config_default(p.add_argument("--local-epochs", type=positive_int, help="local epochs per round on each client"),
+                   ROUNDS, "local_epochs")
+    config_default(p.add_argument("--lr", type=float, help="clients' SGD learning rate"), ROUNDS, "lr")
+    config_default(p.add_argument("--mu", type=float, help="FedProx proximal weight mu"), ROUNDS, "proximal_mu")
+    config_default(p.add_argument("--server-momentum", type=float, help="momentum of the server's update (Flower's "
+                                  "FedAvgM); 0 for plain averaging"), ROUNDS, "server_momentum")
     p.add_argument("--no-canary", action="store_true", help="register without starting a guarded canary")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(p, "the result")
     add_repo(p)
 
     p = command(sub, "federate-client", cmd_federate_client,
@@ -57,9 +63,9 @@ def add_federate_commands(sub, command, add_repo) -> None:
                 "leanserve federate-client --server 10.0.0.5:9092 --data my-data.npz")
     p.add_argument("--server", required=True, metavar="HOST:PORT", help="the `leanserve federate --listen` address")
     p.add_argument("--data", required=True, metavar="PATH", help="local labelled data (.npz: the model input and 'labels')")
-    p.add_argument("--root-certificates", default=None, metavar="PEM",
+    p.add_argument("--root-certificates", metavar="PEM",
                    help="CA certificate of a TLS server (default: plaintext, for trusted networks only)")
-    p.add_argument("--runtime-port", type=int, default=None, metavar="PORT",
+    p.add_argument("--runtime-port", type=int, metavar="PORT",
                    help="loopback port of the SuperNode's own Runtime API, used by its ClientApp processes "
                         "(default: a free one)")
 
@@ -69,16 +75,13 @@ def cmd_federate(args) -> int:
     from leanserve.learn.federated.deploy import Terminated
     from leanserve.learn.federated.server import RoundSettings
     from leanserve.learn.partition import parse_partition
-    from leanserve.repository import Repository
     from leanserve.torch_source import has_source, load_source
 
-    repo = Repository(args.repo, create=False)
-    settings = federated.with_dp(RoundSettings(strategy=args.strategy, rounds=args.rounds, clients=args.clients,
-                                               local_epochs=args.local_epochs, lr=args.lr, proximal_mu=args.mu,
-                                               server_momentum=args.server_momentum), args.dp)
+    repo = open_repo(args)
+    settings = federated.with_dp(RoundSettings(**given(
+        args, strategy="strategy", rounds="rounds", clients="clients", local_epochs="local_epochs", lr="lr",
+        proximal_mu="mu", server_momentum="server_momentum")), args.dp)
     federated.check_settings(settings)
-    from leanserve.cli.subject import subject
-
     ref = subject(repo, args.model, args.version)
     if not has_source(repo.get(ref.name, ref.version)):
         load_source(repo.get(ref.name, ref.version))  # raises UnsupportedFormat saying how to get a source
@@ -89,7 +92,8 @@ def cmd_federate(args) -> int:
                     else federated.digits_held_out(input_name))
         try:
             result = federated.federate_deployed(repo, ref.name, settings, held_out, args.listen, version=ref.version,
-                                                 join_timeout_s=args.join_timeout, canary=not args.no_canary, tls=tls)
+                                                 canary=not args.no_canary, tls=tls,
+                                                 **given(args, join_timeout_s="join_timeout"))
         except Terminated as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 128 + signal.SIGTERM

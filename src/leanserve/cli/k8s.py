@@ -5,19 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from leanserve.errors import InvalidInput
+from leanserve.cli.args import add_repo, command, config_default, given, needs_extra
 
-
-def _k8s_module():
-    """``leanserve.deploy.k8s``, or InvalidInput naming the extra when its libraries are missing."""
-    try:
-        from leanserve.deploy import k8s
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").split(".")[0] in ("kubernetes", "yaml"):
-            raise InvalidInput(f"leanserve k8s needs the Kubernetes client ({exc.name} is not installed): "
-                               "pip install 'leanserve[k8s]'") from None
-        raise
-    return k8s
+RESOURCES = "leanserve.deploy.k8s:Resources"
 
 
 def _default_name(repo: Path) -> str:
@@ -26,15 +16,17 @@ def _default_name(repo: Path) -> str:
     return name or "leanserve"
 
 
-def _limit(value: str | None) -> str | None:
-    return None if value is None or value.strip().lower() in ("", "none") else value
+def _limits(args) -> dict:
+    """--cpu-limit/--memory-limit as given, 'none' (or empty) meaning no limit."""
+    return {key: None if value.strip().lower() in ("", "none") else value
+            for key, value in given(args, cpu_limit="cpu_limit", memory_limit="memory_limit").items()}
 
 
 def cmd_k8s(args) -> int:
-    k8s = _k8s_module()
+    with needs_extra("k8s", "k8s", "kubernetes", "yaml"):
+        from leanserve.deploy import k8s
     repo = Path(args.repo_path or args.repo)
-    resources = k8s.Resources(cpu_request=args.cpu_request, memory_request=args.memory_request,
-                              cpu_limit=_limit(args.cpu_limit), memory_limit=_limit(args.memory_limit))
+    resources = k8s.Resources(**given(args, cpu_request="cpu_request", memory_request="memory_request"), **_limits(args))
     spec = k8s.DeploySpec(name=args.name or _default_name(repo), image=args.image, storage_uri=args.storage_uri,
                           namespace=args.namespace, resources=resources, extras=k8s.repository_extras(repo))
     out = Path(args.out)
@@ -50,8 +42,8 @@ def cmd_k8s(args) -> int:
     return 0
 
 
-def add_k8s_command(sub, command, add_repo) -> None:
-    """Add ``leanserve k8s`` to the main parser."""
+def register(sub) -> None:
+    """Add k8s."""
     p = command(sub, "k8s", cmd_k8s,
                 "write a Dockerfile and KServe manifests (ClusterServingRuntime + InferenceService) that serve a "
                 "repository over the V2 protocol",
@@ -59,15 +51,19 @@ def add_k8s_command(sub, command, add_repo) -> None:
                 "  leanserve k8s model-repo --image ghcr.io/acme/leanserve:0.1.0 --storage-uri s3://models/repo")
     p.add_argument("repo_path", nargs="?", metavar="REPO", help="repository folder (default: --repo)")
     p.add_argument("--image", required=True, help="image reference the Dockerfile is built as and the runtime runs")
-    p.add_argument("--out", default="k8s", metavar="DIR", help="folder to write: new, empty, or an earlier output of this command")
+    p.add_argument("--out", default="k8s", metavar="DIR", help="folder to write: new, empty, or an earlier output of this command "
+                   "(default: %(default)s)")
     p.add_argument("--name", help="InferenceService name; the repository folder's name when not given")
     p.add_argument("--namespace", help="namespace of the InferenceService; kubectl's current one when not given")
     p.add_argument("--storage-uri", metavar="URI",
                    help="where KServe fetches the repository from (s3://, gs://, pvc://NAME/PATH, https://, ...); "
                         "when not given, the repository is copied into the image. A fetched repository is read-only, "
                         "so the server runs without its prediction log (no drift, feedback or live quality)")
-    p.add_argument("--cpu-request", default="1", metavar="QTY", help="CPU request (e.g. 500m, 2)")
-    p.add_argument("--memory-request", default="1Gi", metavar="QTY", help="memory request (e.g. 512Mi)")
+    config_default(p.add_argument("--cpu-request", metavar="QTY", help="CPU request (e.g. 500m, 2)"), RESOURCES,
+                   "cpu_request")
+    config_default(p.add_argument("--memory-request", metavar="QTY", help="memory request (e.g. 512Mi)"), RESOURCES,
+                   "memory_request")
     p.add_argument("--cpu-limit", metavar="QTY", help="CPU limit; none when not given (throttling hurts tail latency)")
-    p.add_argument("--memory-limit", default="2Gi", metavar="QTY", help="memory limit ('none' for no limit)")
+    config_default(p.add_argument("--memory-limit", metavar="QTY", help="memory limit ('none' for no limit)"),
+                   RESOURCES, "memory_limit")
     add_repo(p)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+from leanserve.cli.args import add_json, add_repo, command, config_default, given, open_repo, print_json
+
+TUNE = "leanserve.serve.tune:TuneOptions"
 
 EXIT_NO_FIT = 1
 
@@ -12,18 +17,18 @@ def cmd_tune(args) -> int:
     from tqdm import tqdm
 
     from leanserve.measure import cpu_description
-    from leanserve.repository import Repository
     from leanserve.serve.tune import (OTHER_CORES_WARN, Candidate, TuneOptions, apply_candidate, default_grid,
                                       parse_concurrency, parse_grid, tune, with_current)
 
-    options = TuneOptions(p99_ms=args.p99_ms, concurrency=parse_concurrency(args.concurrency), seconds=args.seconds,
-                          load=args.load)
-    repo = Repository(args.repo, create=False)
+    options = TuneOptions(p99_ms=args.p99_ms, **given(args, seconds="seconds", load="load"),
+                          **({"concurrency": parse_concurrency(args.concurrency)} if args.concurrency else {}))
+    repo = open_repo(args)
     current = Candidate.of(repo.config(args.model))
     grid = parse_grid(args.grid, current) if args.grid else default_grid()
     runs = len(with_current(grid, current)) * len(options.concurrency)
     cpu = cpu_description()
-    print(f"tuning {args.model} on {cpu['model']} ({cpu['cores']} cores): {runs // len(options.concurrency)} settings x "
+    say = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+    say(f"tuning {args.model} on {cpu['model']} ({cpu['cores']} cores): {runs // len(options.concurrency)} settings x "
           f"concurrency {','.join(map(str, options.concurrency))}, {options.seconds} s each; load from "
           f"{'wrk (1 thread)' if options.load == 'wrk' else 'the in-process asyncio/httpx client (slower than wrk)'}; "
           f"bound p99 <= {options.p99_ms:g} ms")
@@ -35,9 +40,16 @@ def cmd_tune(args) -> int:
 
         result = tune(repo, args.model, options, grid, on_measurement=progress)
     best = result.best
-    print(format_table(result))
     plot = Path(args.plot or f"tune-{args.model}.png")
     plot_result(result, plot)
+    if args.json:
+        written = best is not None and not args.dry_run and apply_candidate(repo, args.model, best.candidate)
+        print_json({"model": result.model, "version": result.version, "p99_ms_bound": options.p99_ms,
+                    "measurements": [asdict(m) for m in result.measurements],
+                    "chosen": asdict(best) if best else None, "config_written": written, "plot": str(plot),
+                    "busiest_other_cores": result.busiest_other_cores})
+        return 0 if best is not None else EXIT_NO_FIT
+    print(format_table(result))
     print(f"plot: {plot}")
     if result.busiest_other_cores > OTHER_CORES_WARN:
         print(f"warning: other processes used up to {result.busiest_other_cores:.1f} cores during the measurements; "
@@ -106,8 +118,8 @@ def plot_result(result, path: Path) -> None:
     plt.close(fig)
 
 
-def add_tune_command(sub, command, add_repo) -> None:
-    """Add ``tune`` to the main parser."""
+def register(sub) -> None:
+    """Add tune."""
     p = command(sub, "tune", cmd_tune,
                 "measure batching, instance and thread settings on a real server and write the fastest within a p99 bound",
                 "leanserve tune digits-cnn --p99-ms 10 --concurrency 1,8,32 --seconds 5\n"
@@ -115,13 +127,16 @@ def add_tune_command(sub, command, add_repo) -> None:
                 "  (exit status 1, config unchanged, when no setting keeps the bound)")
     p.add_argument("model", help="model name")
     p.add_argument("--p99-ms", type=float, required=True, help="latency bound: the 99th percentile in milliseconds")
-    p.add_argument("--concurrency", default="1,8,32", metavar="LIST", help="connection counts to load the server with")
-    p.add_argument("--seconds", type=int, default=5, help="seconds per measurement")
+    config_default(p.add_argument("--concurrency", metavar="LIST", help="connection counts to load the server with"),
+                   TUNE, "concurrency")
+    config_default(p.add_argument("--seconds", type=int, help="seconds per measurement"), TUNE, "seconds")
     p.add_argument("--grid", metavar="SPEC",
                    help="settings to try instead of the default nine: KEY=V1,V2;... over max_batch_size (or off), "
                         "max_queue_delay_us, instances, intra_op_threads (the product; unset keys keep the current value)")
-    p.add_argument("--load", choices=["auto", "wrk", "python"], default="auto",
-                   help="load generator: wrk, the in-process asyncio/httpx client, or wrk when installed")
-    p.add_argument("--plot", metavar="PNG", help="where to write the plot (default tune-MODEL.png)")
+    config_default(p.add_argument("--load", choices=["auto", "wrk", "python"],
+                                  help="load generator: wrk, the in-process asyncio/httpx client, or (auto) wrk when "
+                                       "installed"), TUNE, "load")
+    p.add_argument("--plot", metavar="PNG", help="where to write the plot (default: tune-MODEL.png)")
     p.add_argument("--dry-run", action="store_true", help="measure and report, but leave the config as it is")
+    add_json(p, "every measurement and the choice")
     add_repo(p)

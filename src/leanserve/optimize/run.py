@@ -11,6 +11,7 @@ import logging
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,11 @@ def load_data(path: str | Path, signature: Signature, what: str) -> dict[str, np
     path = Path(path)
     if path.suffix != ".npz" or not path.is_file():
         raise InvalidInput(f"{what} data {path}: expected an existing .npz file with one array per model input")
-    with np.load(path, allow_pickle=False) as npz:
-        data = {k: npz[k] for k in npz.files}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # truncated, or not a .npz inside
+        raise InvalidInput(f"{what} data {path}: not a readable .npz file ({exc})") from None
     missing = [n for n in signature.input_names if n not in data]
     if missing:
         raise InvalidInput(f"{what} data {path.name} has no array for input {missing[0]!r} (has: {', '.join(data)})")
