@@ -16,8 +16,11 @@ nothing on the request path. What runs in the background, and its switch:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -83,8 +86,9 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
         from leanserve.monitor.feedback import FeedbackService
         from leanserve.monitor.store import LogConfig, PredictionLog
 
-        prediction_log = PredictionLog(LogConfig(config.monitor_db or config.repo / ".monitor" / "predictions.db",
-                                                 sample_rate=config.monitor_sample_rate))
+        with _children_ignore_sigint():  # the writer process is started here
+            prediction_log = PredictionLog(LogConfig(config.monitor_db or config.repo / ".monitor" / "predictions.db",
+                                                     sample_rate=config.monitor_sample_rate))
         feedback = FeedbackService(prediction_log, metrics)
         observers.append(PredictionLogObserver(prediction_log))
         extras.on_scrape = [lambda: _log_gauges(metrics, prediction_log)]
@@ -114,6 +118,21 @@ def run_server(config: ServerConfig, registry_factory: Callable[..., ModelRegist
     logging.getLogger("leanserve").setLevel(logging.INFO)
     server = build_server(config, registry_factory=registry_factory)
     run_app(config, server.app)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Processes started inside the block ignore SIGINT. Ctrl-C reaches the terminal's whole process group;
+    the server alone should act on it (and then close its helpers' pipes, which ends them), instead of a
+    helper dying mid-write with a KeyboardInterrupt traceback. Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_ports(config: ServerConfig) -> None:

@@ -39,7 +39,10 @@ def cmd_serve(args) -> int:
         return 0
     if args.replicas or args.autoscale or args.address:
         raise InvalidInput("--replicas, --autoscale and --address apply to --executor ray")
-    run_server(config)
+    try:
+        run_server(config)
+    except KeyboardInterrupt:  # Ctrl-C is how a foreground server is stopped: it drained and closed
+        pass
     return 0
 
 

@@ -151,12 +151,3 @@ def test_import_with_data_stores_a_reference_profile(capsys, tmp_path, affine_on
     profile = load_reference(Repository(tmp_path / "repo"), "affine", 1)
     assert profile is not None and "x" in profile.names
 
-
-def test_import_with_unusable_data_keeps_the_version_and_says_how_to_add_a_profile(capsys, tmp_path, affine_onnx):
-    from leanserve import Repository
-
-    np.savez(tmp_path / "wrong.npz", y=np.zeros((10, 4), np.float32))
-    code, _, err = run(capsys, "import", affine_onnx, "--name", "affine", "--repo", tmp_path / "repo",
-                       "--data", tmp_path / "wrong.npz")
-    assert code == 1 and "no reference profile" in err and "leanserve profile affine:1" in err
-    assert Repository(tmp_path / "repo").versions("affine") == [1]
