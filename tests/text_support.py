@@ -95,16 +95,17 @@ def make_bag_model(path: Path, head: str = "classify") -> Path:
     return path
 
 
-def make_text_pipeline(folder: Path, head: str = "classify", max_length: int = 32) -> Path:
-    """``folder`` with pipeline.json, model.onnx and tokenizer.json: a text classifier (labels negative,
-    positive) or a sentence encoder (mean pooling, normalized). Returns the pipeline.json to import."""
+def make_text_pipeline(folder: Path, head: str = "classify", max_length: int = 32,
+                       labels: tuple[str, str] = tuple(LABELS)) -> Path:
+    """``folder`` with pipeline.json, model.onnx and tokenizer.json: a text classifier (``labels``: class 0
+    negative, class 1 positive) or a sentence encoder (mean pooling, normalized). Returns the pipeline.json."""
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder / "tokenizer.json")
     make_bag_model(folder / "model.onnx", head)
     if head == "embed":
         task, post = "sentence-embedding", {"kind": "pool", "dimension": DIM, "mode": "mean", "normalize": True}
     else:
-        task, post = "text-classification", {"kind": "classify", "labels": LABELS, "top_k": 2}
+        task, post = "text-classification", {"kind": "classify", "labels": list(labels), "top_k": 2}
     spec = {"kind": "leanserve.pipeline/v1", "task": task, "model_file": "model.onnx", "model_format": "onnx",
             "pre": {"kind": "text", "tokenizer": "tokenizer.json", "max_length": max_length, "truncate": False,
                     "inputs": list(INPUTS)},

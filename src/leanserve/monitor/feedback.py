@@ -28,8 +28,8 @@ LABELLED_WINDOW = 5000  # newest labelled samples per version behind the live qu
 class QualityWindow:
     """The newest ``size`` labels of one version, with running sums so that adding one is O(1).
 
-    Accuracy (the arg-max of the first output against the class index) while every label in the window
-    is a class index, else the mean absolute error of the first output's first value: the rule
+    Accuracy (the arg-max of the judged output against the class index: see ``quality.judged_output``)
+    while every label in the window is a class index, else the mean absolute error of its first value: the rule
     ``quality.rolling_quality`` applies to rows read from the log."""
 
     size: int = LABELLED_WINDOW

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,16 +37,23 @@ class Quality:
     counts: QualityCounts | None = None
 
 
+def judged_output(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The output a version's quality is judged on: its first numeric output (a text classifier's
+    ``probabilities``, not the label names before them), else its first output."""
+    arrays = [np.asarray(a) for a in outputs.values()]
+    return next((a for a in arrays if np.issubdtype(a.dtype, np.number)), arrays[0])
+
+
 def rolling_quality(rows: Sequence[dict[str, Any]]) -> list[Quality]:
-    """Per version: accuracy of the first output's arg-max against integer labels (with the counts
-    behind it), else mean absolute error."""
+    """Per version: accuracy of the judged output's arg-max (``judged_output``) against integer labels
+    (with the counts behind it), else mean absolute error."""
     by_version: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         by_version.setdefault(row["version"], []).append(row)
     result = []
     for version, items in sorted(by_version.items()):
         labels = np.array([np.asarray(r["label"]).reshape(-1)[0] for r in items])
-        scores = [next(iter(r["outputs"].values())) for r in items]
+        scores = [judged_output(r["outputs"]) for r in items]
         if np.issubdtype(labels.dtype, np.integer):
             predicted = np.array([int(np.asarray(s).reshape(-1, np.asarray(s).shape[-1])[0].argmax()) for s in scores])
             counts = QualityCounts(int((predicted == labels).sum()), len(items))

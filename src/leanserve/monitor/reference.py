@@ -22,16 +22,23 @@ def profile_path(repo: Repository, name: str, version: int) -> Path:
 
 
 def build_reference(repo: Repository, name: str, version: int | str | None, data: Mapping[str, np.ndarray]):
-    """Run ``data`` through the version, profile its inputs and outputs, store the profile; returns it."""
+    """Run ``data`` through the version, profile what drift watches of its inputs and outputs
+    (``watched.py``: a text model's embedding or probabilities and token counts, not its text), store the
+    profile; returns it. Raises InvalidInput when the data does not fit or nothing can be watched."""
+    from leanserve.errors import InvalidInput
     from leanserve.measure import run_all
     from leanserve.model import load
     from leanserve.monitor.profile import build_profile
+    from leanserve.monitor.watched import watched
 
     model = load(name, version, repo=repo)
     inputs = {n: np.asarray(data[n]) for n in model.signature.input_names}
     model.signature.validate_inputs({n: a[:1] for n, a in inputs.items()})
     outputs = run_all(model.session, inputs)
-    profile = build_profile({**inputs, **outputs})
+    arrays = watched(model.signature, {**inputs, **outputs})
+    if not arrays:
+        raise InvalidInput(f"{name}: none of its inputs or outputs is numeric, so there is nothing to watch for drift")
+    profile = build_profile(arrays)
     ref = model.ref or VersionRef(name, int(version))
     path = profile_path(repo, ref.name, ref.version)
     path.parent.mkdir(exist_ok=True)

@@ -47,7 +47,7 @@ def drift_round(repo_root: Path, log_path: Path, name: str, version: int) -> dic
     """Drift of a version's newest logged traffic from its reference profile; None without a profile."""
     from leanserve.monitor.drift import DriftConfig, detect
     from leanserve.monitor.reference import load_reference, profile_path
-    from leanserve.monitor.store import stack
+    from leanserve.monitor.watched import watched_rows
     from leanserve.repository import Repository
 
     repo = Repository(repo_root, create=False)
@@ -57,7 +57,11 @@ def drift_round(repo_root: Path, log_path: Path, name: str, version: int) -> dic
     if profile is None:
         return None
     rows = _read_rows(log_path, name, version, DRIFT_ROWS)
-    report = detect(profile, {**stack(rows, "inputs"), **stack(rows, "outputs")}, DriftConfig())
+    signature = repo.get(name, version, verify=False).signature
+    # what drift watches of each logged request (a text model's outputs, not its text; token lengths, not
+    # padded ids), stacked; tensors the profile does not hold are not tested
+    live = watched_rows(signature, [{**r["inputs"], **r["outputs"]} for r in rows])
+    report = detect(profile, {n: a for n, a in live.items() if n in profile.names}, DriftConfig())
     drifted = [f"{d.tensor}[{d.feature}] {d.method}" for d in report.features if d.drifted]
     return {"drifted": bool(report.drifted), "features": drifted, "rows": len(rows)}
 

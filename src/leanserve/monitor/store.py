@@ -69,7 +69,8 @@ class LogStats:
 
 @dataclass(frozen=True)
 class Joined:
-    """One accepted label beside what was predicted for it: the version and its first output."""
+    """One accepted label beside what was predicted for it: the version and the output quality is judged
+    on (``quality.judged_output``: a text classifier's probabilities, not its label names)."""
 
     version: int
     output: np.ndarray
@@ -114,7 +115,12 @@ def pack_into(out: bytearray, arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def _contiguous(array: np.ndarray) -> np.ndarray:
-    return array.astype(bytes) if array.dtype.hasobject else np.ascontiguousarray(array)
+    if not array.dtype.hasobject:
+        return np.ascontiguousarray(array)
+    # BYTES tensors hold bytes (requests) or str (label names a pipeline answers): str as UTF-8, because
+    # numpy's astype(bytes) is ASCII-only and a label like "négatif" would fail the request's logging
+    items = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in array.reshape(-1)]
+    return np.array(items, dtype=bytes).reshape(array.shape) if items else array.astype(bytes)
 
 
 @functools.lru_cache(maxsize=256)
@@ -357,7 +363,7 @@ class PredictionLog:
                         del wanted[request_id]
                         duplicate.append(request_id)
                         continue
-                    output = self._first_output(path, row[3] + row[4], row[5])
+                    output = self._judged_output(path, row[3] + row[4], row[5])
                     if output is None:
                         continue  # its segment was deleted by retention meanwhile: the id stays unknown
                     label = wanted.pop(request_id)
@@ -366,13 +372,15 @@ class PredictionLog:
                     joined.append(Joined(row[2], output, label))
 
     @staticmethod
-    def _first_output(db_path: Path, offset: int, length: int) -> np.ndarray | None:
+    def _judged_output(db_path: Path, offset: int, length: int) -> np.ndarray | None:
+        from leanserve.monitor.quality import judged_output
+
         try:
             with open(writer.blob_path(db_path), "rb") as tensors:
                 outputs = unpack(os.pread(tensors.fileno(), length, offset))
         except FileNotFoundError:
             return None
-        return next(iter(outputs.values()))
+        return judged_output(outputs)
 
     def _unwritten(self) -> bool:
         """Whether samples recorded so far are not all written yet (framed, in the pipe, or being written)."""
