@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +107,15 @@ def optimize(
     UnsupportedFormat for non-ONNX versions.
     """
     artifact = repo.get(name, version)
-    if artifact.manifest.format != "onnx":
+    pipeline = None
+    if artifact.manifest.format == "pipeline":  # the inner model is searched, judged inside the stages
+        from leanserve.optimize.pipeline import pipeline_target
+
+        pipeline = pipeline_target(artifact)
+        if tuple(engines) != ("onnxruntime",):
+            raise InvalidInput("a pipeline version is optimized with ONNX Runtime's recipes only (its pipeline.json "
+                               "holds an ONNX model); leave out --engines")
+    elif artifact.manifest.format != "onnx":
         raise UnsupportedFormat(f"optimize works on ONNX versions; {name} is {artifact.manifest.format} "
                                 "(export it with leanserve export first)")
     if objective not in ("latency", "throughput"):
@@ -124,7 +132,14 @@ def optimize(
         calib = {n: eval_data[n] for n in artifact.signature.input_names}
     metric = choose_metric(eval_data, metric)
     options = options or repo.config(name).runtime
-    transformer = looks_like_transformer(artifact.model_path)
+    model_path, model_signature, wrap = artifact.model_path, artifact.signature, None
+    if pipeline is not None:
+        from leanserve.optimize.pipeline import judging_wrapper, stage_inputs
+
+        calib = stage_inputs(pipeline, calib)  # token (or pixel) tensors, as the stages make them
+        model_path, model_signature, wrap = pipeline.model_path, pipeline.inner_signature, judging_wrapper(pipeline)
+        options = replace(options, engine=None)  # the pipeline's model runs on ONNX Runtime
+    transformer = looks_like_transformer(model_path)
     for engine in engines:
         engine_module(engine)  # fail now, naming the extra to install, not after minutes of search
     if recipes is not None:
@@ -135,17 +150,17 @@ def optimize(
             if engine != "onnxruntime":
                 chosen_recipes += engine_recipes(engine, calib is not None)
     with tempfile.TemporaryDirectory() as tmp:
-        searcher = Searcher(artifact.model_path, artifact.signature, eval_data, calib, metric, budget, Path(tmp),
+        searcher = Searcher(model_path, model_signature, eval_data, calib, metric, budget, Path(tmp),
                             options=options, batch_size=batch_size, time_budget_s=time_budget_s,
-                            objective=objective, progress=progress)
+                            objective=objective, progress=progress, wrap=wrap)
         result = searcher.run(chosen_recipes, variants)
         searcher.grade_holdout(result, split.holdout, split.info)
         folder = Path(report_dir) if report_dir else Path(tmp) / "report"
         files = write_report(result, folder)
         ref = None
         if register and result.chosen is not None and result.chosen is not result.baseline:
-            attachments = files + _trt_calibration(result, artifact.signature, calib, Path(tmp) / "trt")
-            ref = _register(repo, name, artifact.path.name, result, attachments, serve)
+            attachments = files + _trt_calibration(result, model_signature, calib, Path(tmp) / "trt")
+            ref = _register(repo, name, artifact.path.name, result, attachments, serve, pipeline)
             from leanserve.monitor.reference import build_reference
 
             build_reference(repo, ref.name, ref.version, {n: np.concatenate([split.selection[n], split.holdout[n]])
@@ -172,8 +187,9 @@ def _trt_calibration(result: SearchResult, signature: Signature, calib, folder: 
 
 
 def _register(repo: Repository, name: str, parent: str, result: SearchResult, files: list[Path],
-              serve: bool = False) -> VersionRef:
-    """Register the chosen variant; it takes traffic only with ``serve`` (otherwise ``promote``/``canary``)."""
+              serve: bool = False, pipeline=None) -> VersionRef:
+    """Register the chosen variant; it takes traffic only with ``serve`` (otherwise ``promote``/``canary``).
+    With ``pipeline`` (an ``optimize.pipeline.PipelineTarget``) it is registered inside the parent's pipeline."""
     chosen = result.chosen
     m = chosen.measurement
     metrics = {
@@ -191,6 +207,12 @@ def _register(repo: Repository, name: str, parent: str, result: SearchResult, fi
     if chosen.path.suffix == ".onnx":
         model_file = chosen.path.with_name("model.onnx")
         shutil.copyfile(chosen.path, model_file)
+    if pipeline is not None:
+        from leanserve.optimize.pipeline import register_pipeline
+
+        metrics["judged_output"] = pipeline.judged
+        return register_pipeline(repo, name, pipeline, model_file, provenance=provenance, metrics=metrics,
+                                 attachments=files, serve=serve)
     return repo.add(model_file, name, provenance=provenance, metrics=metrics, attachments=files,
                     runtime=chosen.recipe.engine, serve=serve)
 

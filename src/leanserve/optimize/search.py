@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -107,6 +107,9 @@ class Searcher:
     skip_speed: bool = False  # sensitivity trials need quality only
     reference: dict[str, np.ndarray] | None = None
     compile_share: float = 0.25  # share of the time left that one ahead-of-time compilation (TVM tuning) may use
+    # puts each candidate's session inside the version's stages before it is measured (pipeline versions:
+    # see optimize/pipeline.py); eval_data then holds the stages' input (texts), calibration the model's
+    wrap: Callable | None = None
     _started: float = field(default_factory=time.perf_counter)
     _ort_outputs: dict[tuple, dict[str, np.ndarray]] = field(default_factory=dict)  # recipe steps -> ORT outputs
 
@@ -164,7 +167,7 @@ class Searcher:
     def _quality_on(self, candidate: Candidate, data: Mapping[str, np.ndarray],
                     reference: dict[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], float] | None:
         try:
-            session = load_file(candidate.path, self._engine_options(candidate.recipe))
+            session = self._load(candidate.path, candidate.recipe)
         except (LeanserveError, RuntimeError, ValueError, OSError) as exc:
             log.warning("%s could not be loaded again for the held-out data: %s", candidate.recipe.name, exc)
             return None
@@ -209,12 +212,16 @@ class Searcher:
     def _engine_options(self, recipe: Recipe) -> RuntimeOptions:
         return replace(self.options, engine=recipe.engine)
 
+    def _load(self, path: Path, recipe: Recipe):
+        session = load_file(path, self._engine_options(recipe))
+        return self.wrap(session) if self.wrap is not None else session
+
     def evaluate(self, recipe: Recipe, path: Path, baseline: Candidate | None = None, exclude: Sequence[str] = ()) -> Candidate:
         """Load ``path`` with the recipe's engine and measure size, memory, speed and quality; outputs of
         an engine other than ONNX Runtime must first match ONNX Runtime's on the same recipe."""
         peak = PeakMemory().begin()  # the most memory loading and running this candidate took
         try:
-            session = load_file(path, self._engine_options(recipe))
+            session = self._load(path, recipe)
             outputs = run_all(session, self.eval_data, self.batch_size)
         except Exception as exc:  # engines raise their own types; a candidate that cannot run is skipped with its reason
             if baseline is not None:
