@@ -10,6 +10,7 @@ between candidates through the admin API's reload; the model's own ``config.json
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -331,16 +332,22 @@ class _ScratchServer:
             response = httpx.post(f"{self.url}/v2/admin/models/{self.name}/reload", timeout=READY_TIMEOUT_S,
                                   headers={"Authorization": f"Bearer {self.token}"})
         except httpx.HTTPError as exc:
-            self.check_alive()
+            self.check_alive(grace_s=2.0)  # a dying server refuses connections a moment before it is reaped
             raise TuneError(f"the tuning server did not answer a reload: {exc}") from exc
         if response.status_code != 200:
             raise TuneError(f"the tuning server refused a reload ({response.status_code}): {response.text[:300]}")
         failed = response.json().get("failed", {})
         return "; ".join(f"did not load: {why}" for why in failed.values()) or None
 
-    def check_alive(self) -> None:
-        """Raise TuneError (with the server's log) when the server process has exited."""
-        if self.process is not None and self.process.poll() is not None:
+    def check_alive(self, grace_s: float = 0.0) -> None:
+        """Raise TuneError (with the server's log) when the server process has exited (or exits within
+        ``grace_s``)."""
+        if self.process is None:
+            return
+        if grace_s:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=grace_s)
+        if self.process.poll() is not None:
             raise TuneError(f"the tuning server exited (status {self.process.returncode}); its log:\n{self._log_tail()}")
 
     def _log_tail(self) -> str:
