@@ -191,9 +191,19 @@ class Repository:
             manifest = json.loads((self.root / name / str(version) / MANIFEST_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return "original"
-        if manifest.get("format") in EDGE_FORMATS:
+        if manifest.get("format") in EDGE_FORMATS or self._edge_pipeline(name, version, manifest):
             return "edge"
         return "derived" if (manifest.get("provenance") or {}).get("parent") else "original"
+
+    def _edge_pipeline(self, name: str, version: int, manifest: Mapping[str, Any]) -> bool:
+        """A pipeline version around a device artifact (``leanserve edge`` of a text model: model.ort inside)."""
+        if manifest.get("format") != "pipeline":
+            return False
+        try:
+            spec = json.loads((self.root / name / str(version) / str(manifest["model_file"])).read_text(encoding="utf-8"))
+        except (OSError, ValueError, KeyError):
+            return False
+        return isinstance(spec, dict) and spec.get("model_format") in EDGE_FORMATS
 
     def config(self, name: str) -> ModelConfig:
         """The model's settings (defaults when it has no config file)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from leanserve.cli.args import (add_json, add_model_ref, add_repo, command, config_default, fraction, given,
+from leanserve.cli.args import (add_force, add_json, add_model_ref, add_repo, command, config_default, fraction, given,
                                 model_ref, open_repo, print_json, subject)
 from leanserve.errors import InvalidInput
 
@@ -26,7 +26,7 @@ def cmd_edge(args) -> int:
     try:
         outcome = build_edge(repo, name, version or None, target=args.target, profile=profile, eval_path=args.eval,
                              calib_path=args.calib, report_dir=args.report_dir, progress=args.progress,
-                             holdout_path=args.holdout, serve=args.serve,
+                             holdout_path=args.holdout, serve=args.serve, force=args.force,
                              **given(args, max_drop="max_accuracy_drop", time_budget_s="time_budget",
                                      probe_time_s="seconds", holdout_fraction="holdout_fraction", seed="seed"))
     except DoesNotFit as exc:
@@ -48,7 +48,7 @@ def _edge_c(args, repo, name: str, version: str | None) -> int:
     profile = mcu_profile(args.profile)
     try:
         outcome = build_c_edge(repo, name, version, profile=profile, eval_path=args.eval, calib_path=args.calib,
-                               report_dir=args.report_dir, **given(args, max_drop="max_accuracy_drop"))
+                               report_dir=args.report_dir, force=args.force, **given(args, max_drop="max_accuracy_drop"))
     except DoesNotFitMcu as exc:
         _print_report(args, exc.report, None)
         print(f"error: {exc}", file=sys.stderr)
@@ -82,7 +82,8 @@ def register(sub) -> None:
                 "  profiles: phone (1 thread, 512 MB), pi4 (4 threads, 1024 MB), tiny (1 thread, 256 MB); "
                 "--target c: cortex-m4 (256 KB flash, 64 KB RAM)\n"
                 "  (exit status 1, nothing registered, when the artifact does not run within the profile)")
-    add_model_ref(p, "MODEL or MODEL:VERSION (ort: an ONNX version; executorch: one with a PyTorch program; "
+    add_model_ref(p, "MODEL or MODEL:VERSION (ort: an ONNX version, or a text or image pipeline around one, which "
+                  "stays a pipeline around model.ort; executorch: one with a PyTorch program; "
                   "default: the version serving most traffic)")
     p.add_argument("--target", default="ort", metavar="NAME",
                    help="ort (ONNX Runtime's ORT format, for its mobile and minimal builds) or executorch "
@@ -91,7 +92,8 @@ def register(sub) -> None:
     p.add_argument("--profile", help="device profile: phone (the default), pi4 or tiny; --target c: cortex-m4 (the default)")
     p.add_argument("--threads", type=int, help="intra-op threads (instead of the profile's)")
     p.add_argument("--memory-mb", type=int, help="memory cap of the test process in MB (instead of the profile's)")
-    p.add_argument("--eval", metavar="NPZ", help="evaluation data (.npz, one array per input, plus labels): int8 variants "
+    p.add_argument("--eval", metavar="NPZ", help="evaluation data (.npz, one array per input, plus labels; a text "
+                   "pipeline's: a 'text' array of strings, judged inside its stages): int8 variants "
                    "are searched within the budget; without it, int8 is used unchecked (dynamic; executorch: static "
                    "when --calib is given)")
     p.add_argument("--holdout", metavar="NPZ", help="held-out data the artifact's accuracy is reported on (default: "
@@ -111,5 +113,6 @@ def register(sub) -> None:
     config_default(p.add_argument("--time-budget", type=float, metavar="S", help="seconds the int8 search may take "
                                   "(ort; executorch tries at most two int8 programs)"), BUILD, "time_budget_s")
     p.add_argument("--progress", action="store_true", help="show the int8 search's progress")
+    add_force(p, "an artifact whose held-out accuracy drops by more than --max-accuracy-drop")
     add_json(p, "the device report and the version registered")
     add_repo(p)

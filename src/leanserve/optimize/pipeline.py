@@ -14,8 +14,8 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -80,14 +80,24 @@ def judging_wrapper(target: PipelineTarget) -> Callable:
     return lambda inner: PipelineSession(inner, target.spec, target.artifact.path, signature)
 
 
-def register_pipeline(repo: Repository, name: str, target: PipelineTarget, model_file: Path, **add_options) -> VersionRef:
-    """Register ``model_file`` (the chosen inner ONNX model) inside the parent version's pipeline: the same
-    ``pipeline.json`` and stage files, checksummed in the new version's manifest. ``add_options`` go to
+def register_pipeline(repo: Repository, name: str, target: PipelineTarget, model_file: Path,
+                      model_format: str | None = None, **add_options) -> VersionRef:
+    """Register ``model_file`` (the chosen inner model) inside the parent version's pipeline: the same stage
+    files, checksummed in the new version's manifest. The parent's ``pipeline.json`` is kept byte for byte,
+    or, when ``model_format`` differs from the parent's (an ORT-format edge artifact), rewritten to name the
+    new file (the parent's model name with ``model_file``'s suffix) and format. ``add_options`` go to
     ``Repository.add``."""
+    spec = target.spec
+    if model_format is not None and model_format != spec.model_format:
+        moved = PurePosixPath(spec.model_file).with_suffix(Path(model_file).suffix).as_posix()
+        spec = replace(spec, model_file=moved, model_format=model_format)
     with tempfile.TemporaryDirectory(prefix="leanserve-pipeline-") as tmp:
         stage = Path(tmp)
-        for rel in (SPEC_FILE, *target.spec.files):
+        for rel in (SPEC_FILE, *spec.files):
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target.artifact.path / rel, stage / rel)
-        shutil.copyfile(model_file, stage / target.spec.model_file)
+        if spec is not target.spec:
+            (stage / SPEC_FILE).write_text(spec.to_json(), encoding="utf-8")
+        (stage / spec.model_file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_file, stage / spec.model_file)
         return repo.add(stage / SPEC_FILE, name, **add_options)

@@ -3,7 +3,9 @@
 ``build_edge`` makes one of three artifacts (``--target c``, C99 sources for
 microcontrollers, is built by ``c/``). ``--target ort``: the ONNX version quantized to int8 within an
 accuracy budget (the optimizer's search, int8 recipes only) and converted to ONNX Runtime's ORT format
-with the operator list that a reduced-size ONNX Runtime build needs. ``--target executorch``: the
+with the operator list that a reduced-size ONNX Runtime build needs; a pipeline version (a text model
+with its tokenizer) converts its inner model, judged on texts inside its stages, and stays a pipeline
+(``pipeline``). ``--target executorch``: the
 version's torch.export program lowered to an ExecuTorch program with the XNNPACK delegate, int8 (PT2E)
 when within budget (``executorch``). Either runs in a child process held to a profile's threads and
 memory (``device``) and is registered as a new version with a Markdown + JSON device report
@@ -27,13 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from leanserve.artifact import ModelArtifact, Provenance, Signature
+from leanserve.artifact import ModelArtifact, Provenance
 from leanserve.deploy.edge.device import PROFILES, DeviceProfile, host_notes, run_on_device
+from leanserve.deploy.edge.pipeline import ConvertedModel, converted_model
 from leanserve.deploy.edge.report import REPORT_JSON, REPORT_MD, Accuracy, EdgeReport, measure_accuracy, write_report
+from leanserve.derived import HeldOut, check_not_worse
 from leanserve.errors import InvalidInput, LeanserveError, ModelLoadError, UnsupportedFormat
 from leanserve.holdout import Split
 from leanserve.formats import read_model
-from leanserve.measure import file_size
+from leanserve.measure import HIGHER_IS_BETTER, file_size
 from leanserve.repository import Repository, VersionRef
 
 log = logging.getLogger(__name__)
@@ -97,6 +101,7 @@ def build_edge(
     calib_path: str | Path | None = None, max_drop: str = "1%", report_dir: str | Path | None = None,
     time_budget_s: float = 300.0, probe_time_s: float = 1.0, progress: bool = False,
     holdout_path: str | Path | None = None, holdout_fraction: float = 0.3, seed: int = 0, serve: bool = False,
+    force: bool = False,
 ) -> EdgeOutcome:
     """Build ``target``'s artifact of ``name:version``, test it under ``profile`` and register it.
 
@@ -105,9 +110,11 @@ def build_edge(
     on ``calib_path``, else dynamic) and the report says so. The report is also written to ``report_dir``
     when given. The choice uses a selection part of the evaluation data; the reported accuracy is
     measured on the held-out rest (``holdout_fraction`` of the rows drawn by ``seed``), or on
-    ``holdout_path``'s rows when given. Raises InvalidInput (unknown target, bad or too little data),
-    UnsupportedFormat (a version or target that cannot be built here, saying what to do), DoesNotFit (the
-    run under the profile failed); the repository is unchanged whenever it raises.
+    ``holdout_path``'s rows when given. An artifact whose held-out accuracy drops by more than ``max_drop``
+    is registered only with ``force`` (with a warning); otherwise ``derived.WorseThanParent``.
+    Raises InvalidInput (unknown target, bad or too little data), UnsupportedFormat (a version or target
+    that cannot be built here, saying what to do), DoesNotFit (the run under the profile failed),
+    WorseThanParent; the repository is unchanged whenever it raises.
     """
     if target not in TARGETS:
         raise InvalidInput(f"unknown edge target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -115,13 +122,15 @@ def build_edge(
 
     artifact = repo.get(name, version)
     source = f"{name}:{artifact.path.name}"
+    model = converted_model(artifact, target)  # a pipeline version: its inner model, judged inside its stages
     if target == "executorch":
         from leanserve.deploy.edge.executorch import require_executorch
 
         require_executorch(artifact)
-    elif artifact.manifest.format != "onnx":
+    elif artifact.manifest.format not in ("onnx", "pipeline"):
         raise UnsupportedFormat(f"--target ort converts ONNX versions; {source} is {artifact.manifest.format} "
-                                "(give an ONNX version, or export the model with leanserve export first)")
+                                "(give an ONNX version or a text or image pipeline around one, or export the model "
+                                "with leanserve export first)")
     if holdout_path and not eval_path:
         raise InvalidInput("--holdout DATA needs --eval DATA: the int8 choice is made on --eval's rows and the "
                            "held-out rows only grade it")
@@ -130,17 +139,18 @@ def build_edge(
     with tempfile.TemporaryDirectory(prefix="leanserve-edge-") as tmp:
         work = Path(tmp)
         if target == "ort":
-            built = _build_ort(repo, name, artifact, split, calib_path, max_drop, time_budget_s, progress, work)
+            built = _build_ort(repo, name, model, split, calib_path, max_drop, time_budget_s, progress, work)
         else:
             calib = load_data(calib_path, artifact.signature, "calibration") if calib_path else None
             built = _build_pte(artifact, data, calib, max_drop, work)
-        held_out = measure_accuracy(artifact, built.path, split.holdout, max_drop) if split else None
-        run = run_on_device(built.path, _samples(artifact.signature, data), profile, min_time_s=probe_time_s)
+        held_out = (measure_accuracy(artifact, built.path, split.holdout, max_drop, original=model.path, load=model.load)
+                    if split else None)
+        run = run_on_device(built.path, _samples(model, data), profile, min_time_s=probe_time_s)
         report = EdgeReport(
             source=source, target=target, artifact_file=built.path.name, recipe=built.recipe, int8=built.int8,
-            original_bytes=_model_bytes(artifact), artifact_bytes=file_size(built.path), operators=built.operators,
+            original_bytes=_model_bytes(model.path), artifact_bytes=file_size(built.path), operators=built.operators,
             profile=profile, device=run, accuracy=held_out, kept_float=built.kept_float,
-            notes=_holdout_notes(split, built.accuracy) + built.notes + host_notes(profile))
+            notes=_holdout_notes(split, built.accuracy) + built.notes + model.stage_notes() + host_notes(profile))
         files = write_report(report, work / "report")
         if report_dir:
             files_out = write_report(report, Path(report_dir))
@@ -148,19 +158,22 @@ def build_edge(
         if not run.fits:
             raise DoesNotFit(f"{source} as {target} did not run within the {profile.describe()} profile: {run.error}; "
                              "choose a larger profile or raise --memory-mb (nothing was registered)", report)
-        ref = repo.add(built.path, name, provenance=_provenance(source, target, built), metrics=_metrics(report, built.accuracy, split),
-                       attachments=[*built.attachments, *files], runtime=built.runtime,
-                       serve=serve)  # a device artifact takes server traffic only when asked
+        forced = check_not_worse(held_out_figure(held_out), force, f"the {target} artifact of {source}")
+        metrics = _metrics(report, built.accuracy, split) | ({"registered_with_force": forced} if forced else {})
+        ref = model.register(repo, name, built.path, provenance=_provenance(source, target, built),
+                             metrics=metrics, attachments=[*built.attachments, *files],
+                             runtime=built.runtime, serve=serve)  # a device artifact takes server traffic only when asked
         stored = repo.get(ref.name, ref.version, verify=False).path
     return EdgeOutcome(ref, report, tuple(stored / f.name for f in files))
 
 
-def _build_ort(repo, name, artifact, split, calib_path, max_drop, time_budget_s, progress, work) -> _Built:
+def _build_ort(repo, name, model: ConvertedModel, split, calib_path, max_drop, time_budget_s, progress, work) -> _Built:
     data = split.selection if split else None
-    variant = (_search_int8(repo, name, artifact, split, calib_path, max_drop, time_budget_s, progress, work)
-               if split is not None else _dynamic_int8(artifact, work))
+    variant = (_search_int8(repo, name, model, split, calib_path, max_drop, time_budget_s, progress, work)
+               if split is not None else _dynamic_int8(model, work))
     ort_file, operators_file = convert_to_ort(variant.path, work / "ort")
-    accuracy = measure_accuracy(artifact, ort_file, data, max_drop) if data is not None else None
+    accuracy = (measure_accuracy(model.version, ort_file, data, max_drop, original=model.path, load=model.load)
+                if data is not None else None)
     return _Built(ort_file, (operators_file,), "onnxruntime", variant.recipe, variant.int8,
                   tuple(read_operators(operators_file)), accuracy, variant.kept_float, variant.notes,
                   "onnxruntime.tools.convert_onnx_models_to_ort (fixed optimizations)")
@@ -213,41 +226,43 @@ def _dynamic_int8_recipe():
     return Recipe("dynamic int8", (Step("dynamic_int8"),))
 
 
-def _search_int8(repo, name, artifact, split, calib_path, max_drop, time_budget_s, progress, work) -> _Int8:
+def _search_int8(repo, name, model: ConvertedModel, split, calib_path, max_drop, time_budget_s, progress,
+                 work) -> _Int8:
     """The smallest int8 candidate within budget from the optimizer's search (recreated here, because the
-    search keeps its files only while it runs); the fp32 original, said plainly, when none is."""
+    search keeps its files only while it runs); the fp32 original, said plainly, when none is. A pipeline
+    version's candidates are judged inside its stages on texts, and static int8 calibrates on tokens."""
     from leanserve.optimize.recipe import apply_recipe
     from leanserve.optimize.run import load_data, optimize
     from leanserve.optimize.steps import PassContext
 
-    data = split.selection
+    artifact, data = model.version, split.selection
     outcome = optimize(repo, name, artifact.path.name, split=split, calib_path=calib_path, max_drop=max_drop,
-                       recipes=int8_recipes(artifact.model_path), time_budget_s=time_budget_s,
+                       recipes=int8_recipes(model.path), time_budget_s=time_budget_s,
                        register=False, progress=progress, report_dir=work / "search")
     within = [c for c in outcome.result.candidates
               if c.within_budget and c.recipe.quantizes and c.measurement and c.error is None]
     if not within:
         tried = "; ".join(f"{c.recipe.name}: {'failed' if c.error else f'drop {c.drop:+.4f}'}"
                           for c in outcome.result.candidates) or "none tried"
-        return _Int8(artifact.model_path, "original", False,
+        return _Int8(model.path, "original", False,
                      notes=(f"no int8 variant stayed within --max-accuracy-drop {max_drop} ({tried}); "
                             "the artifact is the fp32 original",))
     best = min(within, key=lambda c: (c.measurement.size_bytes, c.measurement.speed.latency_p50_ms))
     calib = load_data(calib_path, artifact.signature, "calibration") if calib_path else data
-    calib = {n: calib[n] for n in artifact.signature.input_names}
+    calib = model.tensors(calib)
     path = work / "int8" / "model.onnx"
     path.parent.mkdir()
-    notes = apply_recipe(best.recipe, artifact.model_path, path, PassContext(artifact.signature, calib, best.kept_float))
+    notes = apply_recipe(best.recipe, model.path, path, PassContext(model.signature, calib, best.kept_float))
     return _Int8(path, best.recipe.name, True, best.kept_float, tuple(notes))
 
 
-def _dynamic_int8(artifact: ModelArtifact, work: Path) -> _Int8:
+def _dynamic_int8(model: ConvertedModel, work: Path) -> _Int8:
     from leanserve.optimize.recipe import apply_recipe
     from leanserve.optimize.steps import PassContext
 
     path = work / "int8" / "model.onnx"
     path.parent.mkdir()
-    notes = apply_recipe(_dynamic_int8_recipe(), artifact.model_path, path, PassContext(artifact.signature))
+    notes = apply_recipe(_dynamic_int8_recipe(), model.path, path, PassContext(model.signature))
     return _Int8(path, "dynamic int8", True, notes=(
         *notes, "accuracy was not checked: dynamic int8 was applied without evaluation data (pass --eval DATA)"))
 
@@ -296,17 +311,18 @@ def read_operators(config: Path) -> list[str]:
     return sorted(operators)
 
 
-def _model_bytes(artifact: ModelArtifact) -> int:
-    source = read_model(artifact.model_path)
+def _model_bytes(model_path: Path) -> int:
+    source = read_model(model_path)
     return file_size(source.model_file) + sum(file_size(f) for f in source.extra_files)
 
 
-def _samples(signature: Signature, data) -> dict[str, np.ndarray]:
+def _samples(model: ConvertedModel, data) -> dict[str, np.ndarray]:
+    """Rows the device run feeds the model: up to 64 of the selection data (a pipeline's as token tensors)."""
     if data is None:
         from leanserve.runtime import example_inputs
 
-        return example_inputs(signature)
-    return {n: data[n][:64] for n in signature.input_names}
+        return example_inputs(model.signature)
+    return model.tensors({n: data[n][:64] for n in model.version.signature.input_names})
 
 
 # --- registering ------------------------------------------------------------------------------------
@@ -315,6 +331,14 @@ def _provenance(source: str, target: str, built: _Built) -> Provenance:
     return Provenance(source=f"leanserve edge {source} --target {target}", parent=source,
                       recipe={"name": built.recipe, "target": target, "kept_float": list(built.kept_float),
                               "converter": built.converter, "fallbacks": list(built.fallbacks)})
+
+
+def held_out_figure(accuracy: Accuracy | None) -> HeldOut | None:
+    """The artifact's held-out accuracy beside the original's, with the budget; None when not measured."""
+    if accuracy is None:
+        return None
+    return HeldOut(accuracy.metric, accuracy.original, accuracy.artifact, accuracy.allowed_drop,
+                   HIGHER_IS_BETTER.get(accuracy.metric, True))
 
 
 def _holdout_notes(split: Split | None, selection: Accuracy | None) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,24 +110,29 @@ def _device_lines(run: DeviceRun, profile: DeviceProfile, target: str) -> list[s
                     f"({run.runs} runs, {profile.threads} intra-op thread(s)); load {run.load_ms:.1f} ms"]
 
 
-def measure_accuracy(artifact: ModelArtifact, built: Path, data, max_drop: str) -> Accuracy:
-    """The original version's and the built file's quality on the evaluation data, each run by leanserve's
-    engine for its format."""
+def measure_accuracy(artifact: ModelArtifact, built: Path, data, max_drop: str, *, original: Path | None = None,
+                     load: Callable[[Path], Any] | None = None) -> Accuracy:
+    """The original's and the built file's quality on the evaluation data (rows of the version's inputs).
+
+    ``original`` is the model file the artifact was built from (default: the version's own); ``load``
+    makes a session of a file that answers as the user reads it (default: ``runtime.load_file``, each
+    format run by leanserve's engine for it; a pipeline version's puts the file inside its stages).
+    """
     from leanserve.optimize.search import parse_budget
 
     metric = choose_metric(data)
     inputs = {n: data[n] for n in artifact.signature.input_names}
-    original = _outputs(artifact.model_path, inputs)
-    converted = _outputs(built, inputs)
-    base = METRICS[metric](original, data, original)
-    mine = METRICS[metric](converted, data, original)
+    reference = _outputs(original or artifact.model_path, inputs, load)
+    converted = _outputs(built, inputs, load)
+    base = METRICS[metric](reference, data, reference)
+    mine = METRICS[metric](converted, data, reference)
     return Accuracy(metric, base, mine, quality_drop(metric, base, mine), parse_budget(max_drop).allowed(base))
 
 
-def _outputs(path: Path, inputs) -> dict[str, np.ndarray]:
+def _outputs(path: Path, inputs, load=None) -> dict[str, np.ndarray]:
     from leanserve.runtime import load_file
 
-    session = load_file(path)
+    session = (load or load_file)(path)
     try:
         return run_all(session, inputs)
     finally:

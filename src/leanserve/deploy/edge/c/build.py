@@ -23,6 +23,8 @@ from leanserve.deploy.edge.c.cortex_m import BOARD, MCU_PROFILES, McuProfile, ch
 from leanserve.deploy.edge.c.lower import Program, lower
 from leanserve.deploy.edge.c.report import CReport, QemuCheck, Quality, write_report
 from leanserve.deploy.edge.c.verify import HostModel, agreement, compile_host, ort_outputs
+from leanserve.deploy.edge.pipeline import refuse_pipeline
+from leanserve.derived import HeldOut, check_not_worse
 from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
 from leanserve.repository import Repository, VersionRef
 
@@ -72,12 +74,13 @@ class _Candidate:
 def build_c_edge(repo: Repository, name: str, version: int | str | None = None, *, profile: McuProfile | None = None,
                  eval_path: str | Path | None = None, calib_path: str | Path | None = None,
                  holdout_path: str | Path | None = None, max_drop: str = "1%",
-                 report_dir: str | Path | None = None) -> COutcome:
+                 report_dir: str | Path | None = None, force: bool = False) -> COutcome:
     """Build, check and register the C artifact of ``name:version`` (an ONNX version).
 
     Raises InvalidInput (bad data, no data to calibrate on), UnsupportedFormat (not ONNX, no host compiler,
     an operator the C kernels lack: named, with the supported list), DoesNotFitMcu (no int8 model within
-    the budget, or flash/RAM over the profile); nothing is registered when it raises.
+    the budget, or flash/RAM over the profile), WorseThanParent (the held-out accuracy drops by more than
+    the budget, unless ``force``: then it is registered with a warning); nothing is registered when it raises.
     """
     from leanserve.optimize.run import evaluation_split, load_data
     from leanserve.optimize.search import parse_budget
@@ -85,6 +88,7 @@ def build_c_edge(repo: Repository, name: str, version: int | str | None = None, 
     profile = profile or mcu_profile(None)
     artifact = repo.get(name, version)
     source = f"{name}:{artifact.path.name}"
+    refuse_pipeline(artifact, "c")
     if artifact.manifest.format != "onnx":
         raise UnsupportedFormat(f"--target c lowers ONNX versions; {source} is {artifact.manifest.format} "
                                 "(give an ONNX version, or export the model with leanserve export first)")
@@ -132,9 +136,11 @@ def build_c_edge(repo: Repository, name: str, version: int | str | None = None, 
             raise DoesNotFitMcu(f"{source} as C does not fit the {profile.describe()} profile (flash "
                                 f"{footprint.flash_bytes:,} bytes, RAM {footprint.ram_bytes:,} bytes); nothing was "
                                 "registered", report)
+        forced = check_not_worse(_held_out_figure(holdout), force, f"the C artifact of {source}")
         folder = _artifact_folder(chosen, signature, work / "artifact")
+        metrics = _metrics(report) | ({"registered_with_force": forced} if forced else {})
         ref = repo.add(folder / MODEL_FILE, name, serve=False,  # C sources cannot be served
-                       provenance=_provenance(source, chosen), metrics=_metrics(report),
+                       provenance=_provenance(source, chosen), metrics=metrics,
                        attachments=[chosen.qdq, *files], check_load=False)
         stored = repo.get(ref.name, ref.version, verify=False).path
     return COutcome(ref, report, tuple(stored / f.name for f in files))
@@ -198,6 +204,15 @@ def _quality(part: str, artifact: ModelArtifact, candidate: _Candidate, data: di
     mine = METRICS[metric]({output: c_out}, data, reference)
     theirs = METRICS[metric]({output: ort}, data, reference)
     return Quality(part, len(rows), metric, base, mine, theirs, quality_drop(metric, base, mine), budget.allowed(base))
+
+
+def _held_out_figure(quality) -> HeldOut | None:
+    from leanserve.measure import HIGHER_IS_BETTER
+
+    if quality is None:
+        return None
+    return HeldOut(quality.metric, quality.fp32, quality.c_int8, quality.allowed_drop,
+                   HIGHER_IS_BETTER.get(quality.metric, True))
 
 
 def _holdout_figures(artifact: ModelArtifact, chosen: _Candidate, split, budget):
