@@ -79,3 +79,66 @@ def test_an_overloaded_version_sheds_with_503_and_keeps_serving(repo, tmp_path, 
     assert 'leanserve_rejected_requests_total{model="heavy",reason="overloaded",version="1"}' in metrics
 
 
+
+
+def test_a_connection_refused_again_and_again_is_held_longer_until_it_is_served(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from leanserve.artifact import Signature, TensorSpec
+    from leanserve.errors import Overloaded
+    from leanserve.serve.accesslog import AccessLog
+    from leanserve.serve.protocol import rest
+    from leanserve.serve.protocol.codec import InferResponse
+    from leanserve.serve.settings import ServerConfig
+
+    class Plane:  # sheds until told not to, then answers y = x
+        shedding = True
+        handle = SimpleNamespace(batcher=SimpleNamespace(admit=lambda: None),
+                                 signature=Signature((TensorSpec("x", "FP32", (-1, 1)),), (TensorSpec("y", "FP32", (-1, 1)),)))
+
+        def route(self, model, version, key):
+            if self.shedding:
+                raise Overloaded("the queue is full")
+            return SimpleNamespace(handle=self.handle, shadow=None)
+
+        async def infer(self, routed, request, protocol):
+            return InferResponse("m", "1", {"y": request.inputs["x"]}, request.id)
+
+    holds: list[float] = []
+
+    async def hold(seconds):
+        holds.append(seconds)
+
+    monkeypatch.setattr(rest.asyncio, "sleep", hold)
+    plane = Plane()
+    api = rest.RestApi(plane, ServerConfig(repo=".", shed_hold_s=0.5), AccessLog(False))
+    body = orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]})
+
+    async def request(client) -> int:
+        scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "client": client,
+                 "headers": [(b"content-length", str(len(body)).encode())]}
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await api.infer(scope, receive, send, "m", None)
+        return sent[0]["status"]
+
+    async def scenario():
+        a, b = ("127.0.0.1", 1000), ("127.0.0.1", 1001)
+        assert [await request(a) for _ in range(4)] == [503] * 4
+        assert await request(b) == 503  # another connection starts at the first hold
+        plane.shedding = False
+        assert await request(a) == 200  # served: forgiven
+        plane.shedding = True
+        assert await request(a) == 503
+
+    asyncio.run(scenario())
+    assert holds == [0.5, 1.0, 2.0, 2.0, 0.5, 0.5]

@@ -114,7 +114,8 @@ def register(sub) -> None:
         ("--max-large-bodies", "max_large_bodies", int, "request bodies over 1 MiB read and parsed at once; more get "
          "503 + Retry-After, unread. Load is also shed by queueing delay: see batching.max_queue_wait_ms (leanserve config)"),
         ("--shed-hold", "shed_hold_s", float, "seconds a shed request's 503 (and a refused large body's error) is held "
-         "before it is sent, so clients that ignore Retry-After cannot spend the server on refusals (0: at once)"),
+         "before it is sent, so clients that ignore Retry-After cannot spend the server on refusals; doubled for each "
+         "refusal in a row on one connection, up to 4x (0: at once)"),
         ("--poll-interval", "poll_interval_s", float, "seconds between repository checks"),
         ("--drain-timeout", "drain_timeout_s", float, "seconds to finish in-flight requests on SIGTERM"),
         ("--monitor-sample-rate", "monitor_sample_rate", float, "share of requests logged for monitoring"),

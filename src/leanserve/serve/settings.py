@@ -25,7 +25,7 @@ class ServerConfig:
     max_elements: int = 16 * 1024 * 1024  # per tensor
     body_timeout_s: float = 30.0  # a client must send its whole body within this
     max_large_bodies: int = 2  # bodies over 1 MiB read and parsed at once; more get 503 + Retry-After unread
-    shed_hold_s: float = 1.0  # a shed request's 503 (or a refused large body's error) is sent after this long
+    shed_hold_s: float = 1.0  # a shed request's 503 (or a refused large body's error) is sent after this long (x2 per refusal in a row on a connection, up to x4)
     # Connections (see serve/connections.py). A request's headers must arrive within header_timeout_s of
     # the connection opening or of the request's first byte; an idle keep-alive connection is closed
     # after keep_alive_timeout_s; beyond max_connections open at once, each new connection's request

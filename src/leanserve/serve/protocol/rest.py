@@ -95,6 +95,9 @@ def decode_feedback(body: bytes) -> list[tuple[str, int | float]]:
     return feedback_items([(item.get("id"), item.get("label")) if isinstance(item, dict) else (None, None) for item in items])
 
 
+_MAX_TRACKED = 65_536  # connections whose refusals in a row are remembered
+
+
 class RestApi:
     """The V2 REST routes over one data plane."""
 
@@ -103,6 +106,7 @@ class RestApi:
         self.config = config
         self.access_log = access_log
         self._large_in_progress = 0  # bodies over LARGE_BODY_BYTES being read or parsed now
+        self._strikes: dict[tuple, int] = {}  # connection (client address) -> refusals in a row
 
     def routes(self) -> list[Route]:
         """Every route but infer and explain, which ``infer`` answers as plain ASGI (see ``serve/app.py``)."""
@@ -226,7 +230,9 @@ class RestApi:
             # Held, not sent at once: a client that ignores Retry-After and retries in a tight loop would
             # otherwise spend the event loop on requests it will be refused (a tarpit for shed load, and
             # for large bodies that were refused)
-            await asyncio.sleep(self.config.shed_hold_s)
+            await asyncio.sleep(self._hold_s(scope.get("client")))
+        elif self._strikes and status == 200:
+            self._strikes.pop(scope.get("client"), None)  # served: its next refusal is held the first time again
         out_headers.append((b"content-length", str(len(payload)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         await send({"type": "http.response.body", "body": payload})
@@ -238,6 +244,17 @@ class RestApi:
                 client=client[0] if client else None,
             )
 
+
+    def _hold_s(self, client) -> float:
+        """How long this refusal is held: ``shed_hold_s``, doubled for each refusal in a row on the same
+        connection, up to 4x. A client that honours Retry-After sees the first hold only; one that comes
+        straight back on a saturated server is slowed down, leaving the event loop to requests that can
+        be served (at 2,500 clients refusals took more of it than answers)."""
+        strikes = self._strikes.get(client, 0)
+        if len(self._strikes) >= _MAX_TRACKED and client not in self._strikes:
+            self._strikes.clear()  # bounded: forgetting only makes the next holds shorter
+        self._strikes[client] = strikes + 1
+        return self.config.shed_hold_s * (1 << min(strikes, 2))
 
     def _admit_large(self) -> None:
         # Large bodies cost their size in memory several times over while parsing: only a few at a time.
