@@ -83,13 +83,13 @@ def build_server(config: ServerConfig, access_log: AccessLog | None = None,
     prediction_log = feedback = None
     extras = Extras(on_drain=[shadow.drain], on_close=[explanations.close])
     if config.monitor:
-        from leanserve.monitor.feedback import FeedbackService
+        from leanserve.monitor.feedback import FeedbackService, VersionLabels
         from leanserve.monitor.store import LogConfig, PredictionLog
 
         with _children_ignore_sigint():  # the writer process is started here
             prediction_log = PredictionLog(LogConfig(config.monitor_db or config.repo / ".monitor" / "predictions.db",
                                                      sample_rate=config.monitor_sample_rate))
-        feedback = FeedbackService(prediction_log, metrics)
+        feedback = FeedbackService(prediction_log, metrics, labels=VersionLabels(repo))  # labels by name too
         observers.append(PredictionLogObserver(prediction_log))
         extras.on_scrape = [lambda: _log_gauges(metrics, prediction_log)]
         extras.on_close = [*extras.on_close, prediction_log.close]

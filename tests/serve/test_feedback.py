@@ -47,7 +47,7 @@ def test_unknown_and_duplicate_ids_are_reported(server):
     (b"{", "not valid JSON"),
     (orjson.dumps({"labels": []}), "feedback body must be"),
     (orjson.dumps({"feedback": [{"id": 5, "label": 1}]}), "needs an 'id' string"),
-    (orjson.dumps({"feedback": [{"id": "a", "label": "cat"}]}), "label must be a finite number"),
+    (orjson.dumps({"feedback": [{"id": "a", "label": ["cat"]}]}), "label must be a finite number"),
     (orjson.dumps({"feedback": [{"id": "a" * 257, "label": 1}]}), "at most 256 expected"),
     (orjson.dumps({"feedback": [{"id": str(i), "label": 1} for i in range(10_001)]}), "at most 10000"),
 ])

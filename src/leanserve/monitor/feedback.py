@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import numbers
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from leanserve.errors import InvalidInput
+from leanserve.errors import InvalidInput, ModelNotFound
 from leanserve.monitor.quality import Quality, QualityCounts
-from leanserve.monitor.store import Joined, PredictionLog
+from leanserve.monitor.store import FeedbackResult, Joined, PredictionLog
+from leanserve.repository import Repository
 
 LABELLED_WINDOW = 5000  # newest labelled samples per version behind the live quality
 
@@ -62,27 +64,91 @@ class QualityWindow:
         return Quality(version, "mae", max(self.abs_error, 0.0) / labelled, labelled)
 
 
+class VersionLabels:
+    """The class names of each model version, by class index: a classifier pipeline's labels (``id2label``
+    or a labels file at import), empty for other versions. Read once per version: a version's files
+    never change."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self._known: dict[tuple[str, int], tuple[str, ...]] = {}
+
+    def __call__(self, name: str, version: int) -> tuple[str, ...]:
+        key = (name, version)
+        if key not in self._known:
+            self._known[key] = self._read(name, version)
+        return self._known[key]
+
+    def _read(self, name: str, version: int) -> tuple[str, ...]:
+        from leanserve.pipeline import PipelineSpec
+
+        try:
+            artifact = self.repo.get(name, version, verify=False)
+        except ModelNotFound:
+            return ()  # removed since it answered: its labels can only be class indices now
+        return PipelineSpec.read(artifact.model_path).labels if artifact.manifest.format == "pipeline" else ()
+
+
 class FeedbackService:
     """Feedback for one prediction log; ``live_quality[model][version]`` is QualityCounts (accuracy) or
-    the mean absolute error (regression), over the version's newest ``window`` labels."""
+    the mean absolute error (regression), over the version's newest ``window`` labels. With ``labels``
+    (``VersionLabels``) a label may be a class name, mapped to its index by the answering version's labels."""
 
-    def __init__(self, prediction_log: PredictionLog, metrics, window: int = LABELLED_WINDOW) -> None:
+    def __init__(self, prediction_log: PredictionLog, metrics, window: int = LABELLED_WINDOW,
+                 labels: Callable[[str, int], Sequence[str]] | None = None) -> None:
         self.prediction_log = prediction_log
         self.metrics = metrics
         self.window = window
+        self.labels = labels
         self.windows: dict[tuple[str, int], QualityWindow] = {}
         self.live_quality: dict[str, dict[int, QualityCounts | float]] = {}
 
     async def __call__(self, name: str, items: list[tuple[str, Any]]) -> dict[str, Any]:
-        """Record ``items`` (request id, label) for model ``name``; raises InvalidInput when none was accepted."""
+        """Record ``items`` (request id, label: a number or a class name) for model ``name``; raises
+        InvalidInput when a class name is not one of the answering version's labels (nothing is recorded
+        then) or when none was accepted."""
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(None, self.prediction_log.feedback, name, items)
+        result = await loop.run_in_executor(None, self._record, name, items)
         for outcome, count in (("accepted", result.accepted), ("unknown", len(result.unknown)), ("duplicate", len(result.duplicate))):
             self.metrics.feedback.labels(name, outcome).inc(count)
         self.add(name, result.joined)
         if items and not result.accepted:
             raise InvalidInput(f"no label accepted: unknown request ids {result.unknown[:5]}, already labelled {result.duplicate[:5]}")
         return {"accepted": result.accepted, "unknown": result.unknown, "duplicate": result.duplicate}
+
+    def _record(self, name: str, items: list[tuple[str, Any]]) -> FeedbackResult:
+        items, unknown = self._class_indices(name, items)
+        result = self.prediction_log.feedback(name, items) if items else FeedbackResult()
+        result.unknown.extend(unknown)
+        return result
+
+    def _class_indices(self, name: str, items: list[tuple[str, Any]]) -> tuple[list[tuple[str, Any]], list[str]]:
+        """``items`` with class names replaced by their indices in the labels of the version that answered
+        each request, and the ids of named items not in the log. Raises InvalidInput for a name that is
+        not one of that version's labels, before anything is recorded."""
+        named = [request_id for request_id, label in items if isinstance(label, str)]
+        if not named:
+            return items, []
+        versions = self.prediction_log.versions_of(name, named)
+        mapped, unknown = [], []
+        for request_id, label in items:
+            if not isinstance(label, str):
+                mapped.append((request_id, label))
+            elif request_id not in versions:
+                unknown.append(request_id)
+            else:
+                mapped.append((request_id, self._class_index(name, versions[request_id], label)))
+        return mapped, unknown
+
+    def _class_index(self, name: str, version: int, label: str) -> int:
+        known = tuple(self.labels(name, version)) if self.labels else ()
+        if not known:
+            raise InvalidInput(f"feedback label {label!r}: {name}:{version} has no class names (it is not a "
+                               "classifier pipeline); give the class index or the true value as a number")
+        if label not in known:
+            raise InvalidInput(f"feedback label {label!r} is not a class of {name}:{version}; its labels are "
+                               f"{', '.join(map(repr, known))} (or give the class index)")
+        return known.index(label)
 
     def add(self, name: str, joined: list[Joined]) -> None:
         """Fold accepted labels into their versions' windows and publish the versions they changed."""

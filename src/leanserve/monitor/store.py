@@ -343,6 +343,29 @@ class PredictionLog:
             raise Overloaded(f"the prediction log is busy ({exc}); send the feedback again", retry_after_s=1.0) from exc
         return FeedbackResult(joined, list(wanted), duplicate)
 
+    def versions_of(self, model: str, request_ids: Iterable[str], wait_s: float = 5.0) -> dict[str, int]:
+        """The version that answered each request id found in the log (its newest row), waiting for samples
+        still on their way to the writer as ``feedback`` does; ids not found are left out. One indexed
+        lookup per id."""
+        wanted = set(request_ids)
+        found: dict[str, int] = {}
+        self._find_versions(model, wanted, found)
+        if wanted and not self.read_only and self._unwritten():
+            self.written_through(wait_s)
+            self._find_versions(model, wanted, found)
+        return found
+
+    def _find_versions(self, model: str, wanted: set[str], found: dict[str, int]) -> None:
+        for _, db in self._segments():
+            if not wanted:
+                break
+            for request_id in list(wanted):
+                row = db.execute("SELECT version FROM predictions WHERE model = ? AND request_id = ? "
+                                 "ORDER BY id DESC LIMIT 1", (model, request_id)).fetchone()
+                if row is not None:
+                    found[request_id] = int(row[0])
+                    wanted.discard(request_id)
+
     def _locked_join(self, model: str, wanted: dict[str, Any], joined: list[Joined], duplicate: list[str]) -> None:
         with self._join_lock:
             self._join(model, wanted, joined, duplicate)

@@ -44,6 +44,14 @@ class PipelineSpec:
     files: tuple[str, ...] = ()
     provenance: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The class names of a classifier's output stage, by class index (``id2label`` or a labels file at
+        import); empty for other stages."""
+        if self.post.get("kind") != "classify":
+            return ()
+        return tuple(str(label) for label in self.post.get("labels") or ())
+
     def to_json(self) -> str:
         return json.dumps({"kind": SPEC_KIND, "task": self.task, "model_file": self.model_file,
                            "model_format": self.model_format, "pre": dict(self.pre), "post": dict(self.post),

@@ -13,12 +13,15 @@ from leanserve.serve.settings import FEEDBACK_TOKEN_ENV
 
 MAX_FEEDBACK_ITEMS = 10_000
 MAX_REQUEST_ID_CHARS = 256  # longer ids are refused: each one is an index lookup in the log
+MAX_LABEL_NAME_CHARS = 256  # a class name (a text classifier's "positive"); longer ones name no class
 
 
-def feedback_items(items: Sequence[tuple[object, object]]) -> list[tuple[str, int | float]]:
+def feedback_items(items: Sequence[tuple[object, object]]) -> list[tuple[str, int | float | str]]:
     """(request id, label) pairs checked: 1 to MAX_FEEDBACK_ITEMS of them, each id a non-empty string of
-    at most MAX_REQUEST_ID_CHARS, each label a finite number (class index or true value). A field the
-    client left out is None here. Raises InvalidInput naming the first item at fault."""
+    at most MAX_REQUEST_ID_CHARS, each label a finite number (class index or true value) or a class name
+    (a non-empty string of at most MAX_LABEL_NAME_CHARS, mapped to its index by the monitor's feedback
+    with the labels of the version that answered). A field the client left out is None here. Raises
+    InvalidInput naming the first item at fault."""
     if not items:
         raise InvalidInput("feedback needs at least one item")
     if len(items) > MAX_FEEDBACK_ITEMS:
@@ -29,8 +32,13 @@ def feedback_items(items: Sequence[tuple[object, object]]) -> list[tuple[str, in
             raise InvalidInput(f"feedback[{i}] needs an 'id' string (the request id of the prediction)")
         if len(request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidInput(f"feedback[{i}] id is {len(request_id)} characters long; at most {MAX_REQUEST_ID_CHARS} expected")
-        if isinstance(label, bool) or not isinstance(label, (int, float)) or (isinstance(label, float) and not math.isfinite(label)):
-            raise InvalidInput(f"feedback[{i}] label must be a finite number (class index or true value), got {label!r}")
+        if isinstance(label, str):
+            if not label or len(label) > MAX_LABEL_NAME_CHARS:
+                raise InvalidInput(f"feedback[{i}] label is a class name of {len(label)} characters; expected 1 to "
+                                   f"{MAX_LABEL_NAME_CHARS}")
+        elif isinstance(label, bool) or not isinstance(label, (int, float)) or (isinstance(label, float) and not math.isfinite(label)):
+            raise InvalidInput(f"feedback[{i}] label must be a finite number (class index or true value) or a class "
+                               f"name, got {label!r}")
         pairs.append((request_id, label))
     return pairs
 
