@@ -55,10 +55,16 @@ def _infer(params: list) -> dict[str, Any]:
 
 
 def _explain(infer: dict[str, Any]) -> dict[str, Any]:
-    """The infer operation, answered with attributions too (an extra ``<input>__attribution`` output)."""
+    """The infer operation, answered with attributions too (an extra ``<input>__attribution`` output, and for
+    text ``<input>__tokens``: ``explain.text.TOKENS_SUFFIX``)."""
     infer["post"]["summary"] = ("Run inference and explain it: the outputs plus <input>__attribution, shaped like the "
                                 "input (per feature, pixel or token), its method in the tensor's parameters (explain_method "
                                 "permutation|partition|kernel|integrated_gradients)")
+    infer["post"]["description"] = (
+        "A text input (V2 BYTES, a text pipeline version) is explained per token of the version's own tokenizer: "
+        "<input>__attribution is FP32 [texts, tokens], one score per token position, and beside it <input>__tokens "
+        "is BYTES [texts, tokens], the token at each position as a string ('' at padding, special tokens such as "
+        "[CLS] included), so each attribution can be read next to its token.")
     return infer
 
 
@@ -154,7 +160,10 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": {"type": "object"}, "outputs": {"type": "array", "items": _ref("RequestTensor")}}},
                 "Feedback": {"type": "object", "required": ["feedback"], "properties": {"feedback": {
                     "type": "array", "items": {"type": "object", "required": ["id", "label"], "properties": {
-                        "id": {"type": "string"}, "label": {"type": "number"}}}}}},
+                        "id": {"type": "string"},
+                        "label": {"oneOf": [{"type": "number"}, {"type": "string"}],
+                                  "description": "the class index or true value; a classifier's class name is mapped "
+                                                 "by the answering version's labels"}}}}}},
                 "EmbeddingsRequest": {"type": "object", "required": ["model", "input"], "properties": {
                     "model": {"type": "string"}, "input": {"description": "a string or a list of strings"},
                     "encoding_format": {"type": "string", "enum": ["float", "base64"]},
