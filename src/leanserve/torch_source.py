@@ -64,6 +64,22 @@ def load_source(artifact: ModelArtifact):
     return torch.jit.load(str(path)).eval()
 
 
+def find_source(repo, artifact: ModelArtifact, max_hops: int = 10):
+    """The version's PyTorch module, or its parent's (an optimized version keeps the float model's source
+    through its provenance, up to ``max_hops`` parents of the same model; ``repo`` is its Repository). Raises
+    UnsupportedFormat naming the version when there is none."""
+    current = artifact
+    for _ in range(max_hops):
+        if has_source(current):
+            return load_source(current).train()
+        parent = current.manifest.provenance.parent or ""
+        name, _, version = parent.rpartition(":")
+        if name != artifact.path.parent.name or not version.isdigit() or int(version) not in repo.versions(name):
+            break
+        current = repo.get(name, int(version))
+    return load_source(artifact)  # raises the message that says how to get a source
+
+
 def save_program(module, example_inputs, folder: str | Path) -> Path | None:
     """``torch.export`` program of ``module`` at ``folder/torch_source.pt2`` (first axis of every input
     dynamic where the module allows it), for ``Repository.add(..., attachments=[path])``. Returns None,

@@ -235,3 +235,16 @@ def test_mitigate_cli_reads_the_prediction_log_and_names_what_is_missing(repo, t
 def test_mitigate_refuses_a_model_that_is_not_a_binary_classifier(affine_repo):
     with pytest.raises(InvalidInput, match=r"two class scores"):
         mitigate(affine_repo, "affine", feedback=Feedback({}, np.zeros((0, 2)), np.zeros(0), np.zeros(0)))
+
+
+def test_mitigate_refuses_a_rule_whose_held_out_gap_grows_and_force_registers_it(repo, tmp_path, caplog):
+    from leanserve.derived import WorseThanParent
+
+    served(repo, tmp_path, "fair", np.array([2.0, 1.0, 0.0], np.float32), 9.0)  # approves everyone: no gap to close
+    feedback = feedback_of(load("fair", repo=repo), *synthetic(400, seed=2))
+    with pytest.raises(WorseThanParent, match=r"held-out equalized_odds_difference 0\.\d+ against 0\.0000 .*--force"):
+        mitigate(repo, "fair", constraint="equalized_odds", feedback=feedback)
+    assert repo.versions("fair") == [1]
+    report = mitigate(repo, "fair", constraint="equalized_odds", feedback=feedback, force=True, canary=False)
+    assert report.version == 2 and "registered anyway (--force)" in caplog.text
+    assert "worse than its parent" in repo.get("fair", 2).manifest.metrics["registered_with_force"]

@@ -241,3 +241,27 @@ def test_the_learner_registers_a_better_version_from_served_feedback_as_a_canary
     assert repo.versions("mlp") == [1, 2, 3] and "still being rolled out" in capsys.readouterr().out
     assert [e["action"] for e in read_learn_events(repo, "mlp")].count("skipped") == 1
     assert json.loads((repo.root / "mlp" / ".rollout-events.jsonl").read_text().splitlines()[0])["action"] == "start"
+
+
+def test_a_collapsed_learner_better_than_a_broken_serving_version_is_not_registered(tmp_path, mlp, small_digits):
+    # the serving version's logged answers are always wrong; the learner answers class 0 for everything
+    repo = Repository(tmp_path / "repo")
+    xs, ys = _stream(small_digits, before=0, after=120)
+    constant = copy.deepcopy(mlp)
+    with torch.no_grad():
+        for layer in constant:
+            if isinstance(layer, nn.Linear):
+                layer.weight.zero_()
+                layer.bias.zero_()
+        constant[-1].bias[0] = 1.0
+    _register_mlp(repo, constant, xs[:2])
+    wrong = np.eye(10, dtype=np.float32)[(np.asarray(ys) + 1) % 10]
+    _log_labelled(tmp_path / "log.db", xs.numpy(), ys, wrong)
+    learner = Learner(repo, "mlp", tmp_path / "log.db", LearnerConfig(OnlineConfig(lr=1e-9), window=50, margin=0.0))
+    try:
+        with pytest.raises(Diverged, match="collapsed after .*predicts class 0 for all 50"):
+            learner.poll()
+    finally:
+        learner.close()
+    assert repo.versions("mlp") == [1, 2]
+    assert read_learn_events(repo, "mlp")[-1]["action"] == "diverged"

@@ -154,3 +154,9 @@ def fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
+
+
+def add_force(parser, what: str) -> None:
+    """``--force``: register ``what`` (a version worse than its parent on held-out data) anyway, with a warning."""
+    parser.add_argument("--force", action="store_true",
+                        help=f"register {what} anyway, with a warning (without it: refused, nothing registered)")

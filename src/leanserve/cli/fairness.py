@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leanserve.cli.args import add_json, add_repo, command, config_default, given, needs_extra, open_repo, print_json
+from leanserve.cli.args import add_force, add_json, add_repo, command, config_default, given, needs_extra, open_repo, print_json
 
 MITIGATE = "leanserve.fairness.mitigate:mitigate"
 
@@ -14,7 +14,7 @@ def cmd_mitigate(args) -> int:
         from leanserve.fairness.mitigate import mitigate
         import fairlearn  # noqa: F401  (checked here to name the extra)
     report = mitigate(open_repo(args), args.model, db=Path(args.db) if args.db else None, version=args.version,
-                      canary=not args.no_canary,
+                      canary=not args.no_canary, force=args.force,
                       **given(args, group_parameter="group_param", constraint="constraint", folds="folds",
                               min_per_group="min_per_group"))
     if args.json:
@@ -46,5 +46,6 @@ def register(sub) -> None:
                                   help="labelled predictions each group needs (with both labels)"),
                    MITIGATE, "min_per_group")
     p.add_argument("--no-canary", action="store_true", help="register the version without starting a guarded canary")
+    add_force(p, "a mitigation whose held-out gap is not smaller than the served version's")
     add_json(p, "the mitigation report")
     add_repo(p)

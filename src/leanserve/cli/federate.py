@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from leanserve.cli.args import add_json, add_repo, command, config_default, given, open_repo, positive_int, subject
+from leanserve.cli.args import add_force, add_json, add_repo, command, config_default, given, open_repo, positive_int, subject
 from leanserve.errors import InvalidInput
 
 ROUNDS = "leanserve.learn.federated.server:RoundSettings"
@@ -55,6 +55,7 @@ def register(sub) -> None:
     config_default(p.add_argument("--server-momentum", type=float, help="momentum of the server's update (Flower's "
                                   "FedAvgM); 0 for plain averaging"), ROUNDS, "server_momentum")
     p.add_argument("--no-canary", action="store_true", help="register without starting a guarded canary")
+    add_force(p, "a model whose held-out accuracy ends below the start's (a collapsed model is never registered)")
     add_json(p, "the result")
     add_repo(p)
 
@@ -92,7 +93,7 @@ def cmd_federate(args) -> int:
                     else federated.digits_held_out(input_name))
         try:
             result = federated.federate_deployed(repo, ref.name, settings, held_out, args.listen, version=ref.version,
-                                                 canary=not args.no_canary, tls=tls,
+                                                 canary=not args.no_canary, tls=tls, force=args.force,
                                                  **given(args, join_timeout_s="join_timeout"))
         except Terminated as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -101,7 +102,8 @@ def cmd_federate(args) -> int:
         data = (federated.load_training_data(args.data, input_name) if args.data
                 else federated.digits_training_data(input_name))
         result = federated.federate(repo, ref.name, settings, data, version=ref.version,
-                                    partition=parse_partition(args.partition), canary=not args.no_canary)
+                                    partition=parse_partition(args.partition), canary=not args.no_canary,
+                                    force=args.force)
     _print_result(result, args.json)
     return 0
 

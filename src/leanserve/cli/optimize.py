@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from leanserve.cli.args import (add_json, add_model_ref, add_repo, command, config_default, fraction, given,
+from leanserve.cli.args import (add_force, add_json, add_model_ref, add_repo, command, config_default, fraction, given,
                                 model_ref, open_repo, print_json, subject)
 
 OPTIMIZE = "leanserve.optimize.run:optimize"
@@ -23,6 +23,7 @@ def cmd_optimize(args) -> int:
         repo, name, version, eval_path=args.eval, holdout_path=args.holdout, calib_path=args.calib,
         metric=args.metric, recipes=[parse_recipe(r) for r in args.recipe] or None, report_dir=report_dir,
         register=not args.dry_run, engines=parse_engines(args.engines), serve=args.serve, progress=not args.json,
+        force=args.force,
         **given(args, holdout_fraction="holdout_fraction", seed="seed", max_drop="max_accuracy_drop",
                 time_budget_s="time_budget", objective="objective", batch_size="batch_size"),
     )
@@ -102,5 +103,6 @@ def register(sub) -> None:
     p.add_argument("--engines", default="ort", metavar="LIST",
                    help="engines to measure candidates on, e.g. ort,openvino,tvm; the winner is served with its engine")
     p.add_argument("--dry-run", action="store_true", help="measure and report, register nothing")
+    add_force(p, "a chosen variant whose held-out quality drops by more than --max-accuracy-drop")
     add_json(p, "the search's report (what report.json holds), the version registered and the report files")
     add_repo(p)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from leanserve.artifact import ModelArtifact, Provenance
+from leanserve.derived import HeldOut, check_not_worse
 from leanserve.errors import InvalidInput
 from leanserve.fairness.metrics import FairnessReport, fairness_report
 from leanserve.fairness.postprocessed import (
@@ -269,14 +270,20 @@ def write_version_folder(folder: Path, base: ModelArtifact, spec: PostprocessSpe
 
 def mitigate(repo: Repository, name: str, *, group_parameter: str = "group", constraint: str = "demographic_parity",
              db: Path | None = None, version: int | None = None, folds: int = 5, min_per_group: int = 30,
-             seed: int = 0, canary: bool = True, feedback: Feedback | None = None) -> MitigationReport:
+             seed: int = 0, canary: bool = True, feedback: Feedback | None = None,
+             force: bool = False) -> MitigationReport:
     """Fit a mitigation on the labelled feedback of ``version`` (default: the primary, else the newest)
     and register it as the next version of ``name``, started as a guarded canary when ``canary``.
     The report's figures are held out by ``folds``-fold cross-fitting (see the module docstring).
 
     ``feedback`` replaces reading the prediction log at ``db`` (default ``REPO/.monitor/predictions.db``).
+    A mitigation whose held-out gap (the one ``constraint`` targets) is not smaller than the served
+    decisions' raises ``derived.WorseThanParent`` and registers nothing, unless ``force`` (then it is
+    registered with a warning). Its accuracy cost is the trade it exists for, and is reported, not judged.
+
     Raises InvalidInput for an unknown constraint, a model that is not a binary classifier, or too
-    little feedback (naming the groups short of it); ModelNotFound for an unknown model or version.
+    little feedback (naming the groups short of it); ModelNotFound for an unknown model or version;
+    WorseThanParent as above.
     """
     from leanserve.runtime import load_session
     from leanserve.traffic import primary
@@ -308,7 +315,8 @@ def mitigate(repo: Repository, name: str, *, group_parameter: str = "group", con
     after = fairness_report(data.labels, held_out, data.groups)
     report = MitigationReport(name, base_ref.version, None, constraint, group_parameter, len(data), folds,
                               before, after, {g: r.to_dict() for g, r in rules.items()})
-    new_version = _register(repo, name, base, spec, report)
+    forced = check_not_worse(_gap_figure(report), force, f"the mitigation of {name}:{base_ref.version}")
+    new_version = _register(repo, name, base, spec, report, forced)
     if canary:
         from leanserve.traffic import start_rollout
 
@@ -316,7 +324,16 @@ def mitigate(repo: Repository, name: str, *, group_parameter: str = "group", con
     return MitigationReport(**{**report.__dict__, "version": new_version, "canary": canary})
 
 
-def _register(repo: Repository, name: str, base: ModelArtifact, spec: PostprocessSpec, report: MitigationReport) -> int:
+def _gap_figure(report: MitigationReport) -> HeldOut | None:
+    """The targeted gap of the mitigated decisions beside the served ones' (lower is better; no budget:
+    a mitigation must shrink it); None when a gap could not be measured."""
+    if report.gap_before is None or report.gap_after is None:
+        return None
+    return HeldOut(GAP_OF[report.constraint], report.gap_before, report.gap_after, None, higher_is_better=False)
+
+
+def _register(repo: Repository, name: str, base: ModelArtifact, spec: PostprocessSpec, report: MitigationReport,
+              forced: str | None = None) -> int:
     import fairlearn
 
     with tempfile.TemporaryDirectory(prefix="leanserve-mitigate-") as tmp:
@@ -329,6 +346,8 @@ def _register(repo: Repository, name: str, base: ModelArtifact, spec: Postproces
         metrics = {"fairness": {"constraint": report.constraint, "gap_before": report.gap_before,
                                 "gap_after": report.gap_after, "accuracy_before": report.before.accuracy,
                                 "accuracy_after": report.after.accuracy, "folds": report.folds}}
+        if forced:
+            metrics["registered_with_force"] = forced
         ref = repo.add(spec_path, name, provenance=provenance, metrics=metrics, attachments=[attachment],
                        serve=False)  # takes traffic through its canary (--canary) or promote
     return ref.version

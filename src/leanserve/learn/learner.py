@@ -7,9 +7,10 @@ each one, and keeps the learner's and the serving version's accuracy over the sa
 serving version's optimization recipe (e.g. int8) is applied again, and the result is registered with its
 provenance and PyTorch source and started as a guarded canary; the rollout guard decides the rest.
 
-It never slows serving: it runs in its own process and only reads the log. A learner that diverges
-records why in ``REPO/<model>/.learn-events.jsonl`` and stops without registering; feedback it cannot use
-(no PyTorch source, labels that are not class indices) is reported once and skipped.
+It never slows serving: it runs in its own process and only reads the log. A learner that diverges, or
+that has collapsed when it would register (``derived.collapse_reason``), records why in
+``REPO/<model>/.learn-events.jsonl`` and stops without registering; feedback it cannot use (no PyTorch
+source, labels that are not class indices) is reported once and skipped.
 """
 
 from __future__ import annotations
@@ -28,17 +29,17 @@ import numpy as np
 import torch
 
 from leanserve.artifact import ModelArtifact, Provenance
+from leanserve.derived import collapse_reason
 from leanserve.errors import InvalidInput, UnsupportedFormat
 from leanserve.learn.online import Diverged, OnlineConfig, OnlineLearner, Prequential
 from leanserve.traffic import start_rollout
 from leanserve.monitor.store import LogConfig, PredictionLog, log_exists, stack
 from leanserve.repository import Repository, VersionRef
 from leanserve.traffic import primary as primary_of
-from leanserve.torch_source import has_source, load_source, save_source
+from leanserve.torch_source import find_source, save_source
 
 log = logging.getLogger(__name__)
 EVENTS_FILE = ".learn-events.jsonl"
-_MAX_PARENT_HOPS = 10  # how far up the provenance chain a PyTorch source is looked for
 
 
 @dataclass(frozen=True)
@@ -145,13 +146,14 @@ class Learner:
         why_not = self._why_not_register(session)
         if why_not:
             return replace(report, note="; ".join(filter(None, [note, why_not])))
+        self._refuse_collapse(session, fresh)
         return replace(report, registered=self._register(serving, session, fresh))
 
     # --- learning -----------------------------------------------------------------------------------
 
     def _start(self, serving: VersionRef, first_row: dict[str, Any]) -> _Session:
         artifact = self.repo.get(serving.name, serving.version)
-        module = _find_source(self.repo, artifact)  # a fresh copy, loaded from disk
+        module = find_source(self.repo, artifact)  # a fresh copy, loaded from disk
         names = artifact.signature.input_names
         example = _tensors(first_row["inputs"], names)
         with torch.no_grad():
@@ -205,6 +207,22 @@ class Learner:
         if self._already_registered(session.last_request_id):
             return "a version learnt from the same feedback is already registered"
         return ""
+
+    def _refuse_collapse(self, session: _Session, rows: Sequence[dict[str, Any]]) -> None:
+        """Stop (Diverged, recorded) rather than register a collapsed learner: non-finite weights, one class for
+        the window's rows, or a window accuracy (each sample predicted before it was learnt) at or below chance."""
+        module, pq = session.learner.module, session.prequential
+        recent = [r for r in rows if _class_label(r["label"], session.classes) is not None][-pq.window:]
+        with torch.no_grad():
+            module.eval()
+            batch = [torch.cat(p) for p in zip(*(_tensors(r["inputs"], session.input_names) for r in recent))]
+            predictions = _first(module(*batch)).argmax(-1).numpy() if recent else None
+            module.train()
+        reason = collapse_reason(held_out_accuracy=pq.accuracy, classes=session.classes, predictions=predictions,
+                                 weights=module.state_dict().values())
+        if reason:
+            self._stop(f"the learnt model collapsed after {session.learner.samples_seen} samples: {reason} (window "
+                       f"accuracy {pq.accuracy:.1%}, serving {pq.serving_accuracy:.1%}); it stopped and registers nothing")
 
     def _already_registered(self, last_request_id: str) -> bool:
         for version in self.repo.versions(self.name):
@@ -289,21 +307,6 @@ def read_learn_events(repo: Repository, name: str, limit: int = 50) -> list[dict
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()[-limit:] if line.strip()]
-
-
-def _find_source(repo: Repository, artifact: ModelArtifact):
-    """The version's PyTorch module, or its parent's (an optimized version keeps the float model's source
-    through its provenance). Raises UnsupportedFormat naming the version when there is none."""
-    current = artifact
-    for _ in range(_MAX_PARENT_HOPS):
-        if has_source(current):
-            return load_source(current).train()
-        parent = current.manifest.provenance.parent or ""
-        name, _, version = parent.rpartition(":")
-        if name != artifact.path.parent.name or not version.isdigit() or int(version) not in repo.versions(name):
-            break
-        current = repo.get(name, int(version))
-    return load_source(artifact)  # raises the message that says how to get a source
 
 
 def _reapply_recipe(recipe: dict[str, Any], onnx_path: Path, signature, rows, input_names) -> Path:

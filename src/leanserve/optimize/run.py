@@ -22,8 +22,9 @@ import onnx
 from leanserve.artifact import Provenance, Signature
 from leanserve.config import RuntimeOptions
 from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
+from leanserve.derived import HeldOut, check_not_worse
 from leanserve.holdout import Split, given_holdout, split_holdout
-from leanserve.measure import LABELS, choose_metric
+from leanserve.measure import HIGHER_IS_BETTER, LABELS, choose_metric
 from leanserve.optimize.recipe import Recipe, default_recipes, engine_recipes
 from leanserve.optimize.report import write_report
 from leanserve.optimize.search import SearchResult, Searcher, parse_budget
@@ -87,7 +88,7 @@ def optimize(
     recipes: Sequence[Recipe] | None = None, time_budget_s: float = 600, objective: str = "latency",
     batch_size: int = 32, report_dir: str | Path | None = None, register: bool = True, progress: bool = True,
     options: RuntimeOptions | None = None, variants: Mapping[str, Path] | None = None,
-    engines: Sequence[str] = ("onnxruntime",), serve: bool = False,
+    engines: Sequence[str] = ("onnxruntime",), serve: bool = False, force: bool = False,
 ) -> OptimizeOutcome:
     """Search for the fastest variant of ``name:version`` within ``max_drop`` and register it.
 
@@ -103,8 +104,12 @@ def optimize(
     ``split`` passes parts already made (instead of the paths). Without ``calib_path`` static int8
     calibrates on the selection inputs, never the held-out ones.
 
+    The chosen variant is registered only when its held-out quality is within ``max_drop`` of the
+    original's on the same rows; otherwise ``derived.WorseThanParent`` is raised (naming both figures) and
+    nothing is registered, unless ``force``, which registers it with a warning in the log and the manifest.
+
     Raises InvalidInput for unusable data or budget (including too few rows to hold some out),
-    UnsupportedFormat for non-ONNX versions.
+    UnsupportedFormat for non-ONNX versions, WorseThanParent as above.
     """
     artifact = repo.get(name, version)
     pipeline = None
@@ -159,8 +164,9 @@ def optimize(
         files = write_report(result, folder)
         ref = None
         if register and result.chosen is not None and result.chosen is not result.baseline:
+            warning = check_not_worse(held_out_figure(result), force, f"the chosen variant ({result.chosen.recipe.name})")
             attachments = files + _trt_calibration(result, model_signature, calib, Path(tmp) / "trt")
-            ref = _register(repo, name, artifact.path.name, result, attachments, serve, pipeline)
+            ref = _register(repo, name, artifact.path.name, result, attachments, serve, pipeline, warning)
             from leanserve.monitor.reference import build_reference
 
             build_reference(repo, ref.name, ref.version, {n: np.concatenate([split.selection[n], split.holdout[n]])
@@ -186,8 +192,18 @@ def _trt_calibration(result: SearchResult, signature: Signature, calib, folder: 
         return []
 
 
+def held_out_figure(result: SearchResult) -> HeldOut | None:
+    """The chosen variant's held-out quality beside the original's, with the budget in the metric's units;
+    None when the candidates were not graded on held-out rows (or the chosen one could not be)."""
+    chosen, base = result.chosen, result.baseline
+    if result.holdout is None or chosen.holdout_quality is None or base.holdout_quality is None:
+        return None
+    return HeldOut(result.metric, base.holdout_quality, chosen.holdout_quality,
+                   result.budget.allowed(base.holdout_quality), HIGHER_IS_BETTER.get(result.metric, True))
+
+
 def _register(repo: Repository, name: str, parent: str, result: SearchResult, files: list[Path],
-              serve: bool = False, pipeline=None) -> VersionRef:
+              serve: bool = False, pipeline=None, forced: str | None = None) -> VersionRef:
     """Register the chosen variant; it takes traffic only with ``serve`` (otherwise ``promote``/``canary``).
     With ``pipeline`` (an ``optimize.pipeline.PipelineTarget``) it is registered inside the parent's pipeline."""
     chosen = result.chosen
@@ -201,6 +217,8 @@ def _register(repo: Repository, name: str, parent: str, result: SearchResult, fi
     metrics["engine"] = chosen.recipe.engine
     if result.skipped:
         metrics["recipes_skipped_time_budget"] = list(result.skipped)
+    if forced:
+        metrics["registered_with_force"] = forced
     provenance = Provenance(source=f"leanserve optimize {name}:{parent}", parent=f"{name}:{parent}",
                             recipe={**chosen.recipe.to_dict(), "kept_float": list(chosen.kept_float)})
     model_file = chosen.path

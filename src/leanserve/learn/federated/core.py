@@ -112,10 +112,11 @@ def single_input_name(repo: Repository, ref: VersionRef) -> str:
 
 def federate(repo: Repository, name: str, settings: RoundSettings, data: TrainingData, *, version: int | None = None,
              partition: Partitioner = iid, eval_fraction: float = 0.2, seed: int = 0, register: bool = True,
-             canary: bool = True, client_app=None) -> FederatedResult:
+             canary: bool = True, client_app=None, force: bool = False) -> FederatedResult:
     """Simulate ``settings.clients`` clients on this machine, each holding one ``partition`` of ``data`` less a
     held-out ``eval_fraction`` the server evaluates on, and run the rounds with Flower's simulation engine.
-    With ``register``, the result becomes a new version (a guarded canary when ``canary``).
+    With ``register``, the result becomes a new version (a guarded canary when ``canary``), subject to
+    ``register_federated``'s checks (``force`` registers a result worse than its start, never a collapse).
     Raises UnsupportedFormat when the version has no PyTorch source, InvalidInput for bad settings or data,
     LeanserveError when no round completed (nothing is registered then)."""
     from leanserve.torch_source import load_source
@@ -132,12 +133,13 @@ def federate(repo: Repository, name: str, settings: RoundSettings, data: Trainin
         outcome = _simulate(module, files, held_out, settings, client_app)
     if not register:
         return FederatedResult(None, parent, outcome.accuracy, outcome.dropped, outcome.failed_rounds)
-    return register_federated(repo, parent, module, outcome, settings, data.x[:2], canary=canary)
+    return register_federated(repo, parent, module, outcome, settings, data.x[:2], canary=canary, held_out=held_out,
+                              force=force)
 
 
 def federate_deployed(repo: Repository, name: str, settings: RoundSettings, held_out: TrainingData, listen: str, *,
                       version: int | None = None, join_timeout_s: float = 300.0, register: bool = True,
-                      canary: bool = True, tls=None) -> FederatedResult:
+                      canary: bool = True, tls=None, force: bool = False) -> FederatedResult:
     """Run the rounds with real clients: Flower's Fleet API is served on ``listen`` (HOST:PORT; in TLS with
     ``tls``, a ``proxy.TlsFiles``) in front of a SuperLink no one else can reach, which waits up to
     ``join_timeout_s`` for ``settings.clients`` SuperNodes (``leanserve federate-client``), and the server
@@ -162,7 +164,7 @@ def federate_deployed(repo: Repository, name: str, settings: RoundSettings, held
     if not register:
         return FederatedResult(None, parent, outcome.accuracy, outcome.dropped, outcome.failed_rounds)
     return register_federated(repo, parent, module, outcome, settings, held_out.x[:2], canary=canary,
-                              where="deployment")
+                              where="deployment", held_out=held_out, force=force)
 
 
 def _write_partitions(pool: TrainingData, parts: list[np.ndarray], folder: Path) -> list[Path]:
@@ -210,10 +212,16 @@ def _stop_ray() -> None:
 
 
 def register_federated(repo: Repository, parent: VersionRef, module, outcome: RoundsOutcome, settings: RoundSettings,
-                       example: np.ndarray, *, canary: bool = True, where: str = "simulation") -> FederatedResult:
+                       example: np.ndarray, *, canary: bool = True, where: str = "simulation",
+                       held_out: TrainingData | None = None, force: bool = False) -> FederatedResult:
     """Load the final weights into ``module``, export it to ONNX (checked against PyTorch), register it as the
     next version of ``parent.name`` with its provenance and PyTorch source, and start a guarded canary.
-    Raises LeanserveError when no round completed; the repository is then unchanged."""
+
+    Before registering, the result is judged on the server's held-out figures (``outcome.accuracy``: the
+    start, then each round; ``held_out`` rows for the predictions): a collapse (non-finite weights, one
+    class for every held-out row, accuracy at or below chance) raises ``derived.Collapsed`` whatever
+    ``force`` says; a final accuracy below the start raises ``derived.WorseThanParent`` unless ``force``.
+    Raises LeanserveError when no round completed; the repository is unchanged whenever it raises."""
     import torch
 
     from leanserve.from_torch import export
@@ -226,6 +234,7 @@ def register_federated(repo: Repository, parent: VersionRef, module, outcome: Ro
                              f"{outcome.dropped[0].reason if outcome.dropped else 'none'}); nothing registered")
     module.load_state_dict(outcome.state_dict)
     module.eval()
+    forced = _check_result(module, outcome, held_out, force)
     signature = repo.get(parent.name, parent.version).manifest.signature
     with tempfile.TemporaryDirectory(prefix="leanserve-federated-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
@@ -237,12 +246,34 @@ def register_federated(repo: Repository, parent: VersionRef, module, outcome: Ro
         ref = repo.add(onnx_path, parent.name, attachments=[source], serve=False,  # canary or promote serves it
                        provenance=Provenance(source=f"leanserve federate ({where})", parent=str(parent),
                                              recipe=_recipe(settings, outcome), exporter=exported.exporter),
-                       metrics={"accuracy": outcome.accuracy[-1]} if outcome.accuracy else None)
+                       metrics=({"accuracy": outcome.accuracy[-1]} if outcome.accuracy else {})
+                       | ({"registered_with_force": forced} if forced else {}) or None)
     started = False
     if canary:
         start_rollout(repo, ref.name, ref.version)
         started = True
     return FederatedResult(ref, parent, outcome.accuracy, outcome.dropped, outcome.failed_rounds, started)
+
+
+def _check_result(module, outcome: RoundsOutcome, held_out: TrainingData | None, force: bool) -> str | None:
+    """Refuse a collapsed aggregate always and one worse than the start unless ``force`` (see
+    ``register_federated``); returns the warning of a forced registration."""
+    import torch
+
+    from leanserve.derived import HeldOut, check_not_collapsed, check_not_worse
+
+    predictions = classes = None
+    if held_out is not None and len(held_out.y):
+        with torch.no_grad():
+            logits = module(torch.from_numpy(np.ascontiguousarray(held_out.x)))
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        predictions, classes = logits.argmax(-1).numpy(), int(logits.shape[-1])
+    final = outcome.accuracy[-1] if outcome.accuracy else None
+    check_not_collapsed("the federated model", held_out_accuracy=final, classes=classes, predictions=predictions,
+                        weights=module.state_dict().values())
+    start = outcome.accuracy[0] if len(outcome.accuracy) > 1 else None
+    figure = HeldOut("accuracy", start, final) if start is not None else None
+    return check_not_worse(figure, force, f"the federated model after {len(outcome.accuracy) - 1} rounds")
 
 
 def _recipe(settings: RoundSettings, outcome: RoundsOutcome) -> dict:
