@@ -85,10 +85,15 @@ def dynamic_int8(src: Path, dst: Path, ctx: PassContext, per_channel: bool = Tru
     return StepResult([f"dynamic int8 ({'per-channel' if per_channel else 'per-tensor'} weights)", *_float_notes(src, dst, ctx)])
 
 
+# Only the compute-heavy ops: quantizing Add/Gather/Softmax costs accuracy, gains little.
+STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "ConvTranspose")
+
+
 def static_int8(src: Path, dst: Path, ctx: PassContext, method: str = "minmax", per_channel: bool = True,
-                preprocess: bool = True) -> StepResult:
+                preprocess: bool = True, op_types: Sequence[str] = STATIC_OP_TYPES) -> StepResult:
     """QDQ int8 (uint8 activations, int8 weights) calibrated on ``ctx.calibration`` with MinMax, Entropy or
-    Percentile. ``preprocess=False`` when ``src`` already went through ``pre_process``."""
+    Percentile. ``preprocess=False`` when ``src`` already went through ``pre_process``; ``op_types`` are
+    the operator types quantized (the C target adds Add: it has no float arithmetic to fall back on)."""
     if method not in _METHODS:
         raise InvalidInput(f"calibration method must be one of {', '.join(_METHODS)}, got {method!r}")
     reader = _Rows(ctx)
@@ -99,8 +104,7 @@ def static_int8(src: Path, dst: Path, ctx: PassContext, method: str = "minmax", 
             quantize_static(prepared, dst, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=_METHODS[method], nodes_to_exclude=list(ctx.exclude_nodes),
-                            # Only the compute-heavy ops: quantizing Add/Gather/Softmax costs accuracy, gains little.
-                            op_types_to_quantize=["Conv", "MatMul", "Gemm", "ConvTranspose"],
+                            op_types_to_quantize=list(op_types),
                             extra_options={"CalibPercentile": 99.99, "WeightSymmetric": True})
     return StepResult([f"static int8 QDQ, {method} calibration on {min(ctx.calibration_rows, _rows(ctx))} rows "
                        f"(batches of {reader.batch})", note,

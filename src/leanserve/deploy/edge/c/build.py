@@ -164,19 +164,31 @@ def _choose(artifact: ModelArtifact, split, calibration: np.ndarray, budget, wor
 
 
 def _candidate(artifact: ModelArtifact, method: str, calibration: np.ndarray, work: Path) -> _Candidate:
-    from leanserve.optimize.quantize import static_int8
+    from leanserve.optimize.quantize import STATIC_OP_TYPES, static_int8
     from leanserve.optimize.steps import PassContext
 
     work.mkdir(parents=True)
     qdq = work / REFERENCE_FILE
-    context = PassContext(artifact.signature, {artifact.signature.input_names[0]: calibration})
-    result = static_int8(artifact.model_path, qdq, context, method=method)
+    context = PassContext(artifact.signature, {artifact.signature.input_names[0]: calibration},
+                          exclude_nodes=_bias_adds(artifact.model_path))
+    result = static_int8(artifact.model_path, qdq, context, method=method, op_types=(*STATIC_OP_TYPES, "Add"))
     program = lower(qdq)  # UnsupportedOperator here is the model's, whatever the calibration: it propagates
     arena = plan_arena(program)
     sources = write_sources(program, arena, work / "c", artifact.path.parent.name)
     library = compile_host(sources.folder, work / "libmodel.so")
     host = HostModel(library, sources.input_size, sources.output_size, arena.size_bytes)
     return _Candidate(method, qdq, program, sources, host, tuple(n for n in result.notes if n))
+
+
+def _bias_adds(model_path: Path) -> tuple[str, ...]:
+    """The Add nodes with a constant operand (a MatMul's bias, which the lowering folds into the MatMul):
+    left in float, while an Add of two computed tensors (a residual) is quantized, since the C code has
+    no float arithmetic to run it in."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return tuple(n.name for n in graph.node if n.op_type == "Add" and n.name and any(i in constants for i in n.input))
 
 
 def _fp32_outputs(artifact: ModelArtifact, rows: np.ndarray) -> np.ndarray:

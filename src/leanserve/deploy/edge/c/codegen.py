@@ -138,7 +138,8 @@ def _call(index: int, layer: Layer, program: Program, arena: Arena) -> str:
                   "count_include_pad")
         init = ", ".join(str(int(p[f])) for f in fields)
         call = (f"ls_max_pool({src[0]}, &p, {out})" if layer.kind == "max_pool"
-                else f"ls_avg_pool({src[0]}, &p, {p['zero_point']}, {out})")
+                else f"ls_avg_pool({src[0]}, &p, {p['in_zp']}, {p['out_zp']}, {p['act_min']}, {p['act_max']}, "
+                     f"l{index}_multipliers, l{index}_shifts, {p['per_count']}, {out})")
         return f"    {{ static const ls_pool_params p = {{{init}}};\n      {call}; }}"
     if layer.kind == "add":
         fields = ("a_zp", "b_zp", "out_zp", "a_mult", "a_shift", "b_mult", "b_shift", "out_mult", "out_shift",

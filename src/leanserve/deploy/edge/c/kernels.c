@@ -135,29 +135,33 @@ void ls_max_pool(const int8_t *in, const ls_pool_params *p, int8_t *out)
     }
 }
 
-void ls_avg_pool(const int8_t *in, const ls_pool_params *p, int32_t zero_point, int8_t *out)
+/* The mean of each window in the output's scale: the window's sum (zero points removed) times
+ * in_scale / (out_scale * count), one multiplier per window size when padding makes the count vary
+ * (per_count: multipliers[count - 1]), rounded once, ties to even, as every other requantization. */
+void ls_avg_pool(const int8_t *in, const ls_pool_params *p, int32_t in_zp, int32_t out_zp, int32_t act_min,
+                 int32_t act_max, const int32_t *multipliers, const int32_t *shifts, int32_t per_count, int8_t *out)
 {
     int32_t c, oy, ox, ky, kx;
     for (c = 0; c < p->c; ++c) {
         const int8_t *plane = in + c * p->in_h * p->in_w;
         for (oy = 0; oy < p->out_h; ++oy) {
             for (ox = 0; ox < p->out_w; ++ox) {
-                int32_t sum = 0, count = 0, q;
+                int32_t sum = 0, count = 0, which, q;
                 for (ky = 0; ky < p->k_h; ++ky) {
                     const int32_t iy = oy * p->stride_h - p->pad_top + ky;
                     for (kx = 0; kx < p->k_w; ++kx) {
                         const int32_t ix = ox * p->stride_w - p->pad_left + kx;
                         if (iy >= 0 && iy < p->in_h && ix >= 0 && ix < p->in_w) {
-                            sum += (int32_t)plane[iy * p->in_w + ix] - zero_point;
+                            sum += (int32_t)plane[iy * p->in_w + ix] - in_zp;
                             ++count;
                         } else if (p->count_include_pad) {
-                            ++count;
+                            ++count; /* the padding holds the zero point: it adds nothing to the sum */
                         }
                     }
                 }
-                /* the mean rounded half away from zero, in the input's scale */
-                q = count ? (sum >= 0 ? (sum + count / 2) / count : -((-sum + count / 2) / count)) : 0;
-                out[(c * p->out_h + oy) * p->out_w + ox] = ls_saturate(q + zero_point, -128, 127);
+                which = per_count ? LS_MAX(count, 1) - 1 : 0;
+                q = ls_multiply_by_quantized_multiplier(sum, multipliers[which], shifts[which]) + out_zp;
+                out[(c * p->out_h + oy) * p->out_w + ox] = ls_saturate(q, act_min, act_max);
             }
         }
     }

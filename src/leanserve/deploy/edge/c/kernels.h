@@ -46,7 +46,8 @@ void ls_dense(const int8_t *in, int32_t in_features, int32_t out_features, const
               const int32_t *bias, const int32_t *multipliers, const int32_t *shifts,
               int32_t in_zp, int32_t out_zp, int32_t act_min, int32_t act_max, int8_t *out);
 void ls_max_pool(const int8_t *in, const ls_pool_params *p, int8_t *out);
-void ls_avg_pool(const int8_t *in, const ls_pool_params *p, int32_t zero_point, int8_t *out);
+void ls_avg_pool(const int8_t *in, const ls_pool_params *p, int32_t in_zp, int32_t out_zp, int32_t act_min,
+                 int32_t act_max, const int32_t *multipliers, const int32_t *shifts, int32_t per_count, int8_t *out);
 void ls_add(const int8_t *a, const int8_t *b, int32_t n, const ls_add_params *p, int8_t *out);
 void ls_requantize(const int8_t *in, int32_t n, int32_t in_zp, int32_t out_zp, int32_t multiplier, int32_t shift,
                    int32_t act_min, int32_t act_max, int8_t *out);

@@ -3,8 +3,8 @@
 The QDQ graph says, with QuantizeLinear/DequantizeLinear pairs, where each float tensor is held as int8 and
 at what scale; ONNX Runtime fuses ``DQ -> Conv -> Q`` into one integer kernel. Here every such pattern
 becomes one ``Layer`` that reads and writes int8 buffers: float values that are a dequantized int8 buffer
-(``_View``) flow through ReLU, pooling and reshapes in the integer domain (all commute with a per-tensor
-affine quantization), and an accumulating op (Conv, Gemm, MatMul, Add) waits (``_Pending``) for the
+(``_View``) flow through ReLU, max pooling and reshapes in the integer domain (all commute with a per-tensor
+affine quantization), and an accumulating op (Conv, Gemm, MatMul, Add, average pooling) waits (``_Pending``) for the
 QuantizeLinear that fixes its output scale, absorbing ReLU/Clip on the way as the output clamp.
 
 Activations are kept as int8: an ONNX uint8 tensor with zero point z holds the same values as int8 with
@@ -148,7 +148,7 @@ class _View:
 class _Pending:
     """An accumulating op whose output scale comes from the QuantizeLinear that follows."""
 
-    kind: str  # conv, dense, add
+    kind: str  # conv, dense, add, avg_pool
     name: str
     inputs: tuple[_View, ...]
     shape: tuple[int, ...]
@@ -314,6 +314,8 @@ class _Lowering:
             self._emit(Layer("add", pending.name, (a.buffer, b.buffer), buffer, params))
             return _View(buffer, qp, pending.shape)
         source = pending.inputs[0]
+        if pending.kind == "avg_pool":
+            return self._materialize_avg_pool(pending, qp, params, buffer)
         real = requant_scale(source.qp.scale, pending.w_scale, qp.scale).reshape(-1)
         pairs = [quantize_multiplier(float(r)) for r in real]
         constants = {"weights": pending.weights.astype(np.int8),
@@ -324,6 +326,18 @@ class _Lowering:
         params["in_zp"] = source.qp.zero_point
         macs = int(pending.weights.size) * (n // pending.weights.shape[0])
         self._emit(Layer(pending.kind, pending.name, (source.buffer,), buffer, params, constants, macs))
+        return _View(buffer, qp, pending.shape)
+
+    def _materialize_avg_pool(self, pending: _Pending, qp: QParams, params: dict, buffer: str) -> _View:
+        source, p = pending.inputs[0], pending.params
+        window = p["k_h"] * p["k_w"]
+        counts = range(1, window + 1) if p["per_count"] else (window,)
+        ratio = requant_scale(source.qp.scale, 1.0, qp.scale)
+        pairs = [quantize_multiplier(float(ratio) / count) for count in counts]
+        constants = {"multipliers": np.array([m for m, _ in pairs], np.int32),
+                     "shifts": np.array([s for _, s in pairs], np.int32)}
+        self._emit(Layer("avg_pool", pending.name, (source.buffer,), buffer, {**params, "in_zp": source.qp.zero_point},
+                         constants))
         return _View(buffer, qp, pending.shape)
 
     # --- accumulating ops -----------------------------------------------------------------------
@@ -461,11 +475,16 @@ class _Lowering:
             self._fail(node, "ceil_mode and dilations are not supported")
         oh, ow = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
         n = c * oh * ow
-        buffer = self._new_buffer(node.output[0], n)
         params = {"c": c, "in_h": h, "in_w": w, "out_h": oh, "out_w": ow, "k_h": kh, "k_w": kw, "stride_h": sh,
                   "stride_w": sw, "pad_top": pt, "pad_left": pl, "count_include_pad": int(attrs.get("count_include_pad", 0))}
         if kind == "avg_pool":
-            params["zero_point"] = x.qp.zero_point
+            # the mean waits for the QuantizeLinear after it, as Conv does: ONNX Runtime averages in float and
+            # rounds once to that scale, and so does the kernel (rounding to the input's scale first, then
+            # requantizing, would be several steps off when the output's scale is finer)
+            params["per_count"] = int(any((pt, pl, pb, pr)) and not params["count_include_pad"])
+            self.env[node.output[0]] = _Pending("avg_pool", node.name or node.output[0], (x,), (1, c, oh, ow), params)
+            return
+        buffer = self._new_buffer(node.output[0], n)
         self._emit(Layer(kind, node.name or node.output[0], (x.buffer,), buffer, params))
         self.env[node.output[0]] = _View(buffer, x.qp, (1, c, oh, ow))
 
