@@ -5,10 +5,10 @@ with one small row per sample (time, model, version, request id, latency, group,
 tensors are), beside ``seg-NNNNNNNN.bin``, the samples' packed tensors appended one frame at a time.
 
 Why not one SQLite table with the tensors as BLOBs (the first design): every blob went through SQLite
-twice (WAL, then checkpoint) and retention deleted rows one by one through every index. Measured on the
-digits CNN at 100% sampling, that was 21 us of CPU per sample in the writer, about 9% of the server's
-own CPU per request. Appending the tensors to a plain file costs ~1 us a sample, and retention now
-unlinks the oldest segment whole.
+twice (WAL, then checkpoint) and retention deleted rows one by one through every index, which in a
+one-off run on the digits CNN at 100% sampling cost many times the CPU per sample of appending the
+tensors to a plain file (benchmarks/monitor_bench.py measures the cost of monitoring; no figure is quoted
+until it has a line in benchmarks/RESULTS.md). Retention now unlinks the oldest segment whole.
 
 The writer is a separate process, not a thread of the server, because SQLite calls from a thread take
 and release the GIL many times per row, and every time contend with the event loop. This file is run as

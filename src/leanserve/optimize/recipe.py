@@ -147,7 +147,7 @@ def default_recipes(transformer: bool, has_calibration: bool, gpu: bool = False)
     if has_calibration:
         recipes += [Recipe(f"static int8 ({m})", (Step("static_int8", {"method": m}),)) for m in ("minmax", "percentile", "entropy")]
     # Unfused too for transformers: ONNX Runtime fuses the quantized graph itself at load, and on some
-    # CPUs that beats quantizing the pre-fused graph (measured: 2.12x vs 2.05x on an AVX-512 VNNI EPYC).
+    # CPUs that beats quantizing the pre-fused graph (a one-off run on an AVX-512 VNNI EPYC, by a few %).
     recipes.append(Recipe("dynamic int8", (Step("dynamic_int8"),)))
     if gpu:
         recipes.append(Recipe("fp16", base + (Step("fp16"),)))

@@ -65,8 +65,8 @@ def prepare(onnx_path: Path, workdir: Path, signature: Signature, options: Runti
     """Compile ``onnx_path`` for this CPU into ``workdir/<stem>.tvm.so`` (+ ``<stem>.tvm.json``).
 
     With ``time_budget_s >= MIN_TUNING_BUDGET_S`` the kernels are tuned with MetaSchedule for about
-    that long (a target, not a hard limit: see SECONDS_PER_TRIAL); otherwise TVM's default schedules are used (measured 14-19x slower than ONNX Runtime on
-    a small CNN). Returns the library's path. Raises UnsupportedFormat for string inputs or a non-CPU
+    that long (a target, not a hard limit: see SECONDS_PER_TRIAL); otherwise TVM's default schedules are used (far slower than ONNX Runtime on a small CNN
+    in one-off runs; benchmarks/tvm_bench.py measures it). Returns the library's path. Raises UnsupportedFormat for string inputs or a non-CPU
     device, and ModelLoadError when TVM cannot import or compile the model.
     """
     import onnx

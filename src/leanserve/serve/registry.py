@@ -379,8 +379,9 @@ HEAVY_MODEL_BYTES = 8 << 20  # a version this large spends far longer in its eng
 def serving_threads(instances: int = 1, heavy: bool = False) -> int:
     """Engine threads per instance when a version's settings leave it to the server: the usable cores
     less one, which the event loop needs (decoding, encoding, the network), shared among the instances.
-    On 2 cores the digits CNN served 4,200 req/s with 1 engine thread and 3,500 with ONNX Runtime's own
-    default of 2, whose second thread fought the event loop for its core (bare handler, same machine).
+    On 2 cores a second engine thread (ONNX Runtime's own default) fights the event loop for its core; a
+    one-off run of the digits CNN served more with 1 engine thread than with 2 (not a benchmark line in
+    benchmarks/RESULTS.md, so no figure is quoted).
     A ``heavy`` model (``HEAVY_MODEL_BYTES`` of files or more: a sentence encoder, an image backbone)
     gets every usable core: its batches take milliseconds of engine time against microseconds of event
     loop per request, so the loop's core sits mostly idle, and idle engine threads do not spin."""

@@ -123,9 +123,9 @@ class RoundSettings:
     """What the server asks of each round. ``server_momentum``/``server_lr``: how the server applies each
     round's averaged update (Flower's FedAvgM, Hsu et al. 2019; 0 and 1 are plain averaging). Momentum is
     on by default. 0.9 was chosen on one run of benchmarks/federated_bench.py (seed 0, digits split two
-    classes per client): FedAvg first came within 2 points of central training in round 17 with it, 37 to
-    more than 45 without. That is an in-sample, first-crossing figure; the bench now reports medians over
-    reporting seeds from 100 on (benchmarks/RESULTS.md). ``min_fraction``: share of the sampled clients whose
+    classes per client), where FedAvg came within 2 points of central training in fewer rounds with it
+    than without; that run chose it, so its round counts are not quoted. The bench reports medians over
+    reporting seeds from 100 on, appended to benchmarks/RESULTS.md. ``min_fraction``: share of the sampled clients whose
     updates must survive screening for the round to count. ``dp_clip``/``dp_noise``: server-side fixed
     clipping and the Gaussian noise multiplier (Flower's DP wrapper), off when None."""
 
