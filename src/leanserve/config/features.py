@@ -90,7 +90,6 @@ class RolloutConfig:
         return self.canary is not None and self.primary is not None
 
 
-
 @dataclass(frozen=True)
 class AlertConfig:
     """Alert rules of a model; ``None`` switches a rule off. Fired alerts go to the log, to the
@@ -113,7 +112,6 @@ class AlertConfig:
         _check(self.webhook_url is None or str(self.webhook_url).startswith(("http://", "https://")),
                "alerts.webhook_url", "expected an http(s) URL")
         _check(self.window_s > 0, "alerts.window_s", "expected a positive number of seconds")
-
 
 
 @dataclass(frozen=True)

@@ -61,11 +61,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-
 def _check_number(value: Any, where: str, expected: str, *, above: float | None = None,
                   at_least: float | None = None, at_most: float | None = None) -> None:
     """Raise InvalidInput naming ``where`` unless ``value`` is a finite real number within the bounds."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (above is None or value > above) and (at_least is None or value >= at_least) and (at_most is None or value <= at_most)
     _check(ok, where, f"expected {expected}, got {value!r}")
-

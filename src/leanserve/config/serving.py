@@ -167,4 +167,3 @@ class TrafficConfig:
         for earlier in self.history:
             served |= {int(v) for v, w in earlier.items() if w > 0}
         return served
-
