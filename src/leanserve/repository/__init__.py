@@ -11,6 +11,9 @@ importing another within a server's poll interval gives the new one a new number
 
 Registering a version is not deploying it. Which versions serve is recorded in the model's traffic
 settings; ``state`` names each version's lifecycle state (registered, serving, canary, shadow, retired).
+
+Beside this module: ``files`` (names, version numbers, atomic writes) and ``states`` (lifecycle states,
+promotion, the versions a server loads), whose ``VersionStates`` is ``Repository``'s base.
 """
 
 from __future__ import annotations
@@ -20,64 +23,30 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from leanserve.artifact import MANIFEST_FILE, Manifest, ModelArtifact, Provenance, TensorSpec, sha256_file
-from leanserve.config import ModelConfig, RolloutConfig, is_version_text
-from leanserve.errors import CorruptArtifact, InvalidInput, InvalidName, ModelNotFound, RepositoryError
+from leanserve.config import ModelConfig
+from leanserve.errors import CorruptArtifact, InvalidInput, ModelNotFound
 from leanserve.formats import read_model
+from leanserve.repository.files import (
+    _NAME, CONFIG_FILE, LAST_VERSION_FILE, LOCK_FILE, STAGING_DIR, VersionRef, _fsync, _fsync_dir, _sweep_stale,
+    _write_atomic, is_version_folder, parse_version, validate_name,
+)
+from leanserve.repository.states import EDGE_FORMATS, STATES, VersionStates, versions_to_load
 
-CONFIG_FILE = "config.json"
-STAGING_DIR = ".staging"
-LOCK_FILE = ".lock"
-LAST_VERSION_FILE = ".last-version"
-# artifacts for devices, never served unless traffic names them (C sources cannot be served at all)
-EDGE_FORMATS = frozenset({"ort", "executorch", "c_source"})
-STATES = ("serving", "canary", "shadow", "registered", "retired")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-
-
-def validate_name(name: str) -> str:
-    """Return ``name`` if it is a safe model name (letters, digits, ``_ . -``; no paths); else raise InvalidName."""
-    if not isinstance(name, str) or not _NAME.match(name) or name in (".", "..") or ".." in name:
-        raise InvalidName(
-            f"invalid model name {name!r}: use 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit"
-        )
-    return name
+__all__ = [
+    "CONFIG_FILE", "EDGE_FORMATS", "LAST_VERSION_FILE", "LOCK_FILE", "STAGING_DIR", "STATES", "Repository",
+    "VersionRef", "is_version_folder", "parse_version", "validate_name", "versions_to_load",
+]
 
 
-def parse_version(version: str | int) -> int:
-    """Return a version as a positive int; raise InvalidName for anything else (only ASCII digits count:
-    '²' passes ``str.isdigit`` but is no version)."""
-    text = version.strip() if isinstance(version, str) else version
-    if not is_version_text(text):
-        raise InvalidName(f"invalid version {version!r}: versions are integers >= 1 written in ASCII digits")
-    return int(text)
-
-
-def is_version_folder(name: str) -> bool:
-    """True when a folder name is a version number (ASCII digits, >= 1)."""
-    return is_version_text(name)
-
-
-@dataclass(frozen=True, order=True)
-class VersionRef:
-    """One version of one model."""
-
-    name: str
-    version: int
-
-    def __str__(self) -> str:
-        return f"{self.name}:{self.version}"
-
-
-class Repository:
+class Repository(VersionStates):
     """Versioned model folders under ``root``. Safe for several processes writing at once."""
 
     def __init__(self, root: str | Path, *, create: bool = True) -> None:
@@ -132,78 +101,10 @@ class Repository:
             raise ModelNotFound(f"model {name!r} has no version {number} (versions: {have})")
         return VersionRef(name, number)
 
-    def serving(self, name: str) -> VersionRef | None:
-        """The version serving most of the model's traffic, or None when none of its versions serves."""
-        available = self.versions(name)
-        served = self._serving(name, self.config(name), available)
-        return None if served is None else VersionRef(name, served)
-
-    def default_served(self, name: str, config: ModelConfig, available: Sequence[int]) -> list[int]:
-        """What a model without traffic settings serves: the newest ``version_policy.n`` versions that are
-        neither derived nor edge artifacts (or the newest non-edge ones when every version is derived)."""
-        policy = config.version_policy
-        if policy.kind != "latest":
-            return [v for v in policy.select(list(available)) if self._kind(name, v) != "edge"]
-        kinds = {v: self._kind(name, v) for v in available}
-        chosen = [v for v in sorted(available) if kinds[v] == "original"] or \
-                 [v for v in sorted(available) if kinds[v] != "edge"]
-        return chosen[-policy.n:]
-
-    def state(self, name: str) -> dict[int, str]:
-        """Each version's lifecycle state: serving, canary (a rollout's or a minor traffic share), shadow,
-        retired (took traffic before, not now) or registered (verified on disk, never served)."""
-        available = self.versions(name)
-        config = self.config(name)
-        weights = config.traffic.version_weights()
-        if not weights:
-            weights = {v: 100 for v in self.default_served(name, config, available)[-1:]}
-        top = max(weights.items(), key=lambda item: (item[1], item[0]))[0] if weights else None
-        earlier = config.traffic.ever_served()
-        states = {}
-        for version in available:
-            if version in weights:
-                states[version] = "serving" if version == top else "canary"
-            elif version == config.traffic.shadow:
-                states[version] = "shadow"
-            elif version in earlier:
-                states[version] = "retired"
-            else:
-                states[version] = "registered"
-        return states
-
     def manifest_digest(self, name: str, version: int) -> str:
         """SHA-256 of a version's manifest (which holds every file's checksum): the version's identity,
         so a number whose folder was replaced is seen as a different model. Raises OSError if unreadable."""
         return hashlib.sha256((self.root / name / str(version) / MANIFEST_FILE).read_bytes()).hexdigest()
-
-    def _serving(self, name: str, config: ModelConfig, available: Sequence[int]) -> int | None:
-        weights = {v: w for v, w in config.traffic.version_weights().items() if v in available}
-        if weights:
-            return max(weights.items(), key=lambda item: (item[1], item[0]))[0]
-        if config.traffic.weights:  # traffic names only versions that are gone
-            return None
-        default = self.default_served(name, config, available)
-        return default[-1] if default else None
-
-    def _kind(self, name: str, version: int) -> str:
-        """"edge", "derived" or "original", from the version's manifest (unreadable counts as original)."""
-        try:
-            manifest = json.loads((self.root / name / str(version) / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return "original"
-        if manifest.get("format") in EDGE_FORMATS or self._edge_pipeline(name, version, manifest):
-            return "edge"
-        return "derived" if (manifest.get("provenance") or {}).get("parent") else "original"
-
-    def _edge_pipeline(self, name: str, version: int, manifest: Mapping[str, Any]) -> bool:
-        """A pipeline version around a device artifact (``leanserve edge`` of a text model: model.ort inside)."""
-        if manifest.get("format") != "pipeline":
-            return False
-        try:
-            spec = json.loads((self.root / name / str(version) / str(manifest["model_file"])).read_text(encoding="utf-8"))
-        except (OSError, ValueError, KeyError):
-            return False
-        return isinstance(spec, dict) and spec.get("model_format") in EDGE_FORMATS
 
     def config(self, name: str) -> ModelConfig:
         """The model's settings (defaults when it has no config file)."""
@@ -291,16 +192,6 @@ class Repository:
             self._settle_traffic(name, version, before, serve)
         return VersionRef(name, version)
 
-    def promote(self, name: str, version: int | str) -> VersionRef:
-        """Send all of the model's traffic to ``version`` (stopping any rollout); the old split goes to
-        history, so ``rollback`` returns to it. Raises ModelNotFound or InvalidName."""
-        ref = self.resolve(name, parse_version(version))
-        with self._locked(name):
-            config = self.config(name)
-            config = config.replace(traffic=config.traffic.serving_only(ref.version), rollout=RolloutConfig())
-            _write_atomic(self._model_dir(name) / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
-        return ref
-
     def _next_version(self, folder: Path) -> int:
         """One above every number the model ever used (the high-water mark and the folders), recorded
         before the folder appears, so a crash in between skips a number rather than reusing one."""
@@ -313,26 +204,6 @@ class Repository:
         version = max([last, *existing]) + 1
         _write_atomic(mark, str(version))
         return version
-
-    def _settle_traffic(self, name: str, version: int, before: list[int], serve: bool | None) -> None:
-        """Record what the new version does to traffic (under the model's lock)."""
-        config = self.config(name)
-        if serve is None:
-            serve = config.lifecycle.on_import == "serve"
-        if not before:
-            serve = True  # a first version: there is nothing else to serve
-        if serve:
-            traffic = config.traffic.serving_only(version)
-        elif not config.traffic.weights:
-            # a model without traffic settings serves by default; pin what serves now, so the new
-            # version (perhaps derived or an edge artifact) does not take over by being newest
-            current = self._serving(name, config, before)
-            if current is None:
-                return
-            traffic = config.traffic.serving_only(current)
-        else:
-            return
-        _write_atomic(self._model_dir(name) / CONFIG_FILE, json.dumps(config.replace(traffic=traffic).to_dict(), indent=2))
 
     def remove(self, name: str, version: int | str) -> VersionRef:
         """Delete one version. It disappears atomically (renamed away first), then its files go."""
@@ -389,59 +260,3 @@ class Repository:
         finally:
             if stage.exists():
                 shutil.rmtree(stage, ignore_errors=True)
-
-
-def versions_to_load(repo: Repository, name: str, config: ModelConfig, available: list[int]) -> set[int]:
-    """Versions a server loads: those traffic sends requests to or shadows, plus the version policy's (see
-    VersionPolicy); a model without traffic settings gets ``Repository.default_served``. What the server
-    loads and what a deployment bundle carries are this one answer."""
-    traffic, policy, present = config.traffic, config.version_policy, set(available)
-    shadow = {traffic.shadow} & present if traffic.shadow else set()
-    if not traffic.weights:
-        return shadow | set(repo.default_served(name, config, available))
-    pinned = set(traffic.version_weights()) & present
-    if policy.kind != "latest":
-        return pinned | shadow | set(policy.select(available))
-    recent = set(pinned)  # latest n: the served versions, then the most recently served others
-    for earlier in reversed(traffic.history):
-        for version in sorted((int(v) for v, w in earlier.items() if w > 0), reverse=True):
-            if len(recent) < policy.n and version in present:
-                recent.add(version)
-    return recent | shadow
-
-
-def _sweep_stale(staging: Path) -> None:
-    """Remove staging folders left by writers that died (their pid no longer runs)."""
-    for entry in staging.iterdir():
-        parts = entry.name.split("-")
-        if len(parts) >= 2 and parts[0] == "add" and parts[1].isascii() and parts[1].isdigit() and not _pid_alive(int(parts[1])):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)
