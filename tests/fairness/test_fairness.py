@@ -20,8 +20,9 @@ pytest.importorskip("fairlearn")
 
 from leanserve import Repository, load  # noqa: E402
 from leanserve.errors import InvalidInput  # noqa: E402
+from leanserve.fairness.feedback import Feedback  # noqa: E402
 from leanserve.fairness.metrics import fairness_by_version, fairness_report  # noqa: E402
-from leanserve.fairness.mitigate import Feedback, fit_optimizer, mitigate, rules_from  # noqa: E402
+from leanserve.fairness.mitigate import fit_optimizer, mitigate, rules_from  # noqa: E402
 from leanserve.fairness.postprocessed import GROUP_INPUT, PROBABILITY_OUTPUT, positive_score  # noqa: E402
 
 
