@@ -1,7 +1,7 @@
 """Traffic across versions: weighted A/B and canary splits, sticky assignment, shadow, rollback, and the
 state of a guarded rollout as the repository keeps it.
 
-Pure functions of the traffic settings (``TrafficConfig`` and ``RolloutConfig`` in ``config.py``), the
+Pure functions of the traffic settings (``TrafficConfig`` and ``RolloutConfig`` in ``leanserve.config``), the
 available versions and a request's routing key, so the server, the admin API, the CLI, the rollout guard
 and the learners share one definition. Nothing here knows about HTTP or the running server.
 """
