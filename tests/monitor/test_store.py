@@ -7,7 +7,8 @@ import pytest
 
 from conftest import wait_until
 from leanserve.errors import InvalidInput
-from leanserve.monitor.store import LogConfig, PredictionLog, stack
+from leanserve.monitor.packing import stack
+from leanserve.monitor.store import LogConfig, PredictionLog
 
 
 @pytest.fixture
@@ -118,7 +119,7 @@ def test_bad_settings_are_refused(tmp_path):
 
 
 def test_pack_round_trips_every_kind_of_array():
-    from leanserve.monitor.store import pack, unpack
+    from leanserve.monitor.packing import pack, unpack
 
     arrays = {"f": np.arange(6, dtype=np.float32).reshape(2, 3), "i": np.array([1, -2], np.int64),
               "b": np.array([b"ab", b"c"], dtype=object), "empty": np.zeros((0, 4), np.float16), "s": np.float64(2.5)}

@@ -186,11 +186,11 @@ def test_feedback_spammers_do_not_make_the_server_reread_the_log(server):
 def test_a_locked_log_answers_503_with_retry_after_and_the_labels_can_be_sent_again(server, monkeypatch):
     import sqlite3
 
-    from leanserve.monitor import store, writer
+    from leanserve.monitor import reader, writer
 
     rid = infer(server)
     wait_until(lambda: logged(server, 1), what="sample logged")
-    monkeypatch.setattr(store, "JOIN_WAIT_S", 0.2)
+    monkeypatch.setattr(reader, "JOIN_WAIT_S", 0.2)
     _, newest = writer.segments(server.server.prediction_log.config.path)[-1]
     holder = sqlite3.connect(newest, timeout=5)
     holder.execute("BEGIN IMMEDIATE")  # another writer holds the segment's write lock

@@ -33,7 +33,8 @@ from leanserve.derived import collapse_reason
 from leanserve.errors import InvalidInput, UnsupportedFormat
 from leanserve.learn.online import Diverged, OnlineConfig, OnlineLearner, Prequential
 from leanserve.traffic import start_rollout
-from leanserve.monitor.store import LogConfig, PredictionLog, log_exists, stack
+from leanserve.monitor.packing import stack
+from leanserve.monitor.store import LogConfig, PredictionLog, log_exists
 from leanserve.repository import Repository, VersionRef
 from leanserve.traffic import primary as primary_of
 from leanserve.torch_source import find_source, save_source

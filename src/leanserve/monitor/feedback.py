@@ -20,7 +20,8 @@ import numpy as np
 
 from leanserve.errors import InvalidInput, ModelNotFound
 from leanserve.monitor.quality import Quality, QualityCounts
-from leanserve.monitor.store import FeedbackResult, Joined, PredictionLog
+from leanserve.monitor.reader import FeedbackResult, Joined
+from leanserve.monitor.store import PredictionLog
 from leanserve.repository import Repository
 
 LABELLED_WINDOW = 5000  # newest labelled samples per version behind the live quality
