@@ -48,10 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _quiet_libraries(verbose: bool) -> None:
+    fresh = not logging.getLogger().handlers
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if verbose:
         return
+    if fresh:  # libraries that warn through the root logger itself (ONNX Runtime's quantizer: "pre-processing")
+        logging.getLogger().handlers[0].addFilter(lambda record: record.name != "root" or record.levelno >= logging.ERROR)
     warnings.simplefilter("ignore")
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # processes the command starts (servers, Flower, Ray)
     for name in CHATTY_LOGGERS:
