@@ -18,7 +18,8 @@ from leanserve.deploy.edge.build import REPORT_JSON, REPORT_MD
 from leanserve.deploy.edge.c.arena import plan_arena
 from leanserve.deploy.edge.c.build import REFERENCE_FILE
 from leanserve.deploy.edge.c.cortex_m import MCU_PROFILES, missing_tools
-from leanserve.deploy.edge.c.lower import UnsupportedOperator, lower
+from leanserve.deploy.edge.c.lower import lower
+from leanserve.deploy.edge.c.program import UnsupportedOperator
 from leanserve.deploy.edge.c.verify import HostModel, compile_host, ort_outputs
 from leanserve.errors import UnsupportedFormat
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from leanserve.deploy.edge.c.lower import Program
+from leanserve.deploy.edge.c.program import Program
 
 ALIGN = 4  # bytes: each buffer starts word-aligned, so kernels on any core may read it in words
 

@@ -20,7 +20,8 @@ from leanserve.artifact import ModelArtifact, Provenance
 from leanserve.deploy.edge.c.arena import plan_arena
 from leanserve.deploy.edge.c.codegen import MODEL_FILE, SOURCE_FILES, Sources, write_sources
 from leanserve.deploy.edge.c.cortex_m import BOARD, MCU_PROFILES, McuProfile, check_on_cortex_m, missing_tools
-from leanserve.deploy.edge.c.lower import Program, lower
+from leanserve.deploy.edge.c.lower import lower
+from leanserve.deploy.edge.c.program import Program
 from leanserve.deploy.edge.c.report import CReport, QemuCheck, Quality, write_report
 from leanserve.deploy.edge.c.verify import HostModel, agreement, compile_host, ort_outputs
 from leanserve.deploy.edge.pipeline import refuse_pipeline

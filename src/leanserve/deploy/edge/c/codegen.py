@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from leanserve.deploy.edge.c.arena import Arena
-from leanserve.deploy.edge.c.lower import Layer, Program
+from leanserve.deploy.edge.c.program import Layer, Program
 
 KERNEL_FILES = ("kernels.c", "kernels.h")
 MODEL_FILE = "model.c"
