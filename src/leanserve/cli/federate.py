@@ -73,7 +73,7 @@ def register(sub) -> None:
 
 def cmd_federate(args) -> int:
     from leanserve.learn.federated import core as federated
-    from leanserve.learn.federated.deploy import Terminated
+    from leanserve.learn.federated.processes import Terminated
     from leanserve.learn.federated.server import RoundSettings
     from leanserve.learn.partition import parse_partition
     from leanserve.torch_source import has_source, load_source

@@ -9,9 +9,9 @@ can enter (``socket_patch``); the address the user asked for is served by ``prox
 forwards the Fleet API and refuses everything else. So no port this opens accepts a run (code) from anyone.
 
 Every Flower process is started in a session (process group) of its own and is stopped, with all its
-descendants, on the way out: on normal exit, on errors, on Ctrl-C and on SIGTERM. Flower's processes get no
-telemetry, no update check and no dependency installation (``flower_env``), and a ``FLWR_HOME`` of their own
-inside the federation's working folder, so nothing is left in ``~/.flwr``.
+descendants, on the way out (``processes``): on normal exit, on errors, on Ctrl-C and on SIGTERM. Flower's
+processes get no telemetry, no update check and no dependency installation (``flower_env``), and a
+``FLWR_HOME`` of their own inside the federation's working folder, so nothing is left in ``~/.flwr``.
 """
 
 from __future__ import annotations
@@ -21,20 +21,18 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
-from contextlib import contextmanager
 from pathlib import Path
 
 from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.learn.federated.app import write_app_project
 from leanserve.learn.federated.client import DATA_PATH_KEY, load_client_data
+from leanserve.learn.federated.processes import ProcessTree, stopped_on_sigterm
 from leanserve.learn.federated.proxy import FleetFront, TlsFiles
 from leanserve.learn.federated.socket_patch import SOCKET_ENV, sitecustomize_source
 
@@ -93,10 +91,6 @@ def _is_loopback(host: str) -> bool:
 
 # --- the server: a SuperLink behind the Fleet-only front, and the app run on it -------------------------------
 
-class Terminated(LeanserveError):
-    """The federation was stopped by SIGTERM (after every Flower process was stopped)."""
-
-
 def run_federation(listen: str, job_dir: Path, *, tls: TlsFiles | None = None, start_timeout_s: float = 60.0) -> None:
     """Serve Flower's Fleet API on ``listen`` (HOST:PORT; TLS with ``tls``) in front of a SuperLink on a
     private Unix socket, run the federation app whose job folder is ``job_dir`` on it, copy the ServerApp's
@@ -113,7 +107,7 @@ def run_federation(listen: str, job_dir: Path, *, tls: TlsFiles | None = None, s
         sock_path = _socket_path(work)
         env = _superlink_env(work, sock_path)
         app = write_app_project(work / "app", job_dir)
-        with _stopped_on_sigterm(), ProcessTree() as tree:
+        with stopped_on_sigterm(), ProcessTree() as tree:
             _start_superlink(tree, env, sock_path, work / "superlink.log", start_timeout_s)
             front = FleetFront(public, sock_path, tls)
             front.start()
@@ -228,111 +222,6 @@ def _flwr_run(tree: ProcessTree, app: Path, env: dict[str, str]) -> None:
         process.stdout.close()
     if process.returncode != 0:
         raise LeanserveError(f"`flwr run` failed with status {process.returncode}:\n{''.join(last)}")
-
-
-@contextmanager
-def _stopped_on_sigterm():
-    """Turn SIGTERM into Terminated while the block runs (in the main thread), so that its ``finally``
-    clauses stop the Flower processes; the previous handler is restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Terminated("stopped by SIGTERM; every Flower process was stopped, nothing registered")
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class ProcessTree:
-    """Child processes, each in a session (process group) of its own, stopped with all their descendants when
-    the ``with`` block ends, however it ends. Flower detaches some of its helpers into sessions of their own
-    (``flower-superexec``, the ServerApp), so the descendants are found by parentage (psutil), before any is
-    signalled: once a parent exits its children are re-parented and could no longer be found."""
-
-    def __init__(self, grace_s: float = 10.0) -> None:
-        self.grace_s = grace_s
-        self.processes: list[subprocess.Popen] = []
-
-    def start(self, command: list[str], **popen) -> subprocess.Popen:
-        """``subprocess.Popen(command, **popen)`` in a new session, stdin closed."""
-        process = subprocess.Popen(command, start_new_session=True, stdin=subprocess.DEVNULL, **popen)
-        self.processes.append(process)
-        return process
-
-    def __enter__(self) -> ProcessTree:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """SIGTERM every child's process group and every descendant, SIGKILL what is left after ``grace_s``."""
-        import psutil
-
-        # A second SIGTERM while stopping must not cut the stopping short.
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if in_main else None
-        try:
-            victims = _descendants_and_self([p.pid for p in self.processes if p.poll() is None])
-            for pgid in {p.pid for p in self.processes}:
-                _signal_group(pgid, signal.SIGTERM)
-            for proc in victims:
-                _signal(proc, signal.SIGTERM)
-            _, alive = psutil.wait_procs(victims, timeout=self.grace_s)
-            for proc in alive:
-                log.warning("%s (pid %d) did not stop within %g s; killing it", _name(proc), proc.pid, self.grace_s)
-                _signal(proc, signal.SIGKILL)
-            for pgid in {p.pid for p in self.processes}:
-                _signal_group(pgid, signal.SIGKILL)
-            for process in self.processes:
-                process.wait()
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-
-
-def _descendants_and_self(pids: list[int]) -> list:
-    import psutil
-
-    found = {}
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            for proc in [root, *root.children(recursive=True)]:
-                found[proc.pid] = proc
-        except psutil.NoSuchProcess:
-            continue
-    return list(found.values())
-
-
-def _signal(proc, signum: int) -> None:
-    import psutil
-
-    try:
-        proc.send_signal(signum)
-    except psutil.NoSuchProcess:
-        pass
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):  # the group is gone (or its id reused by someone else's)
-        pass
-
-
-def _name(proc) -> str:
-    import psutil
-
-    try:
-        return " ".join(proc.cmdline()[:2]) or proc.name()
-    except psutil.Error:  # gone or not ours to read: the name is only a label for a log line
-        return "process"
 
 
 def _tail(path: Path, lines: int = 15) -> str:
