@@ -77,7 +77,7 @@ def _embedding_model(path, rows=4096, width=256):
 
 
 def test_int4_embeddings_store_vocabulary_rows_in_4_bits_that_the_ort_format_holds(tmp_path):
-    from leanserve.deploy.edge.build import convert_to_ort
+    from leanserve.deploy.edge.ort_format import convert_to_ort
     from leanserve.optimize.quantize import has_large_embedding, int4_embeddings
 
     src = _embedding_model(tmp_path / "embed.onnx")

@@ -10,7 +10,8 @@ import pytest
 from conftest import affine_inputs
 from leanserve import Repository
 from leanserve.cli import main
-from leanserve.deploy.edge.build import OPERATORS_FILE, REPORT_JSON, REPORT_MD, convert_to_ort
+from leanserve.deploy.edge.build import REPORT_JSON, REPORT_MD
+from leanserve.deploy.edge.ort_format import OPERATORS_FILE, convert_to_ort
 from leanserve.deploy.edge.device import PROFILES, DeviceProfile, run_on_device
 from leanserve.errors import ModelLoadError, UnsupportedFormat
 from leanserve.formats import read_model

@@ -13,7 +13,8 @@ import pytest
 
 from leanserve import Repository
 from leanserve.cli import main
-from leanserve.deploy.edge.build import OPERATORS_FILE, REPORT_JSON
+from leanserve.deploy.edge.build import REPORT_JSON
+from leanserve.deploy.edge.ort_format import OPERATORS_FILE
 from leanserve.runtime import load_session
 from text_support import LABELS, make_text_pipeline, sentences
 

@@ -3,7 +3,7 @@
 ``build_edge`` makes one of three artifacts (``--target c``, C99 sources for
 microcontrollers, is built by ``c/``). ``--target ort``: the ONNX version quantized to int8 within an
 accuracy budget (the optimizer's search, int8 recipes only) and converted to ONNX Runtime's ORT format
-with the operator list that a reduced-size ONNX Runtime build needs; a pipeline version (a text model
+with the operator list that a reduced-size ONNX Runtime build needs (``ort_format``); a pipeline version (a text model
 with its tokenizer) converts its inner model, judged on texts inside its stages, and stays a pipeline
 (``pipeline``). ``--target executorch``: the
 version's torch.export program lowered to an ExecuTorch program with the XNNPACK delegate, int8 (PT2E)
@@ -19,8 +19,6 @@ the report and the manifest, labelled.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -31,10 +29,11 @@ import numpy as np
 
 from leanserve.artifact import ModelArtifact, Provenance
 from leanserve.deploy.edge.device import PROFILES, DeviceProfile, host_notes, run_on_device
+from leanserve.deploy.edge.ort_format import convert_to_ort, read_operators
 from leanserve.deploy.edge.pipeline import ConvertedModel, converted_model
 from leanserve.deploy.edge.report import REPORT_JSON, REPORT_MD, Accuracy, EdgeReport, measure_accuracy, write_report
 from leanserve.derived import HeldOut, check_not_worse
-from leanserve.errors import InvalidInput, LeanserveError, ModelLoadError, UnsupportedFormat
+from leanserve.errors import InvalidInput, LeanserveError, UnsupportedFormat
 from leanserve.holdout import Split
 from leanserve.formats import read_model
 from leanserve.measure import HIGHER_IS_BETTER, file_size
@@ -45,8 +44,6 @@ log = logging.getLogger(__name__)
 __all__ = ["REPORT_JSON", "REPORT_MD", "TARGETS", "DoesNotFit", "EdgeOutcome", "build_edge", "convert_to_ort"]
 
 TARGETS = ("ort", "executorch", "c")
-MODEL_FILE = "model.ort"
-OPERATORS_FILE = "model.required_operators.config"  # the name ONNX Runtime's converter gives it
 
 
 @dataclass(frozen=True)
@@ -265,50 +262,6 @@ def _dynamic_int8(model: ConvertedModel, work: Path) -> _Int8:
     notes = apply_recipe(_dynamic_int8_recipe(), model.path, path, PassContext(model.signature))
     return _Int8(path, "dynamic int8", True, notes=(
         *notes, "accuracy was not checked: dynamic int8 was applied without evaluation data (pass --eval DATA)"))
-
-
-# --- ORT format -------------------------------------------------------------------------------------
-
-def convert_to_ort(onnx_path: Path, folder: Path) -> tuple[Path, Path]:
-    """Convert an ONNX file to ORT format with ONNX Runtime's own converter; returns (model.ort, operator
-    config). Fixed optimizations are baked in, without NCHWc layouts, so the file runs on ARM as on x86.
-    Raises ModelLoadError when ONNX Runtime cannot convert the model."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
-    folder.mkdir(parents=True, exist_ok=True)
-    staged = folder / "model.onnx"  # the converter names its outputs after the input file
-    if Path(onnx_path).resolve() != staged.resolve():
-        staged.write_bytes(Path(onnx_path).read_bytes())
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), _quiet(logging.getLogger("ort_format_model.utils")):
-            convert_onnx_models_to_ort(staged, output_dir=folder / "out", optimization_styles=[OptimizationStyle.Fixed])
-    except (RuntimeError, ValueError, OSError, ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidArgument,
-            ort_errors.NotImplemented, ort_errors.RuntimeException) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"ONNX Runtime cannot convert {Path(onnx_path).name} to ORT format: {reason}") from exc
-    return folder / "out" / MODEL_FILE, folder / "out" / OPERATORS_FILE
-
-
-@contextlib.contextmanager
-def _quiet(logger: logging.Logger):
-    # the converter prints its progress and logs each config file it writes at INFO
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def read_operators(config: Path) -> list[str]:
-    """``domain:Op (opset N)`` for each line ``domain;opset;Op1,Op2`` of an operator config file."""
-    operators = []
-    for line in config.read_text(encoding="utf-8").splitlines():
-        if line.strip() and not line.startswith("#"):
-            domain, opset, ops = line.strip().split(";")[:3]
-            operators += [f"{domain}:{op} (opset {opset})" for op in ops.split(",") if op]
-    return sorted(operators)
 
 
 def _model_bytes(model_path: Path) -> int:
