@@ -551,7 +551,7 @@ def ceiling_runs(repo: leanserve.Repository, workload: Workload, folder: Path, o
     pb_bodies = grpc_bodies(folder / "ceiling-grpc", workload)
     model_file = repo.get(workload.model, repo.versions(workload.model)[-1]).model_path
     port = free_port()
-    from leanserve.serve.registry import serving_threads
+    from leanserve.serve.loading import serving_threads
 
     threads = opts.threads or serving_threads()  # the bare handler runs ONNX Runtime as leanserve does
     bare_command = [sys.executable, str(BARE_SERVER), str(model_file), "--port", str(port), "--threads", str(threads)]

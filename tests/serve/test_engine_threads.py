@@ -11,9 +11,10 @@ from onnx import TensorProto, helper
 from conftest import _save
 from leanserve.config import ModelConfig
 from leanserve.repository import VersionRef
-from leanserve.serve import registry as registry_module
+from leanserve.serve import loading as loading_module
+from leanserve.serve.loading import HEAVY_MODEL_BYTES
 from leanserve.serve.metrics import ServerMetrics
-from leanserve.serve.registry import HEAVY_MODEL_BYTES, ModelRegistry
+from leanserve.serve.registry import ModelRegistry
 
 
 def make_wide_model(path, width: int) -> None:
@@ -31,13 +32,13 @@ def test_a_heavy_model_gets_every_core_and_a_light_one_leaves_the_event_loop_one
     repo.add(affine_onnx, "light")
     repo.add(wide, "heavy")
     threads: dict[str, int] = {}
-    real = registry_module.load_session
+    real = loading_module.load_session
 
     def recording(artifact, options=None):
         threads[artifact.path.parent.name] = options.intra_op_threads  # the model folder: repo/NAME/VERSION
         return real(artifact, options)
 
-    monkeypatch.setattr(registry_module, "load_session", recording)
+    monkeypatch.setattr(loading_module, "load_session", recording)
     registry = ModelRegistry(repo, ServerMetrics())
     for name in ("light", "heavy"):
         _, sessions, _ = registry._load_blocking(VersionRef(name, 1), ModelConfig())

@@ -20,7 +20,8 @@ from leanserve.errors import InvalidInput, NotReady
 from leanserve.serve.metrics import ServerMetrics
 from leanserve.serve.observers import INVALID, SUCCESS, Call, hooks
 from leanserve.serve.protocol.codec import InferRequest, InferResponse
-from leanserve.serve.registry import LoadedVersion, ModelRegistry
+from leanserve.serve.loading import LoadedVersion
+from leanserve.serve.registry import ModelRegistry
 
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "leanserve_admin", "leanserve_rollout"]
 # Delayed labels: (model, [(request id, label)]) -> {"accepted": n, "unknown": [...], "duplicate": [...]}

@@ -17,7 +17,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from leanserve.serve.protocol.codec import InferRequest
-    from leanserve.serve.registry import LoadedVersion
+    from leanserve.serve.loading import LoadedVersion
 
 SUCCESS, ERROR, INVALID = "success", "error", "invalid"
 

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 
 from leanserve.errors import InvalidInput, Overloaded
 from leanserve.repository import Repository, VersionRef
-from leanserve.serve.registry import ModelEntry, ModelRegistry, _warm_up
+from leanserve.serve.loading import ModelEntry, _warm_up
+from leanserve.serve.registry import ModelRegistry
 from leanserve.serve.settings import ServerConfig
 
 log = logging.getLogger(__name__)
