@@ -13,8 +13,9 @@ import pytest
 from leanserve.cli import main
 from leanserve.config import BatchingConfig, RuntimeOptions
 from leanserve.errors import InvalidInput
-from leanserve.serve.tune import (MAX_CANDIDATES, Candidate, TuneError, TuneOptions, default_grid, parse_concurrency,
-                                  parse_grid, tune, with_current)
+from leanserve.serve.candidates import (MAX_CANDIDATES, Candidate, default_grid, parse_concurrency, parse_grid,
+                                        with_current)
+from leanserve.serve.tune import TuneError, TuneOptions, tune
 
 # Every request waits up to a second for more rows, so this setting's p99 is over any bound below 1 s.
 SLOW = BatchingConfig(max_batch_size=32, max_queue_delay_us=1_000_000)

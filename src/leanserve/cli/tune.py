@@ -17,8 +17,8 @@ def cmd_tune(args) -> int:
     from tqdm import tqdm
 
     from leanserve.measure import cpu_description
-    from leanserve.serve.tune import (OTHER_CORES_WARN, Candidate, TuneOptions, apply_candidate, default_grid,
-                                      parse_concurrency, parse_grid, tune, with_current)
+    from leanserve.serve.candidates import Candidate, default_grid, parse_concurrency, parse_grid, with_current
+    from leanserve.serve.tune import OTHER_CORES_WARN, TuneOptions, apply_candidate, tune
 
     options = TuneOptions(p99_ms=args.p99_ms, **given(args, seconds="seconds", load="load"),
                           **({"concurrency": parse_concurrency(args.concurrency)} if args.concurrency else {}))
