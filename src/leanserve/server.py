@@ -117,6 +117,9 @@ def run_server(config: ServerConfig, registry_factory: Callable[..., ModelRegist
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("leanserve").setLevel(logging.INFO)
     server = build_server(config, registry_factory=registry_factory)
+    if server.prediction_log is not None:
+        with _children_ignore_sigint():  # the round worker is spawned now, from this (the main) thread
+            server.monitor.worker.warm_up()
     run_app(config, server.app)
 
 

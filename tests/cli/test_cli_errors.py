@@ -92,7 +92,7 @@ def test_serve_exits_quietly_on_ctrl_c(affine_repo):
                     break
             except OSError:
                 time.sleep(0.2)
-        time.sleep(1)  # the prediction log's writer and the monitor's worker are up
+        # at once: the prediction log's writer and the monitor's worker may still be starting (importing)
         os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
         _, err = server.communicate(timeout=60)
     finally:
