@@ -5,11 +5,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_until
 
 from leanserve.cli import main
 
@@ -80,18 +79,20 @@ def test_serve_names_the_port_that_is_taken_and_starts_nothing(affine_repo, whic
     assert "serving" not in result.stdout + result.stderr and "Traceback" not in result.stderr
 
 
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def test_serve_exits_quietly_on_ctrl_c(affine_repo):
     port = free_port()
     server = subprocess.Popen(cli("serve", affine_repo.root, "--port", port, "--grpc-port", free_port()),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.2)
+        wait_until(lambda: listening(port), timeout_s=60, what="serve listening")
         # at once: the prediction log's writer and the monitor's worker may still be starting (importing)
         os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets it
         _, err = server.communicate(timeout=60)
