@@ -85,3 +85,27 @@ def test_feedback_items_refuse_empty_overlong_and_other_labels(label, message):
     with pytest.raises(InvalidInput, match=message.replace("(", r"\(").replace(")", r"\)")):
         feedback_items([("r1", label)])
     assert feedback_items([("r1", "positif"), ("r2", 1)]) == [("r1", "positif"), ("r2", 1)]
+
+
+def test_labels_given_by_name_over_grpc_match_rest(text_repo, live_server_factory):
+    import grpc
+
+    from leanserve.serve.protocol import leanserve_monitor_pb2 as pb
+    from leanserve.serve.protocol import leanserve_monitor_pb2_grpc as pb_grpc
+
+    server = live_server_factory(text_repo.root)
+    texts, labels = sentences(6, seed=5)
+    _answered(server, "reviews", texts)
+    truth = labels.copy()
+    truth[:3] = 1 - truth[:3]  # half the predictions are wrong
+    items = [pb.FeedbackItem(id=f"reviews-{i}", class_name=LABELS[label]) for i, label in enumerate(truth)]
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        stub = pb_grpc.MonitoringStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Feedback(pb.FeedbackRequest(model_name="reviews", items=[*items[:5], pb.FeedbackItem(id="reviews-5", class_name="positive")]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "'positive' is not a class of reviews:1" in err.value.details()
+        reply = stub.Feedback(pb.FeedbackRequest(model_name="reviews", items=items))  # the refused call took none
+        assert reply.accepted == 6 and not reply.unknown and not reply.duplicate
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'leanserve_live_quality{metric="accuracy",model="reviews",version="1"} 0.5' in metrics

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 _POOL = _descriptor_pool.DescriptorPool()
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n0leanserve/serve/protocol/leanserve_monitor.proto\x12\tleanserve\"K\n\x0c\x46\x65\x65\x64\x62\x61\x63kItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\x0b\x63lass_label\x18\x02 \x01(\x03H\x00\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x42\x07\n\x05label\"M\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.leanserve.FeedbackItem\"H\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0f\n\x07unknown\x18\x02 \x03(\t\x12\x11\n\tduplicate\x18\x03 \x03(\t2S\n\nMonitoring\x12\x45\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1a.leanserve.FeedbackRequest\x1a\x1b.leanserve.FeedbackResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n0leanserve/serve/protocol/leanserve_monitor.proto\x12\tleanserve\"a\n\x0c\x46\x65\x65\x64\x62\x61\x63kItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\x0b\x63lass_label\x18\x02 \x01(\x03H\x00\x12\x0f\n\x05value\x18\x03 \x01(\x01H\x00\x12\x14\n\nclass_name\x18\x04 \x01(\tH\x00\x42\x07\n\x05label\"M\n\x0f\x46\x65\x65\x64\x62\x61\x63kRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12&\n\x05items\x18\x02 \x03(\x0b\x32\x17.leanserve.FeedbackItem\"H\n\x10\x46\x65\x65\x64\x62\x61\x63kResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x03\x12\x0f\n\x07unknown\x18\x02 \x03(\t\x12\x11\n\tduplicate\x18\x03 \x03(\t2S\n\nMonitoring\x12\x45\n\x08\x46\x65\x65\x64\x62\x61\x63k\x12\x1a.leanserve.FeedbackRequest\x1a\x1b.leanserve.FeedbackResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'leanserve.serve.protocol.le
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FEEDBACKITEM']._serialized_start=63
-  _globals['_FEEDBACKITEM']._serialized_end=138
-  _globals['_FEEDBACKREQUEST']._serialized_start=140
-  _globals['_FEEDBACKREQUEST']._serialized_end=217
-  _globals['_FEEDBACKRESPONSE']._serialized_start=219
-  _globals['_FEEDBACKRESPONSE']._serialized_end=291
-  _globals['_MONITORING']._serialized_start=293
-  _globals['_MONITORING']._serialized_end=376
+  _globals['_FEEDBACKITEM']._serialized_end=160
+  _globals['_FEEDBACKREQUEST']._serialized_start=162
+  _globals['_FEEDBACKREQUEST']._serialized_end=239
+  _globals['_FEEDBACKRESPONSE']._serialized_start=241
+  _globals['_FEEDBACKRESPONSE']._serialized_end=313
+  _globals['_MONITORING']._serialized_start=315
+  _globals['_MONITORING']._serialized_end=398
 # @@protoc_insertion_point(module_scope)

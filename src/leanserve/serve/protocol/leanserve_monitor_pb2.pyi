@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FeedbackItem(_message.Message):
-    __slots__ = ("id", "class_label", "value")
+    __slots__ = ("id", "class_label", "value", "class_name")
     ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_LABEL_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAME_FIELD_NUMBER: _ClassVar[int]
     id: str
     class_label: int
     value: float
-    def __init__(self, id: _Optional[str] = ..., class_label: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    class_name: str
+    def __init__(self, id: _Optional[str] = ..., class_label: _Optional[int] = ..., value: _Optional[float] = ..., class_name: _Optional[str] = ...) -> None: ...
 
 class FeedbackRequest(_message.Message):
     __slots__ = ("model_name", "items")
