@@ -52,7 +52,10 @@ def load_data(path: str | Path, signature: Signature, what: str) -> dict[str, np
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # truncated, or not a .npz inside
-        raise InvalidInput(f"{what} data {path}: not a readable .npz file ({exc})") from None
+        hint = ("; save texts as a str array and images as a bytes array, e.g. np.array(list_of_png_bytes, "
+                "dtype=bytes), since object arrays are refused (loading them would run pickle)"
+                if "allow_pickle" in str(exc) else "")
+        raise InvalidInput(f"{what} data {path}: not a readable .npz file ({exc}){hint}") from None
     missing = [n for n in signature.input_names if n not in data]
     if missing:
         raise InvalidInput(f"{what} data {path.name} has no array for input {missing[0]!r} (has: {', '.join(data)})")

@@ -67,7 +67,7 @@ def test_the_int8_pick_is_judged_on_texts_and_reported_on_held_out_texts(text_ed
     assert report["accuracy"]["metric"] == "top1" and report["accuracy"]["original"] == 1.0  # labels of the texts
     assert report["accuracy"]["drop"] <= report["accuracy"]["allowed_drop"]
     assert report["original_bytes"] == (repo.get("reviews", 1).path / "model.onnx").stat().st_size
-    assert any("tokenizer.json" in note and "token tensors" in note for note in report["notes"])
+    assert any("tokenizer.json" in note and "runs the tokenizer beside the model" in note for note in report["notes"])
     metrics = edge.manifest.metrics
     assert metrics["holdout_split"]["holdout_rows"] == 36 and "selection_top1" in metrics and "holdout_top1" in metrics
 

@@ -80,9 +80,10 @@ class ConvertedModel:
             return ()
         folder = self.version.path
         files = ", ".join(f"{f} ({file_size(folder / f):,} bytes)" for f in self.pipeline.spec.files)
+        stage = "tokenizer" if self.pipeline.spec.pre.get("kind") == "text" else "image pre-processing"
         return (f"pipeline version: only the inner model was converted; its stage files travel beside it "
-                f"unchanged ({files or 'none'}), and the device run fed the token tensors the stages make "
-                f"(a device runs the tokenizer beside the model); accuracy was judged on "
+                f"unchanged ({files or 'none'}), and the device run fed the tensors the stages make (a device "
+                f"runs the {stage} beside the model); accuracy was judged on "
                 f"'{self.pipeline.judged}' inside the version's stages",)
 
 
