@@ -21,7 +21,9 @@ def register(sub) -> None:
                 "train a version with Flower (simulated clients on this machine, or real ones with --listen); "
                 "register the result as a guarded canary",
                 "leanserve federate digits-cnn --strategy fedprox --rounds 20 --clients 10 --data digits.npz\n"
-                "  leanserve federate digits-cnn --listen 10.0.0.5:9092 --clients 3 --data held-out.npz")
+                "  leanserve federate digits-cnn --listen 10.0.0.5:9092 --clients 3 --data held-out.npz\n"
+                "  leanserve federate digits-cnn --listen 10.0.0.5:9092 --clients 3 --tls-cert cert.pem "
+                "--tls-key key.pem --authorized-keys devices.pub")
     p.add_argument("model", help="model whose version has a PyTorch source (leanserve demo / export --name keep one)")
     p.add_argument("--version", help="version to start from (default: the version serving most traffic)")
     config_default(p.add_argument("--strategy", choices=("fedavg", "fedprox"), help="Flower strategy"), ROUNDS, "strategy")
@@ -40,11 +42,16 @@ def register(sub) -> None:
                         "address. The port serves only Flower's Fleet API (what SuperNodes call); the SuperLink's "
                         "Control API (which accepts runs, i.e. code) and Runtime API listen on a Unix socket in a "
                         "folder only you can enter, so no one else can submit code, loopback included. Any "
-                        "SuperNode that reaches the port can join and train: use --tls-cert/--tls-key and a "
-                        "trusted network. Flower's SuperNode key authentication is not wired up here")
+                        "SuperNode that reaches the port can join and train unless --authorized-keys is given; "
+                        "use --tls-cert/--tls-key off a trusted network")
     p.add_argument("--tls-cert", metavar="PEM",
                    help="--listen: certificate (chain) the port presents; clients pass its CA as --root-certificates")
     p.add_argument("--tls-key", metavar="PEM", help="--listen: the certificate's private key")
+    p.add_argument("--authorized-keys", metavar="FILE",
+                   help="--listen: admit only SuperNodes holding one of these keys (Flower's SuperNode "
+                        "authentication): one OpenSSH public key per line, each the .pub that `leanserve "
+                        "federate-client --new-key` writes (ECDSA; '#' comments allowed). Needs --tls-cert/--tls-key "
+                        "(Flower authenticates only over TLS). Registered for this federation only")
     config_default(p.add_argument("--join-timeout", type=float, metavar="SECONDS",
                                   help="--listen: how long to wait for the clients to connect"),
                    "leanserve.learn.federated.core:federate_deployed", "join_timeout_s")
@@ -61,11 +68,20 @@ def register(sub) -> None:
 
     p = command(sub, "federate-client", cmd_federate_client,
                 "take part in federated rounds with local data (a Flower SuperNode)",
-                "leanserve federate-client --server 10.0.0.5:9092 --data my-data.npz")
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the `leanserve federate --listen` address")
-    p.add_argument("--data", required=True, metavar="PATH", help="local labelled data (.npz: the model input and 'labels')")
+                "leanserve federate-client --server 10.0.0.5:9092 --data my-data.npz\n"
+                "  leanserve federate-client --new-key node-key    # then give node-key.pub to the server\n"
+                "  leanserve federate-client --server fl.example.org:9092 --data my-data.npz "
+                "--root-certificates ca.pem --auth-key node-key")
+    p.add_argument("--server", metavar="HOST:PORT", help="the `leanserve federate --listen` address (required)")
+    p.add_argument("--data", metavar="PATH", help="local labelled data (.npz: the model input and 'labels'; required)")
     p.add_argument("--root-certificates", metavar="PEM",
                    help="CA certificate of a TLS server (default: plaintext, for trusted networks only)")
+    p.add_argument("--auth-key", metavar="KEY",
+                   help="this SuperNode's private key (OpenSSH ECDSA), for a server started with --authorized-keys "
+                        "that lists its public half; needs --root-certificates (Flower authenticates only over TLS)")
+    p.add_argument("--new-key", metavar="PATH",
+                   help="make a key pair (P-384) and exit: the private key at PATH (mode 0600), the public line at "
+                        "PATH.pub for the server's --authorized-keys")
     p.add_argument("--runtime-port", type=int, metavar="PORT",
                    help="loopback port of the SuperNode's own Runtime API, used by its ClientApp processes "
                         "(default: a free one)")
@@ -78,6 +94,8 @@ def cmd_federate(args) -> int:
     from leanserve.learn.partition import parse_partition
     from leanserve.torch_source import has_source, load_source
 
+    tls = _tls_files(args)  # the flags first: a wrong combination is refused before any work
+    authorized_keys = _authorized_keys(args, tls)
     repo = open_repo(args)
     settings = federated.with_dp(RoundSettings(**given(
         args, strategy="strategy", rounds="rounds", clients="clients", local_epochs="local_epochs", lr="lr",
@@ -87,13 +105,13 @@ def cmd_federate(args) -> int:
     if not has_source(repo.get(ref.name, ref.version)):
         load_source(repo.get(ref.name, ref.version))  # raises UnsupportedFormat saying how to get a source
     input_name = federated.single_input_name(repo, ref)
-    tls = _tls_files(args)
     if args.listen:
         held_out = (federated.load_training_data(args.data, input_name) if args.data
                     else federated.digits_held_out(input_name))
         try:
             result = federated.federate_deployed(repo, ref.name, settings, held_out, args.listen, version=ref.version,
                                                  canary=not args.no_canary, tls=tls, force=args.force,
+                                                 authorized_keys=authorized_keys,
                                                  **given(args, join_timeout_s="join_timeout"))
         except Terminated as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -121,6 +139,20 @@ def _tls_files(args):
     return TlsFiles(Path(args.tls_cert), Path(args.tls_key)).check()
 
 
+def _authorized_keys(args, tls):
+    """The --authorized-keys file, read and checked, or None; InvalidInput without --listen or TLS."""
+    from leanserve.learn.federated.keys import AuthorizedKeys
+
+    if args.authorized_keys is None:
+        return None
+    if not args.listen:
+        raise InvalidInput("--authorized-keys: only with --listen (simulated clients need no keys)")
+    if tls is None:
+        raise InvalidInput("--authorized-keys: needs --tls-cert and --tls-key (Flower's SuperNode authentication "
+                           "runs only over TLS)")
+    return AuthorizedKeys.load(args.authorized_keys)
+
+
 def _print_result(result, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"version": str(result.ref) if result.ref else None, "parent": str(result.parent),
@@ -140,7 +172,24 @@ def _print_result(result, as_json: bool) -> None:
 def cmd_federate_client(args) -> int:
     from leanserve.learn.federated.deploy import run_client
 
+    if args.new_key:
+        return _new_key(args)
+    for flag, value in (("--server", args.server), ("--data", args.data)):
+        if value is None:
+            raise InvalidInput(f"{flag}: required (or --new-key PATH to make a key pair)")
     if not Path(args.data).is_file():
         raise InvalidInput(f"--data {args.data}: no such file")
-    run_client(args.server, Path(args.data), root_certificates=args.root_certificates, runtime_port=args.runtime_port)
+    run_client(args.server, Path(args.data), root_certificates=args.root_certificates, runtime_port=args.runtime_port,
+               auth_key=args.auth_key)
     return 0  # not reached: run_client replaces this process with the SuperNode
+
+
+def _new_key(args) -> int:
+    from leanserve.learn.federated.keys import write_key_pair
+
+    if args.server or args.data or args.auth_key:
+        raise InvalidInput("--new-key: makes a key pair and exits; give it without --server, --data or --auth-key")
+    private, public = write_key_pair(args.new_key)
+    print(f"private key: {private} (keep it on this device; pass it as --auth-key)")
+    print(f"public key:  {public} (add its line to the server's --authorized-keys file)")
+    return 0

@@ -139,10 +139,11 @@ def federate(repo: Repository, name: str, settings: RoundSettings, data: Trainin
 
 def federate_deployed(repo: Repository, name: str, settings: RoundSettings, held_out: TrainingData, listen: str, *,
                       version: int | None = None, join_timeout_s: float = 300.0, register: bool = True,
-                      canary: bool = True, tls=None, force: bool = False) -> FederatedResult:
+                      canary: bool = True, tls=None, authorized_keys=None, force: bool = False) -> FederatedResult:
     """Run the rounds with real clients: Flower's Fleet API is served on ``listen`` (HOST:PORT; in TLS with
     ``tls``, a ``proxy.TlsFiles``) in front of a SuperLink no one else can reach, which waits up to
-    ``join_timeout_s`` for ``settings.clients`` SuperNodes (``leanserve federate-client``), and the server
+    ``join_timeout_s`` for ``settings.clients`` SuperNodes (``leanserve federate-client``; with
+    ``authorized_keys``, a ``keys.AuthorizedKeys``, only those holding one of its keys), and the server
     evaluates every aggregate on ``held_out``. Registers the result as ``federate`` does. Every Flower
     process is stopped before this returns or raises. Raises InvalidInput for bad settings or an unusable
     address, LeanserveError when too few clients joined, the run failed or no round completed (nothing is
@@ -154,12 +155,15 @@ def federate_deployed(repo: Repository, name: str, settings: RoundSettings, held
     check_settings(settings)
     if not join_timeout_s > 0:
         raise InvalidInput(f"join timeout {join_timeout_s}: must be > 0 seconds")
+    if authorized_keys is not None and len(authorized_keys.keys) < settings.clients:
+        raise InvalidInput(f"--clients {settings.clients}: --authorized-keys {authorized_keys.path} admits only "
+                           f"{len(authorized_keys.keys)} SuperNode(s), so the rounds could never start")
     parent = repo.resolve(name, version)
     module = load_source(repo.get(parent.name, parent.version))
     with tempfile.TemporaryDirectory(prefix="leanserve-federate-") as tmp:
         job_dir = Path(tmp)
         write_job(job_dir, Job(settings, held_out.input_name, join_timeout_s), module, held_out.x, held_out.y)
-        run_federation(listen, job_dir, tls=tls)
+        run_federation(listen, job_dir, tls=tls, authorized_keys=authorized_keys)
         outcome = read_outcome(job_dir)
     if not register:
         return FederatedResult(None, parent, outcome.accuracy, outcome.dropped, outcome.failed_rounds)

@@ -5,8 +5,10 @@ The server side is Flower's supported deployment route, fenced in: a ``flower-su
 API carries its Fleet API for the SuperNodes, its Control API for submitting runs and its Runtime API for the
 ServerApp process it starts), then ``flwr run`` of the app project of ``app``, streaming the
 ServerApp's log until the run ends. The SuperLink listens only on a Unix socket in a folder only this user
-can enter (``socket_patch``); the address the user asked for is served by ``proxy``, which
-forwards the Fleet API and refuses everything else. So no port this opens accepts a run (code) from anyone.
+can enter (``socket_patch``), in TLS with a certificate of its own (``keys``); the address the user asked for
+is served by ``proxy``, which forwards the Fleet API and refuses everything else. So no port this opens
+accepts a run (code) from anyone. With authorized keys, the SuperLink runs Flower's SuperNode authentication
+and the keys are registered through its Control API on the socket before the public port opens.
 
 Every Flower process is started in a session (process group) of its own and is stopped, with all its
 descendants, on the way out (``processes``): on normal exit, on errors, on Ctrl-C and on SIGTERM. Flower's
@@ -32,6 +34,7 @@ from pathlib import Path
 from leanserve.errors import InvalidInput, LeanserveError
 from leanserve.learn.federated.app import write_app_project
 from leanserve.learn.federated.client import DATA_PATH_KEY, load_client_data
+from leanserve.learn.federated.keys import SUPERLINK_HOST, AuthorizedKeys, check_private_key, superlink_certificate
 from leanserve.learn.federated.processes import ProcessTree, stopped_on_sigterm
 from leanserve.learn.federated.proxy import FleetFront, TlsFiles
 from leanserve.learn.federated.socket_patch import SOCKET_ENV, sitecustomize_source
@@ -91,13 +94,18 @@ def _is_loopback(host: str) -> bool:
 
 # --- the server: a SuperLink behind the Fleet-only front, and the app run on it -------------------------------
 
-def run_federation(listen: str, job_dir: Path, *, tls: TlsFiles | None = None, start_timeout_s: float = 60.0) -> None:
+def run_federation(listen: str, job_dir: Path, *, tls: TlsFiles | None = None,
+                   authorized_keys: AuthorizedKeys | None = None, start_timeout_s: float = 60.0) -> None:
     """Serve Flower's Fleet API on ``listen`` (HOST:PORT; TLS with ``tls``) in front of a SuperLink on a
     private Unix socket, run the federation app whose job folder is ``job_dir`` on it, copy the ServerApp's
-    log to stderr until the run ends, and stop every process. The outcome is left in ``job_dir``
-    (``app.read_outcome``). Raises InvalidInput when the address is unusable or taken,
-    LeanserveError when the SuperLink or the run could not start, Terminated on SIGTERM."""
+    log to stderr until the run ends, and stop every process. With ``authorized_keys`` (which needs ``tls``)
+    only SuperNodes holding one of those keys may join. The outcome is left in ``job_dir``
+    (``app.read_outcome``). Raises InvalidInput when the address is unusable or taken, or keys come without
+    TLS, LeanserveError when the SuperLink, the keys' registration or the run failed, Terminated on SIGTERM."""
     host, port = parse_address(listen, "--listen")
+    if authorized_keys is not None and tls is None:
+        raise InvalidInput("--authorized-keys: needs --tls-cert and --tls-key (Flower's SuperNode authentication "
+                           "runs only over TLS)")
     if not _is_loopback(host) and tls is None:
         log.warning("the Fleet API on %s is plaintext: model updates cross the network unencrypted "
                     "(give --tls-cert and --tls-key)", listen)
@@ -105,13 +113,18 @@ def run_federation(listen: str, job_dir: Path, *, tls: TlsFiles | None = None, s
     try:
         work = _private_folder(job_dir / "flower")
         sock_path = _socket_path(work)
-        env = _superlink_env(work, sock_path)
+        certs = superlink_certificate(_private_folder(work / "tls"))
+        env = _superlink_env(work, sock_path, certs / "cert.pem")
         app = write_app_project(work / "app", job_dir)
         with stopped_on_sigterm(), ProcessTree() as tree:
-            _start_superlink(tree, env, sock_path, work / "superlink.log", start_timeout_s)
-            front = FleetFront(public, sock_path, tls)
+            _start_superlink(tree, env, sock_path, certs, work / "superlink.log", start_timeout_s,
+                             supernode_auth=authorized_keys is not None)
+            if authorized_keys is not None:
+                _register_keys(tree, env, authorized_keys, _private_folder(work / "keys"))
+            front = FleetFront(public, sock_path, certs / "cert.pem", tls)
             front.start()
-            log.info("Fleet API on %s%s (the SuperLink itself: %s)", listen, " (TLS)" if tls else "", sock_path)
+            log.info("Fleet API on %s%s%s (the SuperLink itself: %s)", listen, " (TLS)" if tls else "",
+                     f", {len(authorized_keys.keys)} SuperNode key(s) authorized" if authorized_keys else "", sock_path)
             try:
                 _flwr_run(tree, app, env)
             finally:
@@ -151,13 +164,14 @@ def _socket_path(work: Path) -> Path:
     return path
 
 
-def _superlink_env(work: Path, sock_path: Path) -> dict[str, str]:
+def _superlink_env(work: Path, sock_path: Path, superlink_ca: Path) -> dict[str, str]:
     """The environment of every server-side Flower process: ``flower_env`` plus ``socket_patch``'s
-    patch, loaded by a ``sitecustomize`` on PYTHONPATH, pointing them all at ``sock_path``."""
+    patch, loaded by a ``sitecustomize`` on PYTHONPATH, pointing them all at ``sock_path``, and a Flower
+    configuration that trusts ``superlink_ca``."""
     site = work / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(sitecustomize_source())
-    home = _flower_home(work / "home", f"127.0.0.1:{_NOWHERE_PORT}")
+    home = _flower_home(work / "home", f"{SUPERLINK_HOST}:{_NOWHERE_PORT}", superlink_ca)
     env = flower_env(home)
     env[SOCKET_ENV] = str(sock_path)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
@@ -170,18 +184,24 @@ def _superlink_env(work: Path, sock_path: Path) -> dict[str, str]:
 _NOWHERE_PORT = 9093
 
 
-def _flower_home(home: Path, address: str) -> Path:
-    """A FLWR_HOME whose Flower configuration names the SuperLink at ``address`` (plaintext) as the default."""
+def _flower_home(home: Path, address: str, root_certificates: Path) -> Path:
+    """A FLWR_HOME whose Flower configuration names the SuperLink at ``address`` (TLS, trusting
+    ``root_certificates``) as the default."""
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(f'[superlink]\ndefault = "{_CONNECTION}"\n\n'
-                                      f'[superlink.{_CONNECTION}]\naddress = {json.dumps(address)}\ninsecure = true\n')
+                                      f'[superlink.{_CONNECTION}]\naddress = {json.dumps(address)}\n'
+                                      f'root-certificates = {json.dumps(str(root_certificates))}\n')
     return home
 
 
-def _start_superlink(tree: ProcessTree, env: dict[str, str], sock_path: Path, log_path: Path,
-                     start_timeout_s: float) -> subprocess.Popen:
-    command = [_script("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(_NOWHERE_PORT),
-               "--disable-runtime-dependency-installation"]
+def _start_superlink(tree: ProcessTree, env: dict[str, str], sock_path: Path, certs: Path, log_path: Path,
+                     start_timeout_s: float, *, supernode_auth: bool) -> subprocess.Popen:
+    """``flower-superlink`` on the socket, in TLS with the certificate in ``certs`` (Flower refuses SuperNode
+    authentication with ``--insecure``; one configuration serves both cases)."""
+    cert, key = str(certs / "cert.pem"), str(certs / "key.pem")
+    command = [_script("flower-superlink"), "--ssl-certfile", cert, "--ssl-keyfile", key, "--ssl-ca-certfile", cert,
+               "--host", SUPERLINK_HOST, "--port", str(_NOWHERE_PORT), "--disable-runtime-dependency-installation"]
+    command += ["--enable-supernode-auth"] if supernode_auth else []
     with log_path.open("wb") as out:
         process = tree.start(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     _wait_for_socket(process, sock_path, log_path, start_timeout_s)
@@ -205,6 +225,26 @@ def _wait_for_socket(process: subprocess.Popen, path: Path, log_path: Path, time
                 raise LeanserveError(f"the Flower SuperLink did not listen on {path} within {timeout_s:g} s:\n"
                                      f"{_tail(log_path)}") from None
             time.sleep(0.2)
+
+
+def _register_keys(tree: ProcessTree, env: dict[str, str], authorized: AuthorizedKeys, folder: Path,
+                   timeout_s: float = 120.0) -> None:
+    """Register each authorized key with the SuperLink (``flwr supernode register``, through its Control API
+    on the socket: Flower's CLI reads one key per file). Raises LeanserveError with Flower's words on failure."""
+    for number, key in enumerate(authorized.keys, 1):
+        path = folder / f"supernode-{number}.pub"
+        path.write_text(key + "\n")
+        process = tree.start([_script("flwr"), "supernode", "register", str(path), _CONNECTION], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        try:
+            out, _ = process.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, _ = process.communicate()
+        if process.returncode != 0:
+            raise LeanserveError(f"registering key {number} of --authorized-keys {authorized.path} with the SuperLink "
+                                 f"failed (status {process.returncode}):\n{out[-2000:]}")
+    log.info("registered %d SuperNode key(s) from %s", len(authorized.keys), authorized.path)
 
 
 def _flwr_run(tree: ProcessTree, app: Path, env: dict[str, str]) -> None:
@@ -234,23 +274,34 @@ def _tail(path: Path, lines: int = 15) -> str:
 # --- the client: a SuperNode ------------------------------------------------------------------------------
 
 def supernode_command(server: str, data: Path, *, root_certificates: str | None = None,
-                      runtime_port: int | None = None) -> list[str]:
+                      runtime_port: int | None = None, auth_key: str | None = None) -> list[str]:
     """The ``flower-supernode`` command line that joins ``server`` (HOST:PORT) with ``data`` as its data.
     ``runtime_port``: the loopback port of the SuperNode's own Runtime API, where its ClientApp processes
-    connect (default: a free one, so that several SuperNodes can share a machine)."""
+    connect (default: a free one, so that several SuperNodes can share a machine). ``auth_key``: the
+    SuperNode's private key, for a federation that authenticates SuperNodes; it needs ``root_certificates``
+    (Flower authenticates only over TLS). Raises InvalidInput for a bad address, or a key without TLS."""
     parse_address(server, "--server")
+    if auth_key is not None and not root_certificates:
+        raise InvalidInput("--auth-key: needs --root-certificates (Flower's SuperNode authentication runs only "
+                           "over TLS)")
     command = [_script("flower-supernode"), "--superlink", server,
                "--node-config", f"{DATA_PATH_KEY}={json.dumps(str(Path(data).resolve()))}",
                "--host", "127.0.0.1", "--port", str(runtime_port or free_port())]
     command += ["--root-certificates", root_certificates] if root_certificates else ["--insecure"]
+    command += ["--auth-supernode-private-key", str(Path(auth_key).resolve())] if auth_key else []
     return command
 
 
-def run_client(server: str, data: Path, *, root_certificates: str | None = None, runtime_port: int | None = None) -> None:
-    """Become a SuperNode of the federation at ``server`` (this process is replaced; it runs until stopped).
-    Raises InvalidInput first when ``data`` is not usable training data."""
+def run_client(server: str, data: Path, *, root_certificates: str | None = None, runtime_port: int | None = None,
+               auth_key: str | None = None) -> None:
+    """Become a SuperNode of the federation at ``server`` (this process is replaced; it runs until stopped),
+    authenticating with the private key ``auth_key`` if given. Raises InvalidInput first when ``data`` is not
+    usable training data, or the key is not one Flower reads or comes without ``root_certificates``."""
     load_client_data(data)
-    command = supernode_command(server, data, root_certificates=root_certificates, runtime_port=runtime_port)
+    command = supernode_command(server, data, root_certificates=root_certificates, runtime_port=runtime_port,
+                                auth_key=auth_key)
+    if auth_key is not None:
+        check_private_key(auth_key)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], command, flower_env())

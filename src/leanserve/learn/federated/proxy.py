@@ -2,7 +2,8 @@
 
 The SuperLink itself listens on a Unix socket only this user can reach (``socket_patch``). This front
 accepts the SuperNodes' calls on HOST:PORT and forwards those whose method and path are exactly one of the
-Fleet API's routes (taken from Flower's own router, so the list follows the pinned Flower) to the socket;
+Fleet API's routes (taken from Flower's own router, so the list follows the pinned Flower) to the socket,
+in TLS to the SuperLink's own certificate, headers and all (the SuperNodes' signatures included);
 everything else, the Control API that submits runs and the Runtime API that ServerApps use included, is
 answered 404 without reaching Flower.
 
@@ -20,6 +21,8 @@ import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from leanserve.learn.federated.keys import SUPERLINK_HOST
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +60,9 @@ def fleet_routes() -> frozenset[tuple[str, str]]:
     return frozenset((method, route.path) for route in router.routes for method in route.methods)
 
 
-def build_app(socket_path: Path):
-    """A Starlette app that forwards Fleet API calls to the SuperLink on ``socket_path`` and refuses the rest."""
+def build_app(socket_path: Path, superlink_ca: Path):
+    """A Starlette app that forwards Fleet API calls to the SuperLink on ``socket_path`` (in TLS, trusting
+    the SuperLink's certificate ``superlink_ca``) and refuses the rest."""
     import httpx
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask
@@ -67,7 +71,8 @@ def build_app(socket_path: Path):
 
     allowed = fleet_routes()
     # Model updates can take minutes to arrive from slow links: no read timeout, a bounded connect.
-    client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+    trusted = ssl.create_default_context(cafile=str(superlink_ca))
+    client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path), verify=trusted),
                                timeout=httpx.Timeout(None, connect=10.0))
 
     async def forward(request):
@@ -75,7 +80,7 @@ def build_app(socket_path: Path):
         if (request.method, path) not in allowed:
             return PlainTextResponse("not found: this port serves only Flower's Fleet API (SuperNodes)\n", 404)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP]
-        upstream = client.build_request(request.method, f"http://superlink{path}", headers=headers,
+        upstream = client.build_request(request.method, f"https://{SUPERLINK_HOST}{path}", headers=headers,
                                         content=request.stream())
         response = await client.send(upstream, stream=True)
         return StreamingResponse(response.aiter_raw(), status_code=response.status_code,
@@ -92,13 +97,15 @@ def build_app(socket_path: Path):
 
 
 class FleetFront:
-    """The public port: ``start`` serves ``build_app`` on ``sock`` (already bound) in a thread, ``stop`` ends it."""
+    """The public port (in TLS with ``tls``): ``start`` serves ``build_app`` on ``sock`` (already bound) in a
+    thread, ``stop`` ends it."""
 
-    def __init__(self, sock: socket.socket, socket_path: Path, tls: TlsFiles | None = None) -> None:
+    def __init__(self, sock: socket.socket, socket_path: Path, superlink_ca: Path, tls: TlsFiles | None = None) -> None:
         import uvicorn
 
-        config = uvicorn.Config(build_app(socket_path), log_level="warning", lifespan="on", access_log=False,
-                                ssl_certfile=str(tls.cert) if tls else None, ssl_keyfile=str(tls.key) if tls else None)
+        config = uvicorn.Config(build_app(socket_path, superlink_ca), log_level="warning", lifespan="on",
+                                access_log=False, ssl_certfile=str(tls.cert) if tls else None,
+                                ssl_keyfile=str(tls.key) if tls else None)
         self._server = uvicorn.Server(config)
         self._sock = sock
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
