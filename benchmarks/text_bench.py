@@ -3,22 +3,30 @@
 - quality: cosine to sentence-transformers' encode (fp32) on held-out sentences, for the fp32 pipeline and an
   int8 one (ONNX Runtime dynamic quantization of the same export); nothing here was tuned on these sentences;
 - throughput, sentences/s, real sentences of mixed length (5-60 tokens): the server at 16 and 32 concurrent
-  clients (one sentence per request, V2 JSON), beside the same pipeline in-process (tokenize + ONNX Runtime,
-  same threads, batches of 32) and sentence-transformers' encode in-process (fp32, batches of 32);
+  clients (one sentence per request, V2 JSON), fp32 and int8, beside the same pipeline in-process at the same
+  precision (tokenize + ONNX Runtime, same threads, batches of 32) and sentence-transformers' encode
+  in-process (fp32, batches of 32);
 - padding side by side, in-process: fixed-length (every batch padded to 128 tokens), padded to the longest
   in arrival order, and length-bucketed (sorted by length, then batched); and in the server, the token budget
   (batching.max_batch_tokens) on and off.
 
-MLServer's HuggingFace runtime is not measured: it was not installed beside our pins in this session.
+With ``--mlserver COMMAND`` (the ``mlserver`` of a separate venv with ``mlserver mlserver-huggingface``), MLServer's
+HuggingFace runtime serves the same model folder (task feature-extraction, its defaults) under the same load.
+As pip resolves it today it does not start: optimum 1.27, which it imports, needs a private torch.onnx
+function that torch 2.13 dropped (``_attention_scale``); transformers 4.53 no longer has the ``Conversation``
+class its codecs import; and uvloop 0.23 breaks its worker start-up. A venv with ``mlserver==1.7.1
+mlserver-huggingface==1.7.1 torch==2.7.1 transformers==4.41.2 "uvloop<0.22"`` runs it.
 
     nice -n 19 .venv/bin/python benchmarks/text_bench.py --seconds 3 --sentences 64 --clients 4 --no-record  # smoke
     .venv/bin/python benchmarks/text_bench.py            # on a quiet machine: appends to RESULTS.md
+    .venv/bin/python benchmarks/text_bench.py --mlserver /tmp/mls/bin/mlserver   # and MLServer beside it
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -44,6 +52,9 @@ HELD_OUT = [
     "Wind turbines along the coast produced a record share of the country's power in January.",
     "Please water the plants.",
 ]
+
+
+PRECISION = {"minilm": "fp32", "minilm-int8": "int8"}
 
 
 def mixed_sentences(count: int, seed: int = 0) -> list[str]:
@@ -127,25 +138,59 @@ def free_port() -> int:
 
 
 def start_server(repo_root: Path) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "leanserve.cli", "serve", "--repo", str(repo_root), "--port", str(port),
                                 "--grpc-port", "0", "--no-access-log", "--no-monitor"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+    return process, wait_ready(process, f"http://127.0.0.1:{port}", "/v2/health/ready")
+
+
+def start_mlserver(mlserver: str, folder: Path) -> tuple[subprocess.Popen, str]:
+    """MLServer with its HuggingFace runtime on the same model folder, task feature-extraction (it has no
+    sentence-embedding task: it answers per-token vectors, which the client would pool), its defaults
+    otherwise (no adaptive batching), offline; ``mlserver`` is the command from a venv of its own."""
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    root = folder / "mlserver-models"
+    (root / "minilm").mkdir(parents=True)
+    (root / "settings.json").write_text(json.dumps({"http_port": port, "grpc_port": grpc_port,
+                                                    "metrics_port": metrics_port}))
+    (root / "minilm" / "model-settings.json").write_text(json.dumps({
+        "name": "minilm", "implementation": "mlserver_huggingface.HuggingFaceRuntime",
+        "parameters": {"extra": {"task": "feature-extraction", "pretrained_model": str(model_dir())}}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_TF": "0"}
+    process = subprocess.Popen([mlserver, "start", str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, wait_ready(process, f"http://127.0.0.1:{port}", "/v2/models/minilm/ready")
+
+
+def wait_ready(process: subprocess.Popen, url: str, path: str) -> str:
+    import httpx
+
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                return process, url
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return url
         except httpx.HTTPError:
             time.sleep(0.2)
+        if process.poll() is not None:
+            break
     process.kill()
-    raise SystemExit("the server did not become ready within 120 s")
+    raise SystemExit(f"{url} did not become ready within 120 s")
 
 
-async def closed_loop(url: str, model: str, texts: list[str], clients: int, seconds: float) -> float:
+def leanserve_body(text: str) -> dict:
+    return {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}],
+            "outputs": [{"name": "embedding"}]}
+
+
+def mlserver_body(text: str) -> dict:
+    """MLServer's HuggingFace runtime takes the pipeline's positional argument as ``args``."""
+    return {"inputs": [{"name": "args", "datatype": "BYTES", "shape": [1], "data": [text],
+                        "parameters": {"content_type": "str"}}]}
+
+
+async def closed_loop(url: str, model: str, texts: list[str], clients: int, seconds: float,
+                      body=leanserve_body) -> float:
     """Sentences/s with ``clients`` connections each sending one sentence at a time."""
     import httpx
 
@@ -156,10 +201,7 @@ async def closed_loop(url: str, model: str, texts: list[str], clients: int, seco
         nonlocal done
         i = index
         while time.perf_counter() < stop:
-            text = texts[i % len(texts)]
-            body = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [1], "data": [text]}],
-                    "outputs": [{"name": "embedding"}]}
-            answer = await http.post(f"{url}/v2/models/{model}/infer", json=body)
+            answer = await http.post(f"{url}/v2/models/{model}/infer", json=body(texts[i % len(texts)]))
             answer.raise_for_status()
             done += 1
             i += clients
@@ -177,6 +219,8 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=512, help="mixed-length sentences in the load")
     parser.add_argument("--clients", default="16,32", help="concurrent clients, comma-separated")
     parser.add_argument("--token-budget", type=int, default=2048, help="batching.max_batch_tokens for the budget run")
+    parser.add_argument("--mlserver", metavar="COMMAND",
+                        help="the mlserver command of a venv with mlserver-huggingface: measure it beside leanserve")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
@@ -212,8 +256,10 @@ def main() -> None:
             done += len(texts)
         st_rate = done / (time.perf_counter() - t0)
         print(f"in-process sentence-transformers encode (fp32, batch 32): {st_rate:.0f} sentences/s")
-        inproc = in_process_rate(sessions["minilm"], texts, 32, args.seconds)
-        print(f"in-process leanserve pipeline (tokenize + ONNX Runtime fp32, batch 32): {inproc:.0f} sentences/s")
+        inproc = {name: in_process_rate(sessions[name], texts, 32, args.seconds) for name in sessions}
+        for name, precision in PRECISION.items():
+            print(f"in-process leanserve pipeline (tokenize + ONNX Runtime {precision}, batch 32): "
+                  f"{inproc[name]:.0f} sentences/s ({inproc[name] / st_rate:.2f}x encode)")
         for label, rate in padding_rates(sessions["minilm"], texts, 32, args.seconds).items():
             print(f"in-process padding, {label}: {rate:.0f} sentences/s")
         for session in sessions.values():
@@ -225,14 +271,30 @@ def main() -> None:
         process, url = start_server(repo.root)
         try:
             for clients in (int(c) for c in args.clients.split(",")):
-                for model in ("minilm", "minilm-budget"):
+                for model in ("minilm", "minilm-budget", "minilm-int8"):
                     rate = asyncio.run(closed_loop(url, model, texts, clients, args.seconds))
                     what = f"token budget {args.token_budget}" if model == "minilm-budget" else "no token budget"
-                    print(f"server, {clients} clients, fp32, {what}: {rate:.0f} sentences/s "
-                          f"({rate / inproc:.0%} of in-process pipeline, {rate / st_rate:.2f}x encode)")
+                    same = "minilm-int8" if model == "minilm-int8" else "minilm"
+                    print(f"server, {clients} clients, {PRECISION[same]}, {what}: {rate:.0f} sentences/s "
+                          f"({rate / inproc[same]:.0%} of in-process pipeline at {PRECISION[same]}, "
+                          f"{rate / st_rate:.2f}x encode fp32)")
         finally:
             process.terminate()
             process.wait(timeout=30)
+        if args.mlserver:
+            measure_mlserver(args, Path(tmp), texts, st_rate)
+
+
+def measure_mlserver(args, folder: Path, texts: list[str], st_rate: float) -> None:
+    process, url = start_mlserver(args.mlserver, folder)
+    try:
+        for clients in (int(c) for c in args.clients.split(",")):
+            rate = asyncio.run(closed_loop(url, "minilm", texts, clients, args.seconds, body=mlserver_body))
+            print(f"MLServer HuggingFace runtime, {clients} clients, fp32 (torch), feature-extraction (per-token "
+                  f"vectors, no pooling), its defaults: {rate:.0f} sentences/s ({rate / st_rate:.2f}x encode fp32)")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 if __name__ == "__main__":
