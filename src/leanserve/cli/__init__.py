@@ -8,29 +8,25 @@ traceback. Library warnings stay quiet unless ``-v``.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 
 from leanserve.cli import (bench, edge, fairness, federate, k8s, learn, models, monitor, optimize, predict, serving,
-                           traffic, tune)
+                           traffic, tune, verbosity)
 from leanserve.cli.args import Parser
 from leanserve.errors import LeanserveError
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
 GROUPS = (models, predict, serving, traffic, monitor, optimize, bench, tune, edge, k8s, fairness, federate, learn)
-# Loggers of libraries that talk at WARNING about things a user of leanserve cannot act on.
-CHATTY_LOGGERS = ("flwr", "torch", "torchao", "cpuinfo", "onnxscript", "ray", "urllib3", "absl")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``leanserve`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries(args.verbose)
+    verbosity.configure(args.verbose, getattr(args, "command", None))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -45,20 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `leanserve inspect ... | head`: the reader left, nothing more to say
         _silence_stdout()
         return EXIT_ERROR
-
-
-def _quiet_libraries(verbose: bool) -> None:
-    fresh = not logging.getLogger().handlers
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if verbose:
-        return
-    if fresh:  # libraries that warn through the root logger itself (ONNX Runtime's quantizer: "pre-processing")
-        logging.getLogger().handlers[0].addFilter(lambda record: record.name != "root" or record.levelno >= logging.ERROR)
-    warnings.simplefilter("ignore")
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # processes the command starts (servers, Flower, Ray)
-    for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _silence_stdout() -> None:
@@ -98,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens, libraries' warnings included")
     parser.add_argument("--version", action="version", version=f"leanserve {_version()}")
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=Parser)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command", parser_class=Parser)
     for group in GROUPS:
         group.register(sub)
     return parser

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 
@@ -22,8 +24,12 @@ from leanserve.errors import ModelLoadError
 
 @contextlib.contextmanager
 def quiet_torchao():
-    # torchao, imported by the runtime, logs a warning per CUDA kernel library a CPU build cannot load
+    # torchao, imported by the runtime, logs a warning per CUDA kernel library a CPU build cannot load;
+    # shown only when its logger is on at INFO (``leanserve -v``)
     logger = logging.getLogger("torchao")
+    if logger.isEnabledFor(logging.INFO):
+        yield
+        return
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -32,10 +38,36 @@ def quiet_torchao():
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def quiet_native_log():
+    """Point fd 2 at /dev/null inside the block unless the ``executorch`` logger is on at INFO (``leanserve -v``).
+
+    ExecuTorch's runtime logs from C++ straight to fd 2 (its log level is fixed when the wheel is built,
+    and no Python API changes it): creating its thread pool prints five ``[cpuinfo_utils.cpp]`` lines
+    about files a non-ARM machine does not have, and resizing it one more. The redirect is process-wide,
+    so it wraps only those two thread-pool calls, which take microseconds, never a program's load or run.
+    """
+    if logging.getLogger("executorch").isEnabledFor(logging.INFO):
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 with quiet_torchao():
     import torch
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
+
+with quiet_native_log():
+    portable_lib._threadpool_get_thread_count()  # creates the process-wide thread pool (the cpuinfo lines)
 
 METHOD = "forward"
 
@@ -80,7 +112,8 @@ def set_threads(threads: int) -> None:
     """Size the runtime's (process-wide) thread pool that XNNPACK runs on. The Python runtime's only knob
     for it is marked unsafe while a method runs, so it is set before programs load."""
     if threads and portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
+        with quiet_native_log():
+            portable_lib._unsafe_reset_threadpool(threads)
 
 
 def load(artifact: ModelArtifact, options: RuntimeOptions) -> ExecuTorchSession:

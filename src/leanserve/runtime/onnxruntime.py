@@ -21,6 +21,17 @@ TRT_CALIBRATION_TABLE = "calibration.flatbuffers"  # the int8 table's name, as T
 
 log = logging.getLogger(__name__)
 
+
+def native_log_severity() -> int:
+    """ONNX Runtime's own log level (it logs from C++ as ``[W:onnxruntime:...]`` lines): 2, its warnings,
+    when the ``onnxruntime`` logger is on at INFO (``leanserve -v``); else 3, errors only."""
+    return 2 if logging.getLogger("onnxruntime").isEnabledFor(logging.INFO) else 3
+
+
+# The default logger serves the sessions other code opens without a level of its own (the quantizer's
+# calibration, the ORT-format converter), as session_options serves ours.
+ort.set_default_logger_severity(native_log_severity())
+
 _GPU_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -87,7 +98,7 @@ def session_options(options: RuntimeOptions) -> ort.SessionOptions:
     if options.inter_op_threads:
         so.inter_op_num_threads = options.inter_op_threads
         so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
-    so.log_severity_level = 3
+    so.log_severity_level = native_log_severity()
     if not options.spin_wait:
         # Spinning worker threads shave microseconds off one stream but steal the core the server's
         # event loop needs (a one-off run at 16 clients showed a much lower p99 without spinning).
