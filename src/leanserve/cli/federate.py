@@ -9,7 +9,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from leanserve.cli.args import add_force, add_json, add_repo, command, config_default, given, open_repo, positive_int, subject
+from leanserve.cli.args import (add_force, add_json, add_repo, command, config_default, given, model_ref, open_repo,
+                                positive_int, subject)
 from leanserve.errors import InvalidInput
 
 ROUNDS = "leanserve.learn.federated.server:RoundSettings"
@@ -101,7 +102,7 @@ def cmd_federate(args) -> int:
         args, strategy="strategy", rounds="rounds", clients="clients", local_epochs="local_epochs", lr="lr",
         proximal_mu="mu", server_momentum="server_momentum")), args.dp)
     federated.check_settings(settings)
-    ref = subject(repo, args.model, args.version)
+    ref = subject(repo, *model_ref(args))
     if not has_source(repo.get(ref.name, ref.version)):
         load_source(repo.get(ref.name, ref.version))  # raises UnsupportedFormat saying how to get a source
     input_name = federated.single_input_name(repo, ref)

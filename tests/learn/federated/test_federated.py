@@ -241,12 +241,13 @@ def test_partitions_cover_every_row_once_and_skew_labels_as_asked():
         parse_partition("dirichlet:-1")
 
 
-def test_federate_command_refuses_a_version_without_a_pytorch_source(tmp_path, affine_repo, capsys):
+@pytest.mark.parametrize("model", ["affine", "affine:1"])
+def test_federate_command_refuses_a_version_without_a_pytorch_source(tmp_path, affine_repo, capsys, model):
     from leanserve.cli import main
 
-    code = main(["federate", "affine", "--repo", str(affine_repo.root), "--rounds", "1", "--data", str(tmp_path / "x.npz")])
+    code = main(["federate", model, "--repo", str(affine_repo.root), "--rounds", "1", "--data", str(tmp_path / "x.npz")])
     assert code != 0
-    assert "has no PyTorch source" in capsys.readouterr().err
+    assert "has no PyTorch source" in capsys.readouterr().err  # MODEL:VERSION names the version like --version
 
 
 # --- a real deployment: server and client processes on loopback ---------------------------------------------

@@ -198,7 +198,9 @@ def _simulate(module, files: list[Path], held_out: TrainingData, settings: Round
     client = client_app or build_client_app(lambda context: Path(paths[int(context.node_config["partition-id"])]))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": logging.WARNING}}
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "logging_level": logging.WARNING,
+                             # the actors' own output (library warnings, e.g. torch.jit's) only when asked for (-v)
+                             "log_to_driver": logging.getLogger("leanserve").isEnabledFor(logging.INFO)}}
     try:
         run_simulation(server_app=server, client_app=client, num_supernodes=settings.clients, backend_config=backend)
     finally:
