@@ -17,7 +17,8 @@ HuggingFace runtime serves the same model folder (task feature-extraction, its d
 As pip resolves it today it does not start: optimum 1.27, which it imports, needs a private torch.onnx
 function that torch 2.13 dropped (``_attention_scale``); transformers 4.53 no longer has the ``Conversation``
 class its codecs import; and uvloop 0.23 breaks its worker start-up. A venv with ``mlserver==1.7.1
-mlserver-huggingface==1.7.1 torch==2.7.1 transformers==4.41.2 "uvloop<0.22"`` runs it.
+mlserver-huggingface==1.7.1 torch==2.7.1 transformers==4.41.2 "uvloop<0.22" httptools`` runs it (without
+httptools its uvicorn parses HTTP with h11, which answers wrk's requests 400 "Invalid HTTP request").
 
     nice -n 19 .venv/bin/python benchmarks/text_bench.py --seconds 3 --sentences 64 --clients 4 --no-record  # smoke
     .venv/bin/python benchmarks/text_bench.py            # on a quiet machine: appends to RESULTS.md
