@@ -337,7 +337,12 @@ def measure_mlserver(args, folder: Path, texts: list[str], st_rate: float) -> No
                   f"vectors, no pooling), its defaults: {rate:.0f} sentences/s ({rate / st_rate:.2f}x encode fp32)")
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # its worker pool can outlive a SIGTERM
+            subprocess.run(["pkill", "-9", "-f", str(folder / "mlserver-models")], check=False)
+            process.kill()
+            process.wait()
 
 
 if __name__ == "__main__":
