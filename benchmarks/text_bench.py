@@ -204,7 +204,8 @@ def start_mlserver(mlserver: str, folder: Path) -> tuple[subprocess.Popen, str]:
         "name": "minilm", "implementation": "mlserver_huggingface.HuggingFaceRuntime",
         "parameters": {"extra": {"task": "feature-extraction", "pretrained_model": str(model_dir())}}}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_TF": "0"}
-    process = subprocess.Popen([mlserver, "start", str(root)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([mlserver, "start", str(root)], env=env, cwd=root,  # it writes .metrics/ in its cwd
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, wait_ready(process, f"http://127.0.0.1:{port}", "/v2/models/minilm/ready")
 
 
