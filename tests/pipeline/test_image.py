@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
 import struct
 import zlib
 
@@ -15,17 +14,9 @@ PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
 from leanserve.artifact import TensorSpec  # noqa: E402
-from leanserve.pipeline import PipelineSpec  # noqa: E402
-from leanserve.pipeline.image import ImageSpec, spec_from_preprocessor  # noqa: E402
+from leanserve.pipeline.image import spec_from_preprocessor  # noqa: E402
 from leanserve.runtime import load_session  # noqa: E402
-
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+from image_support import NAMES, digits_image_pipeline, png  # noqa: E402
 
 
 def _header_only_png(width: int, height: int) -> bytes:
@@ -40,14 +31,7 @@ def _header_only_png(width: int, height: int) -> bytes:
 @pytest.fixture
 def digits_pipeline(tmp_path, repo, digits_cnn_onnx):
     """The digits CNN with an image stage (28x28 grayscale, /255) and digit names: cnn-images:1."""
-    stage = tmp_path / "stage"
-    stage.mkdir()
-    shutil.copyfile(digits_cnn_onnx, stage / "model.onnx")
-    image = ImageSpec(28, 28, 1, True, "float32", resize_height=28, resize_width=28)
-    spec = PipelineSpec("image-classification", "model.onnx", "onnx", image.to_dict(),
-                        {"kind": "classify", "labels": NAMES, "top_k": 3})
-    (stage / "pipeline.json").write_text(spec.to_json())
-    repo.add(stage / "pipeline.json", "cnn-images")
+    repo.add(digits_image_pipeline(tmp_path / "stage", digits_cnn_onnx), "cnn-images")
     repo.add(digits_cnn_onnx, "cnn")
     return repo
 
@@ -58,7 +42,7 @@ def test_png_bytes_give_the_tensor_model_s_answers_with_labels_by_name(digits_pi
     pixels = np.round(x_test[:rows, 0] * 255).astype(np.uint8)  # what a PNG of these digits holds
     images = load_session(digits_pipeline.get("cnn-images"))
     tensors = load_session(digits_pipeline.get("cnn"))
-    got = images.run({"image": np.array([_png(p) for p in pixels], dtype=object)})
+    got = images.run({"image": np.array([png(p) for p in pixels], dtype=object)})
     logits = tensors.run({"image": (pixels[:, None] / np.float32(255)).astype(np.float32)})["logits"]
     assert got["label"].tolist() == [NAMES[i] for i in logits.argmax(1)]
     assert np.mean(got["label"] == np.array(NAMES, dtype=object)[y_test[:rows]]) > 0.8
@@ -68,7 +52,7 @@ def test_png_bytes_give_the_tensor_model_s_answers_with_labels_by_name(digits_pi
 
 def test_bad_images_are_400s_naming_the_problem(digits_pipeline, live_server_factory, digits):
     server = live_server_factory(digits_pipeline.root)
-    good = _png(np.round(digits[1][0, 0] * 255).astype(np.uint8))
+    good = png(np.round(digits[1][0, 0] * 255).astype(np.uint8))
     jpeg = io.BytesIO()
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(jpeg, format="JPEG")
     cases = {

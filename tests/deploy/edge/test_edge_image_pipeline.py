@@ -4,9 +4,7 @@ stage, and the edge version answers PNG bytes with digit names, over HTTP once p
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 
 import httpx
 import numpy as np
@@ -15,37 +13,21 @@ import pytest
 from leanserve import Repository
 from leanserve.cli import main
 from leanserve.deploy.edge.build import REPORT_JSON
-from leanserve.pipeline import PipelineSpec
-from leanserve.pipeline.image import ImageSpec
 from leanserve.runtime import load_session
 
 PIL = pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
-
-NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+from image_support import NAMES, digits_image_pipeline, png  # noqa: E402
 
 
 def _pngs(images: np.ndarray) -> list[bytes]:
-    out = []
-    for pixels in np.round(images[:, 0] * 255).astype(np.uint8):
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
+    return [png(pixels) for pixels in np.round(images[:, 0] * 255).astype(np.uint8)]
 
 
 @pytest.fixture(scope="module")
 def image_edge(tmp_path_factory, digits_cnn_onnx, digits):
     folder = tmp_path_factory.mktemp("image-edge")
-    stage = folder / "stage"
-    stage.mkdir()
-    shutil.copyfile(digits_cnn_onnx, stage / "model.onnx")
-    image = ImageSpec(28, 28, 1, True, "float32", resize_height=28, resize_width=28)
-    spec = PipelineSpec("image-classification", "model.onnx", "onnx", image.to_dict(),
-                        {"kind": "classify", "labels": NAMES, "top_k": 3})
-    (stage / "pipeline.json").write_text(spec.to_json())
     repo = Repository(folder / "repo")
-    repo.add(stage / "pipeline.json", "digits")
+    repo.add(digits_image_pipeline(folder / "stage", digits_cnn_onnx), "digits")
     _, x_test, _, y_test = digits
     np.savez(folder / "eval.npz", image=np.array(_pngs(x_test[:200]), dtype=bytes), labels=y_test[:200])
     np.savez(folder / "objects.npz", image=np.array(_pngs(x_test[:4]), dtype=object), labels=y_test[:4])
