@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
 import time
@@ -104,10 +105,32 @@ def affine_repo(repo, affine_onnx):
     return repo
 
 
+_PORTS = random.Random()  # its own generator: tests that seed the global one must not pick the same ports
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port no one is listening on, below the kernel's ephemeral range (32768-60999 here), where
+    the client side of the tests' own connections never lands: a port from bind(0) comes from that range
+    and was now and then taken by an outgoing connection before the server bound it (CI: "address already
+    in use" at start-up)."""
+    low, high = _ephemeral_range()
+    for _ in range(200):
+        port = _PORTS.randrange(10_000, low) if low > 11_000 else _PORTS.randrange(high + 1, 65_536)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port outside the ephemeral range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.02, what: str = "condition"):
