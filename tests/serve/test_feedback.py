@@ -1,5 +1,7 @@
 """Delayed labels over HTTP: joined by request id, turned into live quality per version."""
 
+import time
+
 import httpx
 import orjson
 import pytest
@@ -158,7 +160,14 @@ def test_feedback_sent_right_after_its_prediction_is_accepted(server):
     accepted = 0
     for i in range(50):
         rid = infer(server)
-        accepted += feedback(server, [{"id": rid, "label": 3}]).json()["accepted"]
+        answer = feedback(server, [{"id": rid, "label": 3}])
+        for _ in range(5):  # a writer starved past the wait says 503 + Retry-After, never "unknown id"
+            if answer.status_code != 503:
+                break
+            time.sleep(float(answer.headers["retry-after"]))
+            answer = feedback(server, [{"id": rid, "label": 3}])
+        assert answer.status_code == 200, (i, answer.status_code, answer.text)
+        accepted += answer.json()["accepted"]
     assert accepted == 50
     assert server.server.feedback.live_quality["affine"][1].labelled == 50
 
@@ -243,3 +252,13 @@ def test_grpc_refuses_a_label_that_is_not_finite(server):
     with grpc.insecure_channel(server.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
         pb_grpc.MonitoringStub(channel).Feedback(pb.FeedbackRequest(model_name="affine", items=[pb.FeedbackItem(id="a", value=float("nan"))]))
     assert "feedback[0] label must be a finite number" in err.value.details()
+
+
+def test_feedback_while_the_writer_is_behind_is_a_503_not_an_unknown_id(server, monkeypatch):
+    # A writer process starved past the wait cannot say whether the id exists yet: retry, not "unknown".
+    plog = server.server.prediction_log
+    monkeypatch.setattr(type(plog), "_unwritten", lambda self: True)
+    monkeypatch.setattr(type(plog), "written_through", lambda self, timeout_s=5.0: False)
+    answer = feedback(server, [{"id": "not-written-yet", "label": 3}])
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "1", answer.text
+    assert "writer is more than 5 s behind" in answer.json()["error"]

@@ -95,8 +95,12 @@ class LogReader:
             self._locked_join(model, wanted, joined, duplicate)
             if wanted and not self.read_only and self._unwritten():
                 self.stats.waits_for_writer += 1
-                self.written_through(wait_s)
+                caught_up = self.written_through(wait_s)
                 self._locked_join(model, wanted, joined, duplicate)
+                if wanted and not joined and not caught_up:
+                    # not "unknown": the samples may still be on their way (a starved writer process)
+                    raise Overloaded(f"the prediction log's writer is more than {wait_s:g} s behind; send the "
+                                     "feedback again", retry_after_s=1.0)
         except sqlite3.OperationalError as exc:
             # Each segment's labels commit together; a segment that stayed locked took none of its labels,
             # so the client can send the whole call again (labels already taken come back as duplicates).
