@@ -1,7 +1,5 @@
 """Delayed labels over HTTP: joined by request id, turned into live quality per version."""
 
-import time
-
 import httpx
 import orjson
 import pytest
@@ -155,17 +153,18 @@ def test_with_a_feedback_token_feedback_without_it_is_refused(affine_repo, live_
     assert server.server.prediction_log.count("affine") >= 1 and not feedback(server, [{"id": rid, "label": 3}]).is_success
 
 
+def _unless_503(answer):
+    return None if answer.status_code == 503 else answer
+
+
 def test_feedback_sent_right_after_its_prediction_is_accepted(server):
     # The accident: samples reach the log in frames, so a label sent at once found no row (11 of 50).
     accepted = 0
     for i in range(50):
         rid = infer(server)
-        answer = feedback(server, [{"id": rid, "label": 3}])
-        for _ in range(5):  # a writer starved past the wait says 503 + Retry-After, never "unknown id"
-            if answer.status_code != 503:
-                break
-            time.sleep(float(answer.headers["retry-after"]))
-            answer = feedback(server, [{"id": rid, "label": 3}])
+        # a writer starved past the wait says 503 + Retry-After (1 s), never "unknown id": send again then
+        answer = wait_until(lambda: _unless_503(feedback(server, [{"id": rid, "label": 3}])), timeout_s=30,
+                            interval_s=1.0, what="feedback answered other than 503")
         assert answer.status_code == 200, (i, answer.status_code, answer.text)
         accepted += answer.json()["accepted"]
     assert accepted == 50
