@@ -66,9 +66,6 @@ with quiet_torchao():
     from executorch.extension.pybindings import portable_lib
     from executorch.runtime import Runtime
 
-with quiet_native_log():
-    portable_lib._threadpool_get_thread_count()  # creates the process-wide thread pool (the cpuinfo lines)
-
 METHOD = "forward"
 
 
@@ -110,8 +107,12 @@ class ExecuTorchSession:
 
 def set_threads(threads: int) -> None:
     """Size the runtime's (process-wide) thread pool that XNNPACK runs on. The Python runtime's only knob
-    for it is marked unsafe while a method runs, so it is set before programs load."""
-    if threads and portable_lib._threadpool_get_thread_count() != threads:
+    for it is marked unsafe while a method runs, so it is set before programs load. The first call creates
+    the pool (and its cpuinfo lines): on first use, not at import, so a process that never runs a program
+    never starts its threads."""
+    with quiet_native_log():
+        current = portable_lib._threadpool_get_thread_count()
+    if threads and current != threads:
         with quiet_native_log():
             portable_lib._unsafe_reset_threadpool(threads)
 
