@@ -23,6 +23,8 @@ class TextLike:
 
     def __init__(self) -> None:
         self.batches: list[tuple[int, int]] = []
+        self.lengths: list[list[int]] = []
+        self.texts: list[list[bytes]] = []
 
     def admit(self, inputs):
         lengths = [len(t) for t in inputs["text"]]
@@ -33,6 +35,8 @@ class TextLike:
     def run(self, inputs, outputs=None):
         texts = inputs["text"]
         self.batches.append((len(texts), max(len(t) for t in texts)))
+        self.lengths.append([len(t) for t in texts])
+        self.texts.append([bytes(t) for t in texts])
         return {"n": np.array([len(t) for t in texts], dtype=np.int64)}
 
     def close(self) -> None:
@@ -57,6 +61,17 @@ def test_a_token_budget_keeps_a_long_text_from_padding_the_short_ones():
     assert all(rows * longest <= 64 or rows == 1 for rows, longest in budget.batches)
     padded = lambda batches: sum(rows * longest for rows, longest in batches)  # noqa: E731
     assert padded(budget.batches) < padded(without.batches)
+
+
+def test_a_token_budget_groups_queued_texts_of_similar_length_oldest_first():
+    texts = [bytes([97 + i]) * (60 if i % 2 else 5) for i in range(17)]  # short, long, short, long...
+    session = asyncio.run(_send_all(BatchingConfig(max_batch_size=32, max_queue_delay_us=20_000, max_batch_tokens=240), texts))
+    assert all(len(set(lengths)) == 1 for lengths in session.lengths), session.lengths  # no short text padded to 60
+    assert sorted(sum(session.texts, [])) == sorted(texts)
+    left = list(texts)
+    for batch in session.texts:  # each batch is led by the oldest request still waiting
+        assert batch[0] == left[0], (batch, left)
+        left = [t for t in left if t not in batch]
 
 
 def test_admit_refuses_one_request_before_it_is_queued():
