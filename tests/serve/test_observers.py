@@ -80,3 +80,27 @@ def test_the_sampler_stays_within_its_cpu_share(affine_repo, live_server_factory
     for _ in range(20):
         assert httpx.post(server.url + "/v2/models/affine/infer", content=BODY).status_code == 200
     assert sample_count(server) == 1 and service.sample_cpu_s > 0
+
+
+def test_a_sample_is_budgeted_by_its_wall_time_not_only_its_cpu(tmp_path, monkeypatch):
+    """Under load a sample waits for cores and the GIL far longer than its thread computes, and competes with
+    requests all that time: a sample that ran 0.2 s on almost no CPU still holds the next one back 0.2 s / share."""
+    import asyncio
+    import time
+
+    from prometheus_client import CollectorRegistry
+
+    from leanserve.explain.service import ExplanationService
+
+    service = ExplanationService(None, CollectorRegistry(), ExplainConfig(sample_interval_s=0.0, sample_cpu_share=0.1,
+                                                                          preload=False))
+
+    async def waits(handle, plan, inputs):  # no CPU: the sample waits, as one starved of cores would
+        await asyncio.sleep(0.2)
+
+    monkeypatch.setattr(service, "explain", waits)
+    started = time.monotonic()
+    asyncio.run(service._sample(None, None, {}))
+    assert service.sample_cpu_s == 0.0
+    assert service._sample_not_before - started >= 0.2 / 0.1 * 0.95
+    service.close()

@@ -130,7 +130,9 @@ def register(sub) -> None:
                    help="live importance: explain one request per version at most every S seconds in the background "
                         "(off unless given; it competes with serving for CPU)")
     config_default(p.add_argument("--explain-sample-cpu-share", type=float, metavar="SHARE",
-                                  help="most CPU live importance sampling may use, as a share of one core"),
+                                  help="most of the time live importance sampling may run, as a share (a sample that ran T s "
+                                       "waits T/SHARE s before the next; wall time, since under load it competes "
+                                       "with requests for longer than it is on a core)"),
                    EXPLAIN, "sample_cpu_share")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="where versions run: in this process (local) or as Ray Serve deployments (pip install 'leanserve[ray]')")

@@ -129,7 +129,8 @@ class ExplainConfig:
     background_rows: int = 32  # rows of the reference profile used as SHAP's background
     max_tokens: int = 256  # tokens explained per row; longer rows get 400 (cost grows with the length squared)
     # Live importance sampling (background work that competes with serving, so off by default): explain one
-    # request per version at most this often, within ``sample_cpu_share`` of one core. None: off.
+    # request per version at most this often; a sample that ran T seconds (wall time) holds the next back
+    # T / ``sample_cpu_share`` seconds. None: off.
     sample_interval_s: float | None = None
     sample_cpu_share: float = 0.05
     reference_samples: int = 20  # explanations that fix a version's reference importance
