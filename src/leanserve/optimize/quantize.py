@@ -29,6 +29,7 @@ from onnxruntime.quantization import (
 )
 
 from leanserve.errors import InvalidInput
+from leanserve.measure import saturating_int8
 from leanserve.optimize.steps import PassContext, StepResult
 from leanserve.runtime.onnxruntime import TRT_CALIBRATION_TABLE  # the engine owns the name it loads
 
@@ -90,10 +91,14 @@ STATIC_OP_TYPES = ("Conv", "MatMul", "Gemm", "ConvTranspose")
 
 
 def static_int8(src: Path, dst: Path, ctx: PassContext, method: str = "minmax", per_channel: bool = True,
-                preprocess: bool = True, op_types: Sequence[str] = STATIC_OP_TYPES) -> StepResult:
+                preprocess: bool = True, op_types: Sequence[str] = STATIC_OP_TYPES,
+                seven_bit_weights: bool | None = None) -> StepResult:
     """QDQ int8 (uint8 activations, int8 weights) calibrated on ``ctx.calibration`` with MinMax, Entropy or
     Percentile. ``preprocess=False`` when ``src`` already went through ``pre_process``; ``op_types`` are
-    the operator types quantized (the C target adds Add: it has no float arithmetic to fall back on)."""
+    the operator types quantized (the C target adds Add: it has no float arithmetic to fall back on).
+    Weights use 7 bits where ONNX Runtime's int8 products saturate on this CPU (``saturating_int8``),
+    unless ``seven_bit_weights`` says otherwise (the C target's kernels never saturate)."""
+    seven_bit_weights = saturating_int8() if seven_bit_weights is None else seven_bit_weights
     if method not in _METHODS:
         raise InvalidInput(f"calibration method must be one of {', '.join(_METHODS)}, got {method!r}")
     reader = _Rows(ctx)
@@ -104,10 +109,10 @@ def static_int8(src: Path, dst: Path, ctx: PassContext, method: str = "minmax", 
             quantize_static(prepared, dst, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=_METHODS[method], nodes_to_exclude=list(ctx.exclude_nodes),
-                            op_types_to_quantize=list(op_types),
+                            op_types_to_quantize=list(op_types), reduce_range=seven_bit_weights,
                             extra_options={"CalibPercentile": 99.99, "WeightSymmetric": True})
     return StepResult([f"static int8 QDQ, {method} calibration on {min(ctx.calibration_rows, _rows(ctx))} rows "
-                       f"(batches of {reader.batch})", note,
+                       f"(batches of {reader.batch})" + (", 7-bit weights (this CPU's int8 products saturate)" if seven_bit_weights else ""), note,
                        *_float_notes(src, dst, ctx)])
 
 

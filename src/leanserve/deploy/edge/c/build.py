@@ -172,7 +172,8 @@ def _candidate(artifact: ModelArtifact, method: str, calibration: np.ndarray, wo
     qdq = work / REFERENCE_FILE
     context = PassContext(artifact.signature, {artifact.signature.input_names[0]: calibration},
                           exclude_nodes=_bias_adds(artifact.model_path))
-    result = static_int8(artifact.model_path, qdq, context, method=method, op_types=(*STATIC_OP_TYPES, "Add"))
+    result = static_int8(artifact.model_path, qdq, context, method=method, op_types=(*STATIC_OP_TYPES, "Add"),
+                         seven_bit_weights=False)
     program = lower(qdq)  # UnsupportedOperator here is the model's, whatever the calibration: it propagates
     arena = plan_arena(program)
     sources = write_sources(program, arena, work / "c", artifact.path.parent.name)
