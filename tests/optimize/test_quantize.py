@@ -139,3 +139,20 @@ def test_fp16_model_passes_the_onnx_checker_and_can_be_registered(digits_cnn_onn
     before = ort.InferenceSession(str(digits_cnn_onnx)).run(None, {"image": x_test[:64]})[0]
     after = ort.InferenceSession(str(tmp_path / "fp16.onnx")).run(None, {"image": x_test[:64]})[0]
     assert np.mean(before.argmax(1) == after.argmax(1)) > 0.95
+
+
+@pytest.mark.parametrize("seven_bit", [True, False])
+def test_static_int8_weights_use_7_bits_only_where_asked(digits_cnn_onnx, digits, tmp_path, seven_bit):
+    # 7-bit weights keep ONNX Runtime's u8 x s8 products from saturating on CPUs without VNNI
+    from onnx import numpy_helper
+
+    from leanserve.optimize.quantize import static_int8
+
+    _, x_test, _, _ = digits
+    ctx = PassContext(read_model(digits_cnn_onnx).signature, {"image": x_test[:32]})
+    result = static_int8(digits_cnn_onnx, tmp_path / "int8.onnx", ctx, seven_bit_weights=seven_bit)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 16]
+    largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert largest <= 64 if seven_bit else largest == 127
+    assert any("7-bit weights" in note for note in result.notes) is seven_bit
