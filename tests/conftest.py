@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -16,6 +17,12 @@ import pytest
 from onnx import TensorProto, helper
 
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+# A suite started in the background by a non-interactive shell (`bash .ci/run &`) inherits SIGINT ignored,
+# and so would every command the tests start (an ignored signal survives exec): `leanserve federate` then
+# never sees the Ctrl-C its test sends. The tests run as from a terminal: Ctrl-C delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _save(graph, path: Path, opset: int = 17) -> Path:
