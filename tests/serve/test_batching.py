@@ -196,18 +196,41 @@ def test_requests_are_shed_once_the_queue_wait_passes_its_budget():
         await asyncio.sleep(0.02)
         queued = asyncio.create_task(batcher.infer({"x": np.ones((1, 3), np.float32)}))
         await asyncio.sleep(0.06)  # the queued request has now waited past its 30 ms budget
-        with pytest.raises(Overloaded, match="wait over 30 ms"):
-            batcher.admit()  # a newcomer is refused before anything is spent on it
+        with pytest.raises(Overloaded, match="wait over 15 ms"):
+            batcher.admit()  # a newcomer is refused before anything is spent on it (at half the budget)
         session.release.set()
         await running
         with pytest.raises(Overloaded, match="waited over 30 ms in the queue"):
             await queued  # the late one is refused, not run late
         assert len(session.batches) == 1
+        assert batcher._metrics.shed_queued._value.get() == 1 and batcher._metrics.overloaded._value.get() == 1
         assert (await batcher.infer({"x": np.ones((1, 3), np.float32)}))[0]["y"].shape == (1, 3)  # served again
         await batcher.close()
 
     run(scenario())
 
+
+
+def test_newcomers_are_refused_at_half_the_budget_while_the_queued_are_still_served():
+    # Admission stops at half the queue budget, the queue drops only past all of it: a request admitted
+    # (its body read and decoded) is served, not thrown away after the work spent on it.
+    async def scenario():
+        session = RecordingSession()
+        session.release.clear()  # the engine is stuck on the first batch
+        batcher = Batcher([session], BatchingConfig(max_batch_size=1, max_queue_wait_ms=1000), metrics())
+        running = asyncio.create_task(batcher.infer({"x": np.ones((1, 3), np.float32)}))
+        await asyncio.sleep(0.02)
+        queued = asyncio.create_task(batcher.infer({"x": np.ones((1, 3), np.float32)}))
+        await asyncio.sleep(0.6)  # past half the budget (500 ms), well inside all of it
+        with pytest.raises(Overloaded, match="wait over 500 ms"):
+            batcher.admit()
+        session.release.set()
+        await running
+        assert (await queued)[0]["y"].shape == (1, 3)  # served, not shed
+        assert batcher._metrics.shed_queued._value.get() == 0
+        await batcher.close()
+
+    run(scenario())
 
 def test_the_automatic_budget_serves_a_short_queue_through_a_stall_and_sheds_a_standing_one():
     async def stall(queued: int, stall_s: float) -> tuple[Batcher, RecordingSession, list]:

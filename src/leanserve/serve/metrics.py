@@ -57,6 +57,7 @@ class ServerMetrics:
             cache_hit=self.cache.labels(*labels, "hit"),
             cache_miss=self.cache.labels(*labels, "miss"),
             overloaded=self.rejected.labels(*labels, "overloaded"),
+            shed_queued=self.rejected.labels(*labels, "queue_wait"),
             timed_out=self.rejected.labels(*labels, "timeout"),
             _requests=self.requests, _labels=labels,
         )
@@ -81,7 +82,8 @@ class VersionMetrics:
     in_flight: Gauge  # set from in_flight_count when scraped
     cache_hit: Counter
     cache_miss: Counter
-    overloaded: Counter
+    overloaded: Counter  # refused on arrival, before the body was read
+    shed_queued: Counter  # admitted and decoded, then dropped from the queue's head for waiting too long
     timed_out: Counter
     _requests: Counter
     _labels: tuple[str, str]
